@@ -117,8 +117,8 @@ class Processes:
         args = ["-m", "apigw_emulator", "--port", str(port), "--lambda-endpoint-url", lambda_url, *extra_args]
         return self.start(name, args, base_env(), port, "/_emulator/health")
 
-    def static_site(self, api_base_url: str) -> Proc:
-        port = free_port()
+    def static_site(self, api_base_url: str, port: int | None = None) -> Proc:
+        port = port or free_port()
         args = [
             "-m",
             "static_site",
