@@ -2,37 +2,8 @@
 
 from __future__ import annotations
 
-import json
-import time
-from dataclasses import dataclass, field
-from pathlib import Path
-
 import pytest
-
-EVENTS_DIR = Path(__file__).parent / "events"
-PAGE_ORIGIN = "http://127.0.0.1:8000"
-
-
-@dataclass
-class FakeLambdaContext:
-    """The attributes awslambdaric's LambdaContext offers that the handler may read."""
-
-    function_name: str = "qa-function"
-    memory_limit_in_mb: int = 256
-    invoked_function_arn: str = "arn:aws:lambda:us-east-1:123456789012:function:qa-function"
-    aws_request_id: str = "52fdfc07-2182-454f-963f-5f0f9a621d72"
-    timeout_s: float = 29.0
-    _deadline: float = field(default=0.0, repr=False)
-
-    def __post_init__(self):
-        self._deadline = time.monotonic() + self.timeout_s
-
-    def get_remaining_time_in_millis(self) -> int:
-        return int(max(0.0, self._deadline - time.monotonic()) * 1000)
-
-
-def load_event(name: str) -> dict:
-    return json.loads((EVENTS_DIR / name).read_text())
+from lambda_fn.events_helpers import PAGE_ORIGIN, FakeLambdaContext
 
 
 @pytest.fixture

@@ -4,10 +4,36 @@ from __future__ import annotations
 
 import base64
 import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
 
 QUESTION = "What is Amazon SageMaker?"
 ANSWER = "Amazon SageMaker is a fully managed machine learning service."
 PAGE_ORIGIN = "http://127.0.0.1:8000"
+EVENTS_DIR = Path(__file__).parent / "events"
+
+
+@dataclass
+class FakeLambdaContext:
+    """The attributes awslambdaric's LambdaContext offers that the handler may read."""
+
+    function_name: str = "qa-function"
+    memory_limit_in_mb: int = 256
+    invoked_function_arn: str = "arn:aws:lambda:us-east-1:123456789012:function:qa-function"
+    aws_request_id: str = "52fdfc07-2182-454f-963f-5f0f9a621d72"
+    timeout_s: float = 29.0
+    _deadline: float = field(default=0.0, repr=False)
+
+    def __post_init__(self):
+        self._deadline = time.monotonic() + self.timeout_s
+
+    def get_remaining_time_in_millis(self) -> int:
+        return int(max(0.0, self._deadline - time.monotonic()) * 1000)
+
+
+def load_event(name: str) -> dict:
+    return json.loads((EVENTS_DIR / name).read_text())
 
 
 def model_output(text: str = ANSWER) -> bytes:
@@ -25,9 +51,7 @@ def ask_event(
     base64_body: bool = False,
 ) -> dict:
     raw = body if isinstance(body, bytes) else json.dumps(body).encode()
-    encoded = base64.b64encode(raw).decode() if base64_body else raw.decode("utf-8", errors="surrogateescape")
-    if base64_body is False and not isinstance(body, bytes):
-        encoded = raw.decode()
+    encoded = base64.b64encode(raw).decode() if base64_body else raw.decode("utf-8")
     headers = {"content-type": "application/json", "origin": origin}
     if version == "2.0":
         return {

@@ -15,8 +15,7 @@ from pathlib import Path
 import pytest
 from botocore.exceptions import EndpointConnectionError, ReadTimeoutError
 from botocore.response import StreamingBody
-from lambda_fn.conftest import PAGE_ORIGIN, load_event
-from lambda_fn.events_helpers import ANSWER, QUESTION, ask_event, model_output
+from lambda_fn.events_helpers import ANSWER, PAGE_ORIGIN, QUESTION, ask_event, load_event, model_output
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -225,7 +224,10 @@ def test_invalid_base64_body(stubbed, context):
 def test_unknown_routes(stubbed, context, method, path, status):
     handler, _ = stubbed
     event = ask_event({"question": QUESTION}, version="1.0", path=path, method=method)
-    assert handler.handler(event, context)["statusCode"] == status
+    response = handler.handler(event, context)
+    assert response["statusCode"] == status
+    if status == 405:
+        assert response["headers"]["Allow"] == "OPTIONS, POST"
 
 
 def test_not_an_api_gateway_event(stubbed, context):
@@ -437,7 +439,7 @@ def test_client_is_created_once_with_standard_retries_and_a_bounded_read_timeout
 
 
 def test_short_function_timeout_shrinks_the_read_timeout(fresh_handler):
-    from lambda_fn.conftest import FakeLambdaContext
+    from lambda_fn.events_helpers import FakeLambdaContext
 
     runtime = fresh_handler.get_runtime(FakeLambdaContext(timeout_s=10.0))
     assert runtime.client.meta.config.read_timeout <= (10 - 1) / 2 - 2 + 0.1

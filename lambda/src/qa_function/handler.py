@@ -132,6 +132,8 @@ def handler(event: dict[str, Any], context: Any) -> dict[str, Any]:
         response = _error_response(
             e.status, e.error_type, e.message, cors_headers(origin, config), aws_request_id
         )
+        if e.status == 405:
+            response["headers"]["Allow"] = ALLOWED_METHODS
     except Exception as e:  # the one catch-all: the caller gets one JSON error shape, the log gets the type
         fields.update(error_type="InternalError", exception=type(e).__name__)
         response = _error_response(
