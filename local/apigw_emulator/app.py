@@ -105,12 +105,12 @@ def create_app(config: GatewayConfig, invoke: Invoker | None = None, log=None) -
     def proxy(path: str):
         request_id = str(uuid.uuid4())
         fields = {"request_id": request_id, "method": request.method}
-        response = _handle(path)
+        response = _handle(path, request_id)
         response.headers["x-amzn-RequestId"] = request_id
         log(event="request", status=response.status_code, path="/" + path, **fields)
         return response
 
-    def _handle(path: str) -> Response:
+    def _handle(path: str, request_id: str) -> Response:
         length = request.content_length
         if length is not None and length > config.max_payload_bytes:
             return gateway_response(413, "Request Too Long")
@@ -139,6 +139,7 @@ def create_app(config: GatewayConfig, invoke: Invoker | None = None, log=None) -
             version=config.payload_format,
             stage=config.stage,
             binary_media_types=config.binary_media_types,
+            request_id=request_id,  # the same id in requestContext.requestId and x-amzn-RequestId
         )
         try:
             reply = invoke(json.dumps(event).encode())

@@ -61,9 +61,14 @@ class ProxyResult:
 
 
 def build_event(
-    req: IncomingRequest, *, version: str, stage: str, binary_media_types: tuple[str, ...]
+    req: IncomingRequest,
+    *,
+    version: str,
+    stage: str,
+    binary_media_types: tuple[str, ...],
+    request_id: str | None = None,
 ) -> dict:
-    request_id = str(uuid.uuid4())
+    request_id = request_id or str(uuid.uuid4())
     now = time.time()
     content_type = next((v for k, v in req.headers if k.lower() == "content-type"), "")
     if version == "2.0":

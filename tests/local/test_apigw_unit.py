@@ -58,7 +58,7 @@ def test_v1_event_shape():
     assert event["requestContext"]["identity"]["sourceIp"] == "127.0.0.1"
     assert event["body"] == '{"question": "q"}' and event["isBase64Encoded"] is False
     assert "version" not in event  # REST events carry no version key
-    assert r.headers["x-amzn-RequestId"]
+    assert r.headers["x-amzn-RequestId"] == event["requestContext"]["requestId"]
 
 
 def test_v2_event_shape_and_binary_body():
