@@ -32,6 +32,7 @@ class EnvironmentPool:
         self.spec = spec
         self.max_concurrency = max_concurrency
         self._idle: list[ExecutionEnvironment] = []
+        self._all: set[ExecutionEnvironment] = set()  # busy ones too, so close() stops every process
         self._busy = 0
         self._lock = threading.Lock()
         self.cold_starts = 0
@@ -43,22 +44,28 @@ class EnvironmentPool:
                 if env.alive:
                     self._busy += 1
                     return env
+                self._all.discard(env)
             if self._busy >= self.max_concurrency:
                 return None
             self._busy += 1
             self.cold_starts += 1
         try:
-            return ExecutionEnvironment(self.spec)
+            env = ExecutionEnvironment(self.spec)
         except Exception:
             with self._lock:
                 self._busy -= 1
             raise
+        with self._lock:
+            self._all.add(env)
+        return env
 
     def release(self, env: ExecutionEnvironment) -> None:
         with self._lock:
             self._busy -= 1
             if env.alive:
                 self._idle.append(env)
+            else:
+                self._all.discard(env)
 
     def prewarm(self) -> None:
         env = self.acquire()
@@ -71,7 +78,7 @@ class EnvironmentPool:
 
     def close(self) -> None:
         with self._lock:
-            envs, self._idle = self._idle, []
+            envs, self._idle, self._all = list(self._all), [], set()
         for env in envs:
             env.close()
 
