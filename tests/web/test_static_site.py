@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 from lambda_fn.local_stack import REPO
-from static_site.__main__ import create_app
+from static_site.app import create_app
 
 WEB = REPO / "web"
 
