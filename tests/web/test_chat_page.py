@@ -165,3 +165,38 @@ def test_api_query_parameter_overrides_config(site, browser):
         "Could not reach the API at http://127.0.0.1:9/elsewhere"
         in entry.find_element(By.CSS_SELECTOR, ".error").text
     )
+
+
+def test_pending_state_and_escape_to_cancel(site, browser):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    browser.execute_script(f"sessionStorage.setItem('qa-chat.api-key', '{API_KEY}')")
+    browser.get(site)
+    box = browser.find_element(By.ID, "question")
+    box.send_keys("[sleep=1.5] A slow question")
+    box.send_keys(Keys.ENTER)
+    pending = WebDriverWait(browser, 5).until(
+        lambda d: d.find_element(By.CSS_SELECTOR, "#transcript .pending")
+    )
+    assert pending.text == "Waiting for the model…"
+    assert browser.find_element(By.ID, "send").get_attribute("disabled") is not None
+    assert browser.find_element(By.ID, "ask-form").get_attribute("aria-busy") == "true"
+    WebDriverWait(browser, 5).until(lambda d: d.find_element(By.ID, "elapsed").text.endswith(" s"))
+    screenshot(browser, "web-chat-pending.png")
+    entry = WebDriverWait(browser, 10).until(
+        lambda d: d.find_elements(By.CSS_SELECTOR, "#transcript .answer")
+    )
+    assert entry and browser.find_element(By.ID, "ask-form").get_attribute("aria-busy") == "false"
+
+    box = browser.find_element(By.ID, "question")
+    box.send_keys("[sleep=3] Never mind")
+    box.send_keys(Keys.ENTER)
+    WebDriverWait(browser, 5).until(lambda d: d.find_elements(By.CSS_SELECTOR, "#transcript .pending"))
+    box.send_keys(Keys.ESCAPE)
+    error = WebDriverWait(browser, 5).until(
+        lambda d: d.find_elements(By.CSS_SELECTOR, "#transcript .entry:last-child .error")
+    )
+    assert error[0].text == "Cancelled. The question was not answered."
+    assert browser.switch_to.active_element.get_attribute("id") == "question"
