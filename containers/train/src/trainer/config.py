@@ -186,6 +186,8 @@ def _coerce(key: str, value: Any, annotation: str) -> Any:
             return float(value)
         if isinstance(value, (dict, list)):
             raise ValueError
+        if isinstance(value, bool):  # "true" decoded by json.loads; the string field wants it back as written
+            return "true" if value else "false"
         return str(value)
     except (TypeError, ValueError):
         expected = {"bool": "true or false", "int": "an integer", "float": "a number"}.get(kind, "a string")

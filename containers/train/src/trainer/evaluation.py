@@ -131,8 +131,8 @@ def answer_loss(model, encoded: Sequence[dict], collator, batch_size: int) -> fl
     return total / max(tokens, 1)
 
 
-def evaluate_model(model, tokenizer, *, label: str, sets: dict[str, EvalSet], collator, stop_token_ids, max_new_tokens: int,
-                   batch_size: int) -> dict:
+def evaluate_model(model, tokenizer, *, label: str, sets: dict[str, EvalSet], collator, stop_token_ids,
+                   max_new_tokens: int, batch_size: int) -> dict:
     """Loss/perplexity and answer quality on each named EvalSet."""
     results: dict[str, dict] = {}
     for set_name, eval_set in sets.items():
@@ -141,8 +141,8 @@ def evaluate_model(model, tokenizer, *, label: str, sets: dict[str, EvalSet], co
         def progress(done: int, total: int, set_name=set_name) -> None:
             log.info("eval %s/%s: answered %d/%d questions", label, set_name, done, total)
 
-        answers = generate_answers(model, tokenizer, eval_set.prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                                   stop_token_ids=stop_token_ids, progress=progress)
+        answers = generate_answers(model, tokenizer, eval_set.prompts, max_new_tokens=max_new_tokens,
+                                   batch_size=batch_size, stop_token_ids=stop_token_ids, progress=progress)
         results[set_name] = {
             "loss": loss,
             "perplexity": math.exp(min(loss, 50.0)),

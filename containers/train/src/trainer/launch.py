@@ -7,6 +7,7 @@ to the workers directly, so each saves its part of the checkpoint before the pla
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -90,7 +91,5 @@ def _children_of(pid: int) -> list[int]:
 
 
 def _signal(pid: int, signum: int) -> None:
-    try:
+    with contextlib.suppress(ProcessLookupError):  # it exited meanwhile
         os.kill(pid, signum)
-    except ProcessLookupError:
-        pass

@@ -139,7 +139,8 @@ def clear_failure(environ: dict[str, str] | None = None) -> None:
 
 
 def _channels(data_dir: Path, input_data_config: dict[str, Any]) -> dict[str, Path]:
-    names = set(input_data_config) | ({p.name for p in data_dir.iterdir() if p.is_dir()} if data_dir.is_dir() else set())
+    present = {p.name for p in data_dir.iterdir() if p.is_dir()} if data_dir.is_dir() else set()
+    names = set(input_data_config) | present
     channels = {}
     for name in sorted(names):
         path = data_dir / name
