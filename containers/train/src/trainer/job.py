@@ -195,6 +195,10 @@ def _final_model(trainer, outcome, config: TrainConfig, base: BaseModel, job: Jo
     trainer.save_model(str(gathered))  # collective: every rank takes part
     if not rank.is_main:
         return None
+    # Loading now must not go through ZeRO-3's sharded init (a collective the other ranks won't join).
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()
     if config.method == "lora":
         from peft import PeftModel
 

@@ -97,7 +97,9 @@ def train(model, tokenizer, train_set: list[dict], config: TrainConfig, checkpoi
         include_num_input_tokens_seen="non_padding",
         remove_unused_columns=False,
         deepspeed=str(DEEPSPEED_CONFIGS[config.deepspeed]) if config.deepspeed != "none" else None,
-        # DeepSpeed and DDP pick NCCL on GPUs; on CPU the collectives go through gloo.
+        # DeepSpeed and DDP pick NCCL on GPUs. Without one, accelerate only sets up multi-process training
+        # (then DeepSpeed on top) when told it is on CPU, and the collectives go through gloo.
+        use_cpu=not torch.cuda.is_available(),
         ddp_backend="gloo" if world_size > 1 and not torch.cuda.is_available() else None,
         dataloader_num_workers=0,
     )
