@@ -11,6 +11,7 @@ answered as `text/event-stream`), and the request body steers misbehaviour the e
     {"stream": true, "stall_after": 2}          two frames, then silence
     {"stream": true, "break_after": 2}          two frames, then the connection drops mid-chunk
     {"stream": true, "tokens": 50}              how many tokens to stream (default 5)
+    {"stream": true, "token_delay": 0.1}        seconds of "generation" before each token
 
 Run: python tests/local/fake_container.py --port 18080 --name tuned [--not-ready]
 """
@@ -64,7 +65,7 @@ def create_app(name: str = "fake", ready: bool = True) -> Flask:
         if payload.get("stream"):
             return Response(_sse(payload), mimetype="text/event-stream", headers=headers)
         body = {
-            "generated_text": f"echo: {payload.get('inputs', '')}",
+            "generated_text": f"echo: {str(payload.get('inputs', ''))[:100]}",
             "container": name,
             "headers": {h: request.headers[h] for h in ECHOED_HEADERS if h in request.headers},
             "bytes_received": len(raw),
@@ -77,10 +78,12 @@ def create_app(name: str = "fake", ready: bool = True) -> Flask:
         count = int(payload.get("tokens", 5))
         stall_after = payload.get("stall_after")
         break_after = payload.get("break_after")
+        token_delay = float(payload.get("token_delay", 0))
         text = ""
         for i in range(count):
             if stall_after is not None and i == int(stall_after):
                 time.sleep(3600)
+            time.sleep(token_delay)
             token = f"{name}-t{i} "
             text += token
             last = i == count - 1
