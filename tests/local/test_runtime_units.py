@@ -160,3 +160,25 @@ def test_cli_rejects_bad_config_with_exit_code_2(tmp_path, capsys):
     assert "wieght" in capsys.readouterr().err
     assert main([]) == 2  # no endpoints at all
     assert "--endpoint NAME=URL" in capsys.readouterr().err
+
+
+def test_env_vars_configure_endpoints_and_flags_win(tmp_path):
+    from runtime_emulator.__main__ import build_config, make_parser
+
+    env = {
+        "RUNTIME_EMULATOR_ENDPOINTS": "chat=http://serve:8080, base=http://serve-base:8080",
+        "RUNTIME_EMULATOR_INVOCATION_TIMEOUT_S": "5",
+        "RUNTIME_EMULATOR_ROUTING_SEED": "3",
+    }
+    config = build_config(make_parser(env).parse_args([]), env)
+    assert sorted(config.endpoints) == ["base", "chat"]
+    assert config.endpoints["base"].variants[0].url == "http://serve-base:8080"
+    assert (config.invocation_timeout_s, config.routing_seed) == (5.0, 3)
+
+    args = make_parser(env).parse_args(["--config", str(EXAMPLE_CONFIG), "--endpoint", "solo=http://x:1"])
+    config = build_config(args, env)
+    assert sorted(config.endpoints) == ["chat", "solo"]  # --endpoint replaces the env list, adds to the file
+    with pytest.raises(ConfigError, match="defined twice"):
+        build_config(
+            make_parser(env).parse_args(["--config", str(EXAMPLE_CONFIG), "--endpoint", "chat=http://x"]), env
+        )
