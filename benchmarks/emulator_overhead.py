@@ -161,50 +161,93 @@ def concurrent_streams(side: Side, body: bytes, count: int) -> float:
     return time.perf_counter() - started
 
 
-def run(args) -> list[dict]:
+def row(case: str, direct: list[float], emulated: list[float]) -> dict:
+    return {
+        "case": case,
+        "n": len(direct),
+        "direct": median_ms(direct),
+        "emulator": median_ms(emulated),
+        "direct_p90": p90_ms(direct) if len(direct) > 1 else None,
+        "emulator_p90": p90_ms(emulated) if len(emulated) > 1 else None,
+    }
+
+
+def compare_invoke(direct: Side, emulated: Side, body: bytes, count: int, case: str) -> dict:
+    alternate(min(20, count), lambda: direct.invoke(body), lambda: emulated.invoke(body))  # warm up
+    return row(case, *alternate(count, lambda: direct.invoke(body), lambda: emulated.invoke(body)))
+
+
+def compare_stream(direct: Side, emulated: Side, body: bytes, count: int, case: str) -> list[dict]:
+    alternate(min(5, count), lambda: direct.stream(body), lambda: emulated.stream(body))  # warm up
+    d, e = alternate(count, lambda: direct.stream(body), lambda: emulated.stream(body))
+    return [
+        row(f"Stream, time to first byte ({case})", [x[0] for x in d], [x[0] for x in e]),
+        row(f"Stream, to last byte ({case})", [x[1] for x in d], [x[1] for x in e]),
+    ]
+
+
+def stand_in_cases(direct: Side, emulated: Side, args) -> list[dict]:
     rows = []
+    for model_ms, count in [(0, args.requests)] + [(ms, args.model_requests) for ms in args.model_ms]:
+        body = json.dumps({"inputs": "What is SageMaker?", "model_ms": model_ms}).encode()
+        rows.append(
+            compare_invoke(direct, emulated, body, count, f"InvokeEndpoint, model time {model_ms} ms")
+        )
+    body = {"inputs": "hi", "stream": True, "model_ms": args.model_ms[0], "tokens": 20, "token_ms": 5}
+    rows += compare_stream(
+        direct,
+        emulated,
+        json.dumps(body).encode(),
+        args.streams,
+        f"model time {args.model_ms[0]} ms, then 20 tokens 5 ms apart",
+    )
+    slow = json.dumps({"inputs": "hi", "stream": True, "tokens": 20, "token_ms": 50}).encode()
+    walls = {s.name: concurrent_streams(s, slow, args.concurrency) for s in (direct, emulated)}
+    rows.append(
+        row(
+            f"{args.concurrency} concurrent streams of 1 s, wall time", [walls["direct"]], [walls["emulator"]]
+        )
+    )
+    return rows
+
+
+def real_container_cases(direct: Side, emulated: Side, args) -> list[dict]:
+    body = json.loads(args.body)
+    rows = [
+        compare_invoke(
+            direct, emulated, json.dumps(body).encode(), args.model_requests, "InvokeEndpoint, real container"
+        )
+    ]
+    rows += compare_stream(
+        direct, emulated, json.dumps({**body, "stream": True}).encode(), args.streams, "real container"
+    )
+    return rows
+
+
+def start_stand_in_container(tmp: str) -> tuple[int, subprocess.Popen]:
+    (Path(tmp) / "bench_container.py").write_text(CONTAINER_APP)
+    port = free_port()
+    gunicorn = [sys.executable, "-m", "gunicorn", "--chdir", tmp, "-k", "gthread", "-w", "1"]
+    gunicorn += ["--threads", "32", "-b", f"127.0.0.1:{port}", "--log-level", "warning"]
+    proc = subprocess.Popen([*gunicorn, "bench_container:create_app()"])
+    wait_for(port, "/ping", proc)
+    return port, proc
+
+
+def run(args) -> list[dict]:
+    procs: list[subprocess.Popen] = []
     with tempfile.TemporaryDirectory() as tmp:
-        (Path(tmp) / "bench_container.py").write_text(CONTAINER_APP)
-        container_port, emulator_port = free_port(), free_port()
-        procs = [
-            subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "gunicorn",
-                    "--chdir",
-                    tmp,
-                    "-k",
-                    "gthread",
-                    "-w",
-                    "1",
-                    "--threads",
-                    "32",
-                    "-b",
-                    f"127.0.0.1:{container_port}",
-                    "--log-level",
-                    "warning",
-                    "bench_container:create_app()",
-                ],
-            ),
-            subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "runtime_emulator",
-                    "--endpoint",
-                    f"bench=http://127.0.0.1:{container_port}",
-                    "--port",
-                    str(emulator_port),
-                    "--log-level",
-                    "WARNING",
-                ],
-                env={**os.environ, "PYTHONPATH": str(REPO / "local")},
-            ),
-        ]
         try:
-            wait_for(container_port, "/ping", procs[0])
-            wait_for(emulator_port, "/ping", procs[1])
+            if args.container_url:
+                container_port = int(args.container_url.rsplit(":", 1)[1].strip("/"))
+            else:
+                container_port, proc = start_stand_in_container(tmp)
+                procs.append(proc)
+            emulator_port = free_port()
+            emulator = [sys.executable, "-m", "runtime_emulator", "--port", str(emulator_port)]
+            emulator += ["--endpoint", f"bench=http://127.0.0.1:{container_port}", "--log-level", "WARNING"]
+            procs.append(subprocess.Popen(emulator, env={**os.environ, "PYTHONPATH": str(REPO / "local")}))
+            wait_for(emulator_port, "/ping", procs[-1])
             direct = Side("direct", container_port, "/invocations", "/invocations")
             emulated = Side(
                 "emulator",
@@ -212,64 +255,14 @@ def run(args) -> list[dict]:
                 "/endpoints/bench/invocations",
                 "/endpoints/bench/invocations-response-stream",
             )
-            cases = [(0, args.requests)] + [(ms, args.model_requests) for ms in args.model_ms]
-            for model_ms, count in cases:
-                body = json.dumps({"inputs": "What is SageMaker?", "model_ms": model_ms}).encode()
-                alternate(20, lambda b=body: direct.invoke(b), lambda b=body: emulated.invoke(b))  # warm up
-                d, e = alternate(count, lambda b=body: direct.invoke(b), lambda b=body: emulated.invoke(b))
-                rows.append(
-                    {
-                        "case": f"InvokeEndpoint, model time {model_ms} ms",
-                        "n": count,
-                        "direct": median_ms(d),
-                        "emulator": median_ms(e),
-                        "direct_p90": p90_ms(d),
-                        "emulator_p90": p90_ms(e),
-                    }
-                )
-            body = json.dumps(
-                {"inputs": "hi", "stream": True, "model_ms": args.model_ms[0], "tokens": 20, "token_ms": 5}
-            ).encode()
-            alternate(5, lambda: direct.stream(body), lambda: emulated.stream(body))
-            d, e = alternate(args.streams, lambda: direct.stream(body), lambda: emulated.stream(body))
-            rows.append(
-                {
-                    "case": f"Stream, time to first byte (model time {args.model_ms[0]} ms)",
-                    "n": args.streams,
-                    "direct": median_ms([x[0] for x in d]),
-                    "emulator": median_ms([x[0] for x in e]),
-                    "direct_p90": p90_ms([x[0] for x in d]),
-                    "emulator_p90": p90_ms([x[0] for x in e]),
-                }
-            )
-            rows.append(
-                {
-                    "case": "Stream, 20 tokens 5 ms apart, to last byte",
-                    "n": args.streams,
-                    "direct": median_ms([x[1] for x in d]),
-                    "emulator": median_ms([x[1] for x in e]),
-                    "direct_p90": p90_ms([x[1] for x in d]),
-                    "emulator_p90": p90_ms([x[1] for x in e]),
-                }
-            )
-            slow = json.dumps({"inputs": "hi", "stream": True, "tokens": 20, "token_ms": 50}).encode()
-            walls = {s.name: concurrent_streams(s, slow, args.concurrency) for s in (direct, emulated)}
-            rows.append(
-                {
-                    "case": f"{args.concurrency} concurrent streams of 1 s, wall time",
-                    "n": 1,
-                    "direct": walls["direct"] * 1000,
-                    "emulator": walls["emulator"] * 1000,
-                    "direct_p90": None,
-                    "emulator_p90": None,
-                }
-            )
+            if args.container_url:
+                return real_container_cases(direct, emulated, args)
+            return stand_in_cases(direct, emulated, args)
         finally:
             for proc in procs:
                 proc.send_signal(signal.SIGTERM)
             for proc in procs:
                 proc.wait(timeout=10)
-    return rows
 
 
 def table(rows: list[dict]) -> str:
@@ -290,13 +283,13 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def verdict(rows: list[dict], model_ms: list[int]) -> str:
+def verdict(rows: list[dict]) -> str:
     lines = []
-    for ms in model_ms:
-        model = next(r for r in rows if r["case"] == f"InvokeEndpoint, model time {ms} ms")
+    invoke_rows = [r for r in rows if r["case"].startswith("InvokeEndpoint") and "time 0 ms" not in r["case"]]
+    for model in invoke_rows:
         added_pct = (model["emulator"] / model["direct"] - 1) * 100
         lines.append(
-            f"InvokeEndpoint with a {ms} ms model: {added_pct:+.1f} % median latency "
+            f"{model['case']}: {added_pct:+.1f} % median latency "
             f"(target <= +5 %: {'met' if added_pct <= 5 else 'NOT met'})."
         )
     ttfb = next(r for r in rows if r["case"].startswith("Stream, time to first byte"))
@@ -330,6 +323,16 @@ def main() -> None:
     )
     parser.add_argument("--model-requests", type=int, default=100)
     parser.add_argument("--streams", type=int, default=100)
+    parser.add_argument(
+        "--container-url",
+        help="benchmark an already running serving container (e.g. the real image on http://127.0.0.1:8080) "
+        'instead of the stand-in; --body is its request, sent with "stream": true for the stream rows',
+    )
+    parser.add_argument(
+        "--body",
+        default='{"inputs": "What is Amazon SageMaker?", "parameters": {"max_new_tokens": 16}}',
+        help="request body for --container-url",
+    )
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--note", default="", help="appended to the docs section, e.g. 'shared machine'")
     parser.add_argument("--write-docs", action="store_true")
@@ -337,7 +340,7 @@ def main() -> None:
 
     rows = run(args)
     result = table(rows)
-    summary = verdict(rows, args.model_ms)
+    summary = verdict(rows)
     print(result)
     print(summary)
     if args.write_docs:
