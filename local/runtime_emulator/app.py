@@ -132,8 +132,11 @@ async def _internal_failure(request: web.Request, handler) -> web.StreamResponse
 async def _client_session(app: web.Application):
     connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=30)
     # No Accept-Encoding: a compressing container would hold tokens back; no User-Agent: not ours to add.
+    # No cookie jar: one caller's cookies from a container must never ride along on another's request.
     async with aiohttp.ClientSession(
-        connector=connector, skip_auto_headers=("Accept-Encoding", "User-Agent", "Content-Type")
+        connector=connector,
+        skip_auto_headers=("Accept-Encoding", "User-Agent", "Content-Type"),
+        cookie_jar=aiohttp.DummyCookieJar(),
     ) as session:
         app[SESSION_KEY] = session
         yield
