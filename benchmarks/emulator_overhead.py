@@ -104,9 +104,20 @@ class Side:
         self.invoke_path, self.stream_path = invoke_path, stream_path
         self.conn = connect(port)
 
+    def send(self, conn: http.client.HTTPConnection, path: str, body: bytes) -> http.client.HTTPConnection:
+        """Send a request, reconnecting once if the server closed the idle keep-alive connection (as
+        urllib3 does); returns the connection used."""
+        try:
+            conn.request("POST", path, body, {"Content-Type": "application/json"})
+        except (BrokenPipeError, ConnectionResetError):
+            conn.close()
+            conn = connect(self.port)
+            conn.request("POST", path, body, {"Content-Type": "application/json"})
+        return conn
+
     def invoke(self, body: bytes) -> float:
         started = time.perf_counter()
-        self.conn.request("POST", self.invoke_path, body, {"Content-Type": "application/json"})
+        self.conn = self.send(self.conn, self.invoke_path, body)
         response = self.conn.getresponse()
         response.read()
         assert response.status == 200, response.status
@@ -114,9 +125,11 @@ class Side:
 
     def stream(self, body: bytes, conn: http.client.HTTPConnection | None = None) -> tuple[float, float]:
         """(time to first body byte, time to last byte)."""
-        conn = conn or self.conn
         started = time.perf_counter()
-        conn.request("POST", self.stream_path, body, {"Content-Type": "application/json"})
+        if conn is None:
+            conn = self.conn = self.send(self.conn, self.stream_path, body)
+        else:
+            conn = self.send(conn, self.stream_path, body)
         response = conn.getresponse()
         assert response.status == 200, response.status
         response.read(1)

@@ -130,7 +130,10 @@ async def _internal_failure(request: web.Request, handler) -> web.StreamResponse
 
 
 async def _client_session(app: web.Application):
-    connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=30)
+    # Idle keep-alive connections are dropped after 1 s, before the container drops them (gunicorn's
+    # default keepalive is 2 s): aiohttp does not retry a POST on a connection the server just closed,
+    # and that race would surface as a spurious ModelError.
+    connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=1.0)
     # No Accept-Encoding: a compressing container would hold tokens back; no User-Agent: not ours to add.
     # No cookie jar: one caller's cookies from a container must never ride along on another's request.
     async with aiohttp.ClientSession(
