@@ -13,7 +13,6 @@ Routes (same paths and headers as runtime.sagemaker.<region>.amazonaws.com):
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import random
 import time
@@ -406,50 +405,74 @@ async def _forward_stream(request, call: Invocation, endpoint: Endpoint, variant
         out = web.StreamResponse(status=200, headers=response_headers)
         out.enable_chunked_encoding()
         await out.prepare(request)
-        await _relay(call, upstream, out)
+        try:
+            await _relay(call, upstream, out)
+        except Exception:
+            # Headers are sent, so the status cannot change: end the stream with the modeled failure.
+            log.exception("stream relay failed", extra={"request_id": call.request_id})
+            call.error = "InternalStreamFailure"
+            await _end_stream(call, out, "InternalStreamFailure", "The stream processing failed.")
         return out
     finally:
-        upstream.release()
+        # A stream cut short (caller gone, error) closes the container connection, so the container
+        # notices and can stop generating; a finished one goes back to the pool.
+        if upstream.content.at_eof():
+            upstream.release()
+        else:
+            upstream.close()
 
 
 async def _relay(call: Invocation, upstream: aiohttp.ClientResponse, out: web.StreamResponse) -> None:
-    """Re-frame container bytes as PayloadPart events the moment they arrive; never wait for more."""
-    try:
-        while chunk := await upstream.content.readany():
-            await out.write(eventstream.payload_part(chunk))
-            if call.first_part_ms is None:
-                call.first_part_ms = round((time.perf_counter() - call.started) * 1000, 2)
-            call.parts += 1
-            call.bytes_out += len(chunk)
-    except TimeoutError:
-        call.error = "ModelStreamError:ModelInvocationTimeExceeded"
-        await out.write(
-            eventstream.stream_exception(
-                "ModelStreamError",
+    """Re-frame container bytes as PayloadPart events the moment they arrive; never wait for more.
+
+    Reading from the container and writing to the caller fail in different ways, so each has its own
+    handler: a container that stalls or breaks ends the stream with a modeled ModelStreamError; a
+    caller that went away just ends the relay (and the caller of this closes the container connection).
+    """
+    while True:
+        try:
+            chunk = await upstream.content.readany()
+        except TimeoutError:
+            call.error = "ModelStreamError:ModelInvocationTimeExceeded"
+            message = (
                 f"Your model {CONTAINER_NAME} did not complete sending the inference response "
-                "in the allotted time.",
-                "ModelInvocationTimeExceeded",
+                "in the allotted time."
             )
-        )
-    except aiohttp.ClientError as exc:
-        call.error = f"ModelStreamError:StreamBroken ({_describe(exc)})"
-        await out.write(
-            eventstream.stream_exception(
-                "ModelStreamError",
+            await _end_stream(call, out, "ModelStreamError", message, "ModelInvocationTimeExceeded")
+            return
+        except aiohttp.ClientError as exc:
+            call.error = f"ModelStreamError:StreamBroken ({_describe(exc)})"
+            message = (
                 f"The connection to model {CONTAINER_NAME} was closed before it finished sending the "
-                "inference response.",
-                "StreamBroken",
+                "inference response."
             )
-        )
-    except (ConnectionResetError, asyncio.CancelledError):
-        # The caller went away: stop reading so the container sees its connection close too.
-        call.error = "ClientDisconnected"
-        raise
-    except Exception:
-        # Headers are sent, so the status cannot change: end the stream with the modeled failure.
-        log.exception("stream relay failed", extra={"request_id": call.request_id})
-        call.error = "InternalStreamFailure"
-        await out.write(
-            eventstream.stream_exception("InternalStreamFailure", "The stream processing failed.")
-        )
-    await out.write_eof()
+            await _end_stream(call, out, "ModelStreamError", message, "StreamBroken")
+            return
+        if not chunk:
+            break
+        try:
+            await out.write(eventstream.payload_part(chunk))
+        except ConnectionResetError:
+            call.error = "ClientDisconnected"
+            return
+        if call.first_part_ms is None:
+            call.first_part_ms = round((time.perf_counter() - call.started) * 1000, 2)
+        call.parts += 1
+        call.bytes_out += len(chunk)
+    await _end_stream(call, out)
+
+
+async def _end_stream(
+    call: Invocation,
+    out: web.StreamResponse,
+    exception_type: str | None = None,
+    message: str = "",
+    error_code: str | None = None,
+) -> None:
+    """Finish the event stream, with a modeled exception event first when one is given."""
+    try:
+        if exception_type:
+            await out.write(eventstream.stream_exception(exception_type, message, error_code))
+        await out.write_eof()
+    except ConnectionResetError:
+        call.error = (call.error or "") + " (caller already gone)"

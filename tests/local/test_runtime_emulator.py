@@ -145,6 +145,11 @@ def runtime(stack, monkeypatch):
     return boto3.client("sagemaker-runtime", config=Config(retries={"max_attempts": 1, "mode": "standard"}))
 
 
+def _log_records(stack) -> list[dict]:
+    lines = (stack["log_dir"] / "emulator.log").read_text().splitlines()
+    return [json.loads(line) for line in lines if line.startswith("{")]
+
+
 def _sse_events(parts: list[bytes]) -> list[dict]:
     """Reassemble SSE frames across PayloadPart boundaries, as a streaming client must."""
     buffer, events = b"", []
@@ -277,6 +282,15 @@ def test_client_disconnect_mid_stream_leaves_the_emulator_serving(stack, runtime
     # The next caller is served normally.
     after = runtime.invoke_endpoint(EndpointName="chat", Body=b'{"inputs": "still there?"}')
     assert json.loads(after["Body"].read())["generated_text"] == "echo: still there?"
+    # The emulator noticed the caller leave (within the stream's 1 s) and logged it as such, not as a failure.
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        records = _log_records(stack)
+        if any(r.get("error") == "ClientDisconnected" for r in records):
+            break
+        time.sleep(0.1)
+    assert any(r.get("error") == "ClientDisconnected" for r in records)
+    assert not [r for r in records if r["level"] == "error"]
 
 
 def test_ping_reports_the_emulator_and_its_variants(stack):
@@ -414,10 +428,9 @@ def test_logs_carry_no_payloads(stack, runtime):
     runtime.invoke_endpoint_with_response_stream(EndpointName="chat", Body=json.dumps({"inputs": secret}))
     time.sleep(0.2)
 
-    log_lines = (stack["log_dir"] / "emulator.log").read_text().splitlines()
-    records = [json.loads(line) for line in log_lines if line.startswith("{")]
+    records = _log_records(stack)
     assert any(r.get("operation") == "InvokeEndpoint" and r.get("endpoint") == "chat" for r in records)
-    assert secret not in "\n".join(log_lines)
+    assert secret not in (stack["log_dir"] / "emulator.log").read_text()
 
 
 # ------------------------------------------------------------------------------------------ variants
