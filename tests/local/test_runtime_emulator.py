@@ -7,6 +7,7 @@ boto3 or fed by hand in odd-sized pieces.
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import signal
@@ -20,7 +21,7 @@ from pathlib import Path
 
 import boto3
 import pytest
-import requests
+import urllib3
 from botocore.config import Config
 from botocore.eventstream import EventStreamBuffer
 from botocore.exceptions import ClientError, EventStreamError
@@ -31,6 +32,8 @@ REPO = Path(__file__).resolve().parents[2]
 FAKE_CONTAINER = Path(__file__).resolve().parent / "fake_container.py"
 INVOCATION_TIMEOUT_S = 2.0
 MAX_BODY = 6_291_456
+# urllib3 rather than requests: it comes with botocore, so the test needs nothing boto3 does not.
+HTTP = urllib3.PoolManager(retries=False, timeout=10)
 
 
 def _free_port() -> int:
@@ -45,9 +48,9 @@ def _wait_http(url: str, proc: subprocess.Popen, log: Path, timeout: float = 20.
         if proc.poll() is not None:
             raise RuntimeError(f"{proc.args} exited with {proc.returncode}:\n{log.read_text()}")
         try:
-            requests.get(url, timeout=0.5)
+            HTTP.request("GET", url, timeout=0.5)
             return
-        except requests.ConnectionError:
+        except urllib3.exceptions.HTTPError:
             time.sleep(0.05)
     raise RuntimeError(f"{url} did not answer within {timeout} s:\n{log.read_text()}")
 
@@ -230,12 +233,10 @@ def test_stream_bytes_are_exactly_the_containers_in_valid_frames(stack):
     """Raw wire check: botocore's parser, fed 7 bytes at a time, accepts every frame (both CRCs), and
     the payloads concatenate to the very bytes the container sends when called directly."""
     body = json.dumps({"inputs": "hi", "stream": True, "tokens": 8}).encode()
-    direct = requests.post(f"{stack['container_url']}/invocations", data=body, timeout=10).content
+    direct = HTTP.request("POST", f"{stack['container_url']}/invocations", body=body).data
 
-    response = requests.post(
-        f"{stack['url']}/endpoints/chat/invocations-response-stream", data=body, stream=True, timeout=10
-    )
-    raw = response.raw.read()
+    response = HTTP.request("POST", f"{stack['url']}/endpoints/chat/invocations-response-stream", body=body)
+    raw = response.data  # the chunked transfer encoding already taken off
 
     assert response.headers["Content-Type"] == "application/vnd.amazon.eventstream"
     assert response.headers["X-Amzn-SageMaker-Content-Type"].startswith("text/event-stream")
@@ -275,10 +276,11 @@ def test_concurrent_streams_do_not_wait_for_each_other(runtime):
 
 def test_client_disconnect_mid_stream_leaves_the_emulator_serving(stack, runtime):
     body = json.dumps({"inputs": "hi", "stream": True, "tokens": 50, "token_delay": 0.02}).encode()
-    with requests.post(
-        f"{stack['url']}/endpoints/chat/invocations-response-stream", data=body, stream=True, timeout=10
-    ) as response:
-        next(response.iter_content(64))
+    conn = http.client.HTTPConnection(urllib3.util.parse_url(stack["url"]).netloc, timeout=10)
+    conn.request("POST", "/endpoints/chat/invocations-response-stream", body)
+    response = conn.getresponse()
+    assert response.status == 200 and response.read(64)
+    conn.close()  # hang up mid-stream
     # The next caller is served normally.
     after = runtime.invoke_endpoint(EndpointName="chat", Body=b'{"inputs": "still there?"}')
     assert json.loads(after["Body"].read())["generated_text"] == "echo: still there?"
@@ -294,9 +296,9 @@ def test_client_disconnect_mid_stream_leaves_the_emulator_serving(stack, runtime
 
 
 def test_ping_reports_the_emulator_and_its_variants(stack):
-    response = requests.get(f"{stack['url']}/ping", timeout=5)
+    response = HTTP.request("GET", f"{stack['url']}/ping")
 
-    assert response.status_code == 200
+    assert response.status == 200
     endpoints = response.json()["endpoints"]
     assert set(endpoints["ab"]) == {"tuned", "base"}
     assert endpoints["ab"]["tuned"]["weight"] == 0.8
@@ -416,10 +418,10 @@ def test_unknown_target_variant_is_a_validation_error(runtime):
 
 
 def test_not_emulated_and_unknown_operations_answer_in_the_error_shape(stack):
-    response = requests.post(f"{stack['url']}/endpoints/chat/async-invocations", data=b"{}", timeout=5)
-    assert (response.status_code, response.headers["x-amzn-ErrorType"]) == (400, "ValidationError")
-    response = requests.get(f"{stack['url']}/nothing/here", timeout=5)
-    assert (response.status_code, response.headers["x-amzn-ErrorType"]) == (404, "UnknownOperationException")
+    response = HTTP.request("POST", f"{stack['url']}/endpoints/chat/async-invocations", body=b"{}")
+    assert (response.status, response.headers["x-amzn-ErrorType"]) == (400, "ValidationError")
+    response = HTTP.request("GET", f"{stack['url']}/nothing/here")
+    assert (response.status, response.headers["x-amzn-ErrorType"]) == (404, "UnknownOperationException")
 
 
 def test_logs_carry_no_payloads(stack, runtime):
