@@ -371,11 +371,12 @@ def main() -> None:
                 "",
                 *[f"- {line}" for line in summary.splitlines()],
                 "",
-                "The first row is the emulator's fixed cost per call: one more loopback HTTP hop through a "
-                "Python process. It does not grow with model time, so its share shrinks as the model gets "
-                "slower. On a machine whose CPUs are busy, most of the added time is the emulator waiting "
-                "to be scheduled: measured on this machine kind, the emulator spends about as much CPU per "
-                "call (~1.2 ms) as the Flask stand-in container spends serving it.",
+                "The first row is the emulator's own cost per call: one more loopback HTTP hop through a "
+                "Python process (about 1.2 ms of CPU per call on this machine kind, roughly what the Flask "
+                "stand-in spends serving it). The added time does not grow with model time (compare the "
+                "50 ms and 200 ms rows), so its share shrinks as the model gets slower. When the machine's "
+                "CPUs are busy with other work, most of the added milliseconds are the extra process "
+                "waiting for a CPU, and they vary from run to run.",
             ]
         )
         write_docs(section.rstrip())
