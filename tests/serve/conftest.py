@@ -5,15 +5,21 @@ from __future__ import annotations
 import logging
 
 import pytest
-
 from serve import create_app
 from serve.config import ServeConfig
 from serve.predictor import Predictor
 
 
 def make_config(model_dir, **overrides) -> ServeConfig:
-    settings = dict(model_dir=model_dir, max_batch_size=8, max_queue=40, max_new_tokens_cap=256,
-                    default_max_new_tokens=16, torch_threads=1, timeout_s=60)
+    settings = dict(
+        model_dir=model_dir,
+        max_batch_size=8,
+        max_queue=40,
+        max_new_tokens_cap=256,
+        default_max_new_tokens=16,
+        torch_threads=1,
+        timeout_s=60,
+    )
     settings.update(overrides)
     return ServeConfig(**settings)
 
@@ -76,5 +82,3 @@ def access_lines():
     logger.addHandler(handler)
     yield lines
     logger.removeHandler(handler)
-
-

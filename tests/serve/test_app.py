@@ -7,7 +7,6 @@ import json
 import time
 
 import pytest
-
 from serve import create_app
 from serve.engine import SamplingParams
 
@@ -32,6 +31,7 @@ def sse_frames(response) -> list:
 
 
 # ----- /ping and readiness -----
+
 
 def test_ping_is_200_with_empty_body_when_ready(client):
     response = client.get("/ping")
@@ -72,6 +72,7 @@ def test_failed_load_keeps_ping_503_with_the_reason(tmp_path, make_config_for):
 
 
 # ----- TGI-style generation -----
+
 
 def test_generate_returns_tgi_list_with_details(client):
     reply = generate(client, max_new_tokens=8, details=True)
@@ -126,12 +127,15 @@ def test_long_prompt_is_422_unless_truncated(tiny_model_dir, make_config_for, st
     response = client.post("/invocations", json={"inputs": "x" * 200})
     assert response.status_code == 422
     assert "inputs" in response.get_json()["error"] and "64" in response.get_json()["error"]
-    ok = client.post("/invocations", json={"inputs": "x" * 200, "parameters": {"truncate": 20, "details": True}})
+    ok = client.post(
+        "/invocations", json={"inputs": "x" * 200, "parameters": {"truncate": 20, "details": True}}
+    )
     assert ok.status_code == 200
     assert ok.get_json()[0]["details"]["input_length"] == 20
 
 
 # ----- errors: one shape, the right status, the field named -----
+
 
 @pytest.mark.parametrize(
     ("parameters", "field"),
@@ -158,8 +162,16 @@ def test_bad_parameter_is_422_naming_the_field(client, parameters, field):
 
 @pytest.mark.parametrize(
     "body",
-    [{"question": "hi"}, {"inputs": ""}, {"inputs": 3}, {"inputs": []}, [1, 2],
-     {"inputs": ["a", "b"], "stream": True}, {"messages": []}, {"messages": [{"role": "robot", "content": "x"}]}],
+    [
+        {"question": "hi"},
+        {"inputs": ""},
+        {"inputs": 3},
+        {"inputs": []},
+        [1, 2],
+        {"inputs": ["a", "b"], "stream": True},
+        {"messages": []},
+        {"messages": [{"role": "robot", "content": "x"}]},
+    ],
 )
 def test_bad_body_shape_is_422(client, body):
     response = client.post("/invocations", json=body)
@@ -174,25 +186,33 @@ def test_malformed_json_is_400(client):
 
 
 def test_unsupported_content_type_is_415(client):
-    response = client.post("/invocations", data=b"inputs=hi", content_type="application/x-www-form-urlencoded")
+    response = client.post(
+        "/invocations", data=b"inputs=hi", content_type="application/x-www-form-urlencoded"
+    )
     assert response.status_code == 415
     assert response.get_json()["error_type"] == "unsupported_media_type"
 
 
 def test_missing_content_type_is_read_as_json(client):
-    response = client.post("/invocations", data=json.dumps({"inputs": "hi", "parameters": {"max_new_tokens": 2}}))
+    response = client.post(
+        "/invocations", data=json.dumps({"inputs": "hi", "parameters": {"max_new_tokens": 2}})
+    )
     assert response.status_code == 200
 
 
 @pytest.mark.parametrize("stream", [False, True])
 def test_unsatisfiable_accept_is_406(client, stream):
-    response = client.post("/invocations", json={"inputs": "hi", "stream": stream}, headers={"Accept": "text/csv"})
+    response = client.post(
+        "/invocations", json={"inputs": "hi", "stream": stream}, headers={"Accept": "text/csv"}
+    )
     assert response.status_code == 406
     assert response.get_json()["error_type"] == "not_acceptable"
 
 
 def test_body_over_the_payload_limit_is_413(predictor):
-    client = create_app(dataclasses.replace(predictor.config, max_payload_mb=1), predictor=predictor).test_client()
+    client = create_app(
+        dataclasses.replace(predictor.config, max_payload_mb=1), predictor=predictor
+    ).test_client()
     response = client.post("/invocations", data=b"x" * (1024 * 1024 + 1), content_type="application/json")
     assert response.status_code == 413
     assert response.get_json()["error_type"] == "payload_too_large"
@@ -251,10 +271,14 @@ def test_generation_past_the_server_timeout_is_cut_with_finish_reason_timeout(
 
 # ----- streaming -----
 
+
 def test_stream_frames_follow_tgi_and_end_with_the_whole_text(client):
     expected = generate(client, max_new_tokens=10)[0]["generated_text"]
-    response = client.post("/invocations", json={"inputs": Q, "stream": True, "parameters": {"max_new_tokens": 10}},
-                           buffered=False)
+    response = client.post(
+        "/invocations",
+        json={"inputs": Q, "stream": True, "parameters": {"max_new_tokens": 10}},
+        buffered=False,
+    )
     assert response.status_code == 200
     assert response.mimetype == "text/event-stream"
     frames = sse_frames(response)
@@ -269,8 +293,10 @@ def test_stream_frames_follow_tgi_and_end_with_the_whole_text(client):
 def test_stream_deltas_hold_back_stop_strings(client):
     full = generate(client, max_new_tokens=24)[0]["generated_text"]
     stop = full[10:13]
-    response = client.post("/invocations", json={"inputs": Q, "stream": True,
-                                                 "parameters": {"max_new_tokens": 24, "stop": [stop]}})
+    response = client.post(
+        "/invocations",
+        json={"inputs": Q, "stream": True, "parameters": {"max_new_tokens": 24, "stop": [stop]}},
+    )
     frames = sse_frames(response)
     assert frames[-1]["generated_text"] == full[: full.index(stop)]
 
@@ -289,14 +315,19 @@ def test_chat_completion_object(client):
     assert choice["message"]["role"] == "assistant" and isinstance(choice["message"]["content"], str)
     assert choice["finish_reason"] in ("length", "stop")
     assert body["usage"]["completion_tokens"] <= 6
-    assert body["usage"]["total_tokens"] == body["usage"]["prompt_tokens"] + body["usage"]["completion_tokens"]
+    assert (
+        body["usage"]["total_tokens"] == body["usage"]["prompt_tokens"] + body["usage"]["completion_tokens"]
+    )
 
 
 def test_chat_stream_chunks_sum_to_the_answer_and_end_with_done(client):
     request = {"messages": MESSAGES, "max_tokens": 8, "temperature": 0}
     answer = client.post("/invocations", json=request).get_json()["choices"][0]["message"]["content"]
-    frames = sse_frames(client.post("/invocations", json={**request, "stream": True,
-                                                          "stream_options": {"include_usage": True}}))
+    frames = sse_frames(
+        client.post(
+            "/invocations", json={**request, "stream": True, "stream_options": {"include_usage": True}}
+        )
+    )
     assert frames[-1] == "[DONE]"
     chunks = frames[:-1]
     assert all(c["object"] == "chat.completion.chunk" for c in chunks)
@@ -311,15 +342,21 @@ def test_chat_without_a_chat_template_is_422(tiny_plain_model_dir, make_config_f
     client = create_app(predictor.config, predictor=predictor).test_client()
     response = client.post("/invocations", json={"messages": MESSAGES})
     assert response.status_code == 422 and "messages" in response.get_json()["error"]
-    assert client.post("/invocations", json={"inputs": "hi", "parameters": {"max_new_tokens": 2}}).status_code == 200
+    assert (
+        client.post("/invocations", json={"inputs": "hi", "parameters": {"max_new_tokens": 2}}).status_code
+        == 200
+    )
 
 
 # ----- batch transform -----
 
+
 def test_jsonlines_in_jsonlines_out_in_order(client):
-    lines = [{"inputs": Q, "parameters": {"max_new_tokens": 4}},
-             {"messages": MESSAGES, "max_tokens": 4, "temperature": 0},
-             {"inputs": "hello", "parameters": {"max_new_tokens": 4}}]
+    lines = [
+        {"inputs": Q, "parameters": {"max_new_tokens": 4}},
+        {"messages": MESSAGES, "max_tokens": 4, "temperature": 0},
+        {"inputs": "hello", "parameters": {"max_new_tokens": 4}},
+    ]
     body = "\n".join(json.dumps(line) for line in lines) + "\n"
     response = client.post("/invocations", data=body, content_type="application/jsonlines")
     assert response.status_code == 200
@@ -331,7 +368,9 @@ def test_jsonlines_in_jsonlines_out_in_order(client):
 
 
 def test_jsonlines_error_names_the_line(client):
-    body = json.dumps({"inputs": "ok"}) + "\n" + json.dumps({"inputs": "x", "parameters": {"top_p": 2}}) + "\n"
+    body = (
+        json.dumps({"inputs": "ok"}) + "\n" + json.dumps({"inputs": "x", "parameters": {"top_p": 2}}) + "\n"
+    )
     response = client.post("/invocations", data=body, content_type="application/jsonlines")
     assert response.status_code == 422
     assert response.get_json()["error"].startswith("line 2: parameters.top_p")
@@ -344,6 +383,7 @@ def test_execution_parameters(client):
 
 
 # ----- access log -----
+
 
 def test_access_log_is_json_without_user_text(client, access_lines):
     generate(client, "a secret question", max_new_tokens=3)
