@@ -28,6 +28,8 @@ errorlog = "-"
 loglevel = "info"
 # Large enough that kept-alive connections never starve new ones.
 worker_connections = threads * 2
+# No management socket in $HOME: nothing uses it, and two servers on one machine would share its path.
+control_socket_disable = True
 
 
 def post_worker_init(worker):

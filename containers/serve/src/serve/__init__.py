@@ -38,8 +38,8 @@ def create_app(config=None, predictor=None) -> Flask:
 
     @app.after_request
     def _access_log(response):
-        quiet_ping = request.path == "/ping" and response.status_code == 200  # SageMaker pings every few s
-        if not quiet_ping and not g.get("stream_logged_later"):
+        # /ping is polled every few seconds; the loader logs its state changes instead.
+        if request.path != "/ping" and not g.get("stream_logged_later"):
             log_access(request.method, request.path, response.status_code, g.started, g.outcome)
         return response
 

@@ -116,7 +116,7 @@ def _manifest_name(model_dir: Path) -> str:
         manifest = json.loads((model_dir / "manifest.json").read_text())
         return f"{manifest['base_model']} ({manifest.get('method', 'fine-tuned')})"
     except (OSError, ValueError, KeyError, TypeError):
-        return model_dir.name
+        return model_dir.resolve().name
 
 
 def _eos_ids(model: Any, tokenizer: Any) -> list[int]:
@@ -156,7 +156,7 @@ class Predictor:
         self.reason: str | None = None
         self.loaded: LoadedModel | None = None
         self.engine: Engine | None = None
-        self.model_name = config.model_dir.name
+        self.model_name = config.model_dir.resolve().name
 
     # ----- lifecycle -----
 
