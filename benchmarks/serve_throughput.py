@@ -61,6 +61,8 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
+    # `serve` sets this (see there); the anchor gets the same runtime setting, before torch loads.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     load_before = os.getloadavg()
     baseline = measure_baseline(args)
     print(f"baseline: {baseline['tokens_per_s']:.1f} tokens/s", flush=True)
