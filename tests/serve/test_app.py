@@ -392,3 +392,37 @@ def test_access_log_is_json_without_user_text(client, access_lines):
     assert record["generated_tokens"] == 3 and record["prompt_tokens"] > 0
     assert {"latency_ms", "tokens_per_s", "method"} <= set(record)
     assert "secret" not in "".join(access_lines)
+
+
+class _BreakableModel(_SlowModel):
+    broken = False
+
+    def __call__(self, *args, **kwargs):
+        if self.broken:
+            raise RuntimeError("device fell over")
+        return self._model(*args, **kwargs)
+
+
+def test_a_failed_generation_is_424_or_an_error_frame_once_streaming(
+    tiny_model_dir, make_config_for, start_predictor
+):
+    from serve.predictor import load_artifact
+
+    def loader(model_dir, config):
+        loaded = load_artifact(model_dir, config)
+        loaded.model = _BreakableModel(loaded.model, 0)
+        return loaded
+
+    predictor = start_predictor(make_config_for(tiny_model_dir), loader=loader)
+    predictor.loaded.model.broken = True
+    client = create_app(predictor.config, predictor=predictor).test_client()
+    response = client.post("/invocations", json={"inputs": "hi"})
+    assert response.status_code == 424
+    assert response.get_json()["error_type"] == "generation"
+    assert "device fell over" in response.get_json()["error"]
+    streamed = client.post("/invocations", json={"inputs": "hi", "stream": True})
+    assert streamed.status_code == 200
+    frames = sse_frames(streamed)
+    assert frames[-1]["error_type"] == "generation" and "device fell over" in frames[-1]["error"]
+    predictor.loaded.model.broken = False  # the engine survives a failed step
+    assert client.post("/invocations", json={"inputs": "hi"}).status_code == 200

@@ -36,6 +36,10 @@ class QueueFull(Exception):
     """More requests than SERVE_MAX_QUEUE are waiting or running."""
 
 
+class GenerationError(RuntimeError):
+    """The engine could not finish this request (a failed forward pass, shutdown, a stall)."""
+
+
 class EngineStopped(Exception):
     """The engine is shut down or crashed and takes no new requests."""
 
@@ -122,11 +126,14 @@ class GenerationHandle:
         self._cancelled = threading.Event()
 
     def events(self, timeout: float | None = None) -> Iterator[Token | Finished]:
-        """Token events, then one Finished. Raises RuntimeError if the engine failed this request."""
+        """Token events, then one Finished. Raises GenerationError if the engine failed this request."""
         while True:
-            event = self._events.get(timeout=timeout)
+            try:
+                event = self._events.get(timeout=timeout)
+            except queue.Empty:
+                raise GenerationError(f"the engine produced nothing for {timeout:.0f} s") from None
             if isinstance(event, Failed):
-                raise RuntimeError(event.message)
+                raise GenerationError(event.message)
             yield event
             if isinstance(event, Finished):
                 return
@@ -266,7 +273,8 @@ class Engine:
                 except Exception as e:  # a bad step fails the requests in it, not the server
                     log.exception("generation step failed; failing %d running requests", len(self._running))
                     for seq in self._running:
-                        self._finish(seq, None, failure=f"generation failed: {type(e).__name__}: {e}")
+                        if not seq.finished:
+                            self._finish(seq, None, failure=f"generation failed: {type(e).__name__}: {e}")
                     self._running, self._cache, self._mask = [], None, None
         self._fail_all("the server is shutting down")
 
@@ -289,7 +297,6 @@ class Engine:
             ]
             for seq in expired:  # gave up, or waited past its deadline: answer now, not when a slot frees
                 self._waiting.remove(seq)
-                self._pending -= 1
             while self._waiting and len(self._running) + len(admitted) < self.max_batch_size:
                 if admitted and len(self._waiting[0].prompt_ids) > budget:
                     break
@@ -311,6 +318,7 @@ class Engine:
             input_ids[row, width - len(seq.prompt_ids) :] = torch.tensor(seq.prompt_ids)
             mask[row, width - len(seq.prompt_ids) :] = 1
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        self._running.extend(new)  # first, so a failing forward pass fails these requests too
         cache = DynamicCache()
         out = self.model(
             input_ids=input_ids.to(device),
@@ -321,7 +329,6 @@ class Engine:
             logits_to_keep=1,
         )
         self._join_batch(out.cache, mask.to(device))
-        self._running.extend(new)
         self._sample_and_emit(new, out.logits[:, -1, :])
 
     def _decode(self) -> None:
@@ -367,8 +374,6 @@ class Engine:
         keep = [i for i, s in enumerate(self._running) if not s.finished]
         if len(keep) == len(self._running):
             return
-        with self._lock:
-            self._pending -= len(self._running) - len(keep)
         self._running = [self._running[i] for i in keep]
         if not keep:
             self._cache, self._mask = None, None
@@ -477,7 +482,11 @@ class Engine:
         failure: str | None = None,
         last_token: Token | None = None,
     ) -> None:
+        if seq.finished:
+            return
         seq.finished = True
+        with self._lock:  # its queue slot frees as soon as its caller can see the answer
+            self._pending -= 1
         if failure is not None:
             seq.handle._put(Failed(failure))
             return

@@ -25,6 +25,7 @@ from serve.schemas import ChatRequest, parse_request
 
 bp = Blueprint("serve", __name__)
 access_log = logging.getLogger("serve.access")
+log = logging.getLogger("serve.routes")
 
 JSON_TYPES = {"application/json"}
 JSONLINES_TYPES = {
@@ -148,7 +149,7 @@ def _stream(parsed, predictor: Predictor) -> Response:
             status = 499
             raise
         except Exception as e:  # headers are gone: report the failure in-band
-            current_app.logger.exception("stream failed")
+            log.exception("stream failed after it began")
             handle.cancel()
             status = 500
             yield service.sse(error_body(f"generation failed: {e}", "generation"))

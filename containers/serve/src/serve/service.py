@@ -17,12 +17,13 @@ from serve.engine import (
     STOP,
     EngineStopped,
     Finished,
+    GenerationError,
     GenerationHandle,
     QueueFull,
     SamplingParams,
     Token,
 )
-from serve.errors import NotReady, Overloaded, ValidationError
+from serve.errors import GenerationFailed, NotReady, Overloaded, ValidationError
 from serve.predictor import Predictor, PromptError
 from serve.schemas import ChatRequest, GenerateRequest
 
@@ -87,7 +88,12 @@ def submit_all(jobs: list[Job], predictor: Predictor) -> list[GenerationHandle]:
 
 def wait_all(handles: list[GenerationHandle], predictor: Predictor) -> list[Finished]:
     timeout = predictor.config.generation_budget_s + RESULT_GRACE_S
-    return [handle.result(timeout=timeout) for handle in handles]
+    try:
+        return [handle.result(timeout=timeout) for handle in handles]
+    except GenerationError as e:
+        for handle in handles:
+            handle.cancel()
+        raise GenerationFailed(str(e)) from None
 
 
 def record(outcome: Outcome, results: list[Finished]) -> None:
