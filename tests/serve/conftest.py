@@ -2,12 +2,102 @@
 
 from __future__ import annotations
 
+import http.client
+import json
 import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 from serve import create_app
 from serve.config import ServeConfig
 from serve.predictor import Predictor
+
+SERVE = Path(__file__).resolve().parents[2] / "containers" / "serve" / "serve"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, model_dir: Path, tmp_path: Path, **env: str):
+        self.port = free_port()
+        base = tmp_path / "opt-ml"
+        base.mkdir()
+        (base / "model").symlink_to(model_dir)
+        self.log_path = tmp_path / "server.log"
+        environ = {k: v for k, v in os.environ.items() if not k.startswith(("SERVE_", "SAGEMAKER_"))}
+        environ.update(
+            SAGEMAKER_BASE_DIR=str(base),
+            SAGEMAKER_BIND_TO_PORT=str(self.port),
+            SERVE_HOST="127.0.0.1",
+            SERVE_TORCH_THREADS="1",
+            **env,
+        )
+        self.log = self.log_path.open("wb")
+        self.proc = subprocess.Popen(
+            [sys.executable, str(SERVE)], env=environ, stdout=self.log, stderr=subprocess.STDOUT
+        )
+        self.pings: list[int | None] = []
+
+    def wait_ready(self, timeout: float = 120) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, self.output()
+            try:
+                status = self.request("GET", "/ping", timeout=2)[0]
+            except OSError:
+                status = None  # not listening yet
+            self.pings.append(status)
+            if status == 200:
+                return
+            time.sleep(0.2)
+        raise AssertionError(f"not ready after {timeout} s:\n{self.output()}")
+
+    def request(self, method, path, body=None, headers=None, timeout=60):
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
+        try:
+            if isinstance(body, dict | list):
+                body = json.dumps(body).encode()
+                headers = {"Content-Type": "application/json", **(headers or {})}
+            conn.request(method, path, body=body, headers=headers or {})
+            response = conn.getresponse()
+            return response.status, dict(response.getheaders()), response.read()
+        finally:
+            conn.close()
+
+    def generate(self, inputs, **parameters):
+        status, _, body = self.request("POST", "/invocations", {"inputs": inputs, "parameters": parameters})
+        assert status == 200, body
+        return json.loads(body)[0]
+
+    def output(self) -> str:
+        self.log.flush()
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()
+
+
+@pytest.fixture(scope="session")
+def serve_process():
+    """serve_process(model_dir, tmp_path, **env) -> Server: `containers/serve/serve` on a free loopback port."""
+    return Server
 
 
 def make_config(model_dir, **overrides) -> ServeConfig:

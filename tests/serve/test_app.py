@@ -127,9 +127,7 @@ def test_long_prompt_is_422_unless_truncated(tiny_model_dir, make_config_for, st
     response = client.post("/invocations", json={"inputs": "x" * 200})
     assert response.status_code == 422
     assert "inputs" in response.get_json()["error"] and "64" in response.get_json()["error"]
-    ok = client.post(
-        "/invocations", json={"inputs": "x" * 200, "parameters": {"truncate": 20, "details": True}}
-    )
+    ok = client.post("/invocations", json={"inputs": "x" * 200, "parameters": {"truncate": 20, "details": True}})
     assert ok.status_code == 200
     assert ok.get_json()[0]["details"]["input_length"] == 20
 
@@ -186,33 +184,25 @@ def test_malformed_json_is_400(client):
 
 
 def test_unsupported_content_type_is_415(client):
-    response = client.post(
-        "/invocations", data=b"inputs=hi", content_type="application/x-www-form-urlencoded"
-    )
+    response = client.post("/invocations", data=b"inputs=hi", content_type="application/x-www-form-urlencoded")
     assert response.status_code == 415
     assert response.get_json()["error_type"] == "unsupported_media_type"
 
 
 def test_missing_content_type_is_read_as_json(client):
-    response = client.post(
-        "/invocations", data=json.dumps({"inputs": "hi", "parameters": {"max_new_tokens": 2}})
-    )
+    response = client.post("/invocations", data=json.dumps({"inputs": "hi", "parameters": {"max_new_tokens": 2}}))
     assert response.status_code == 200
 
 
 @pytest.mark.parametrize("stream", [False, True])
 def test_unsatisfiable_accept_is_406(client, stream):
-    response = client.post(
-        "/invocations", json={"inputs": "hi", "stream": stream}, headers={"Accept": "text/csv"}
-    )
+    response = client.post("/invocations", json={"inputs": "hi", "stream": stream}, headers={"Accept": "text/csv"})
     assert response.status_code == 406
     assert response.get_json()["error_type"] == "not_acceptable"
 
 
 def test_body_over_the_payload_limit_is_413(predictor):
-    client = create_app(
-        dataclasses.replace(predictor.config, max_payload_mb=1), predictor=predictor
-    ).test_client()
+    client = create_app(dataclasses.replace(predictor.config, max_payload_mb=1), predictor=predictor).test_client()
     response = client.post("/invocations", data=b"x" * (1024 * 1024 + 1), content_type="application/json")
     assert response.status_code == 413
     assert response.get_json()["error_type"] == "payload_too_large"
@@ -315,18 +305,14 @@ def test_chat_completion_object(client):
     assert choice["message"]["role"] == "assistant" and isinstance(choice["message"]["content"], str)
     assert choice["finish_reason"] in ("length", "stop")
     assert body["usage"]["completion_tokens"] <= 6
-    assert (
-        body["usage"]["total_tokens"] == body["usage"]["prompt_tokens"] + body["usage"]["completion_tokens"]
-    )
+    assert body["usage"]["total_tokens"] == body["usage"]["prompt_tokens"] + body["usage"]["completion_tokens"]
 
 
 def test_chat_stream_chunks_sum_to_the_answer_and_end_with_done(client):
     request = {"messages": MESSAGES, "max_tokens": 8, "temperature": 0}
     answer = client.post("/invocations", json=request).get_json()["choices"][0]["message"]["content"]
     frames = sse_frames(
-        client.post(
-            "/invocations", json={**request, "stream": True, "stream_options": {"include_usage": True}}
-        )
+        client.post("/invocations", json={**request, "stream": True, "stream_options": {"include_usage": True}})
     )
     assert frames[-1] == "[DONE]"
     chunks = frames[:-1]
@@ -342,10 +328,7 @@ def test_chat_without_a_chat_template_is_422(tiny_plain_model_dir, make_config_f
     client = create_app(predictor.config, predictor=predictor).test_client()
     response = client.post("/invocations", json={"messages": MESSAGES})
     assert response.status_code == 422 and "messages" in response.get_json()["error"]
-    assert (
-        client.post("/invocations", json={"inputs": "hi", "parameters": {"max_new_tokens": 2}}).status_code
-        == 200
-    )
+    assert client.post("/invocations", json={"inputs": "hi", "parameters": {"max_new_tokens": 2}}).status_code == 200
 
 
 # ----- batch transform -----
@@ -368,9 +351,7 @@ def test_jsonlines_in_jsonlines_out_in_order(client):
 
 
 def test_jsonlines_error_names_the_line(client):
-    body = (
-        json.dumps({"inputs": "ok"}) + "\n" + json.dumps({"inputs": "x", "parameters": {"top_p": 2}}) + "\n"
-    )
+    body = json.dumps({"inputs": "ok"}) + "\n" + json.dumps({"inputs": "x", "parameters": {"top_p": 2}}) + "\n"
     response = client.post("/invocations", data=body, content_type="application/jsonlines")
     assert response.status_code == 422
     assert response.get_json()["error"].startswith("line 2: parameters.top_p")
@@ -403,9 +384,7 @@ class _BreakableModel(_SlowModel):
         return self._model(*args, **kwargs)
 
 
-def test_a_failed_generation_is_424_or_an_error_frame_once_streaming(
-    tiny_model_dir, make_config_for, start_predictor
-):
+def test_a_failed_generation_is_424_or_an_error_frame_once_streaming(tiny_model_dir, make_config_for, start_predictor):
     from serve.predictor import load_artifact
 
     def loader(model_dir, config):

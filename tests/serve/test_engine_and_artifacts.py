@@ -14,9 +14,7 @@ from serve.predictor import ArtifactError, load_artifact
 def model_and_tokenizer(tiny_model_dir):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    return AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval(), AutoTokenizer.from_pretrained(
-        tiny_model_dir
-    )
+    return AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval(), AutoTokenizer.from_pretrained(tiny_model_dir)
 
 
 def test_requests_joining_and_leaving_the_batch_match_single_generate(model_and_tokenizer):
@@ -31,9 +29,7 @@ def test_requests_joining_and_leaving_the_batch_match_single_generate(model_and_
         lengths = [5 + 3 * (i % 4) for i in range(10)]
         handles = []
         for i, (prompt, n) in enumerate(zip(prompts, lengths, strict=True)):
-            handles.append(
-                engine.submit(prompt, SamplingParams(max_new_tokens=n), deadline=time.monotonic() + 60)
-            )
+            handles.append(engine.submit(prompt, SamplingParams(max_new_tokens=n), deadline=time.monotonic() + 60))
             if i % 3 == 0:
                 time.sleep(0.02)
         results = [h.result(timeout=60) for h in handles]
@@ -58,9 +54,7 @@ def test_eos_list_stops_on_any_member(model_and_tokenizer):
     third = free.tokens[2].id
     engine = Engine(model, tokenizer, eos_token_ids=[10**6, third], context_length=1024)
     engine.start()
-    stopped = engine.submit(prompt, SamplingParams(max_new_tokens=6), deadline=time.monotonic() + 60).result(
-        60
-    )
+    stopped = engine.submit(prompt, SamplingParams(max_new_tokens=6), deadline=time.monotonic() + 60).result(60)
     engine.stop()
     assert stopped.finish_reason == "eos_token"
     assert stopped.tokens[-1].id == third and stopped.generated_tokens <= 3
@@ -70,9 +64,7 @@ def test_a_request_past_its_deadline_in_the_queue_ends_with_timeout(model_and_to
     model, tokenizer = model_and_tokenizer
     engine = Engine(model, tokenizer, eos_token_ids=[], context_length=1024)
     engine.start()
-    result = engine.submit([1, 2, 3], SamplingParams(max_new_tokens=5), deadline=time.monotonic() - 1).result(
-        10
-    )
+    result = engine.submit([1, 2, 3], SamplingParams(max_new_tokens=5), deadline=time.monotonic() - 1).result(10)
     engine.stop()
     assert (result.finish_reason, result.generated_tokens) == ("timeout", 0)
 
@@ -83,9 +75,7 @@ def test_lora_adapter_artifact_loads_merged(tiny_model_dir, tmp_path, make_confi
     from transformers import AutoModelForCausalLM
 
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
-    peft_model = get_peft_model(
-        base, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
-    )
+    peft_model = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
     adapter_dir = tmp_path / "adapter"
     peft_model.save_pretrained(adapter_dir)  # safetensors; base_model_name_or_path = tiny_model_dir
     assert json.loads((adapter_dir / "adapter_config.json").read_text())["base_model_name_or_path"]

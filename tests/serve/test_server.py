@@ -4,100 +4,22 @@ from __future__ import annotations
 
 import http.client
 import json
-import os
 import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import pytest
 
 pytestmark = pytest.mark.slow
 
-SERVE = Path(__file__).resolve().parents[2] / "containers" / "serve" / "serve"
 Q = "What solutions come pre-built with Amazon SageMaker JumpStart?"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    def __init__(self, model_dir: Path, tmp_path: Path, **env: str):
-        self.port = free_port()
-        base = tmp_path / "opt-ml"
-        base.mkdir()
-        (base / "model").symlink_to(model_dir)
-        self.log_path = tmp_path / "server.log"
-        environ = {k: v for k, v in os.environ.items() if not k.startswith(("SERVE_", "SAGEMAKER_"))}
-        environ.update(
-            SAGEMAKER_BASE_DIR=str(base),
-            SAGEMAKER_BIND_TO_PORT=str(self.port),
-            SERVE_HOST="127.0.0.1",
-            SERVE_TORCH_THREADS="1",
-            **env,
-        )
-        self.log = self.log_path.open("wb")
-        self.proc = subprocess.Popen(
-            [sys.executable, str(SERVE)], env=environ, stdout=self.log, stderr=subprocess.STDOUT
-        )
-        self.pings: list[int | None] = []
-
-    def wait_ready(self, timeout: float = 120) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            assert self.proc.poll() is None, self.output()
-            try:
-                status = self.request("GET", "/ping", timeout=2)[0]
-            except OSError:
-                status = None  # not listening yet
-            self.pings.append(status)
-            if status == 200:
-                return
-            time.sleep(0.2)
-        raise AssertionError(f"not ready after {timeout} s:\n{self.output()}")
-
-    def request(self, method, path, body=None, headers=None, timeout=60):
-        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
-        try:
-            if isinstance(body, dict | list):
-                body = json.dumps(body).encode()
-                headers = {"Content-Type": "application/json", **(headers or {})}
-            conn.request(method, path, body=body, headers=headers or {})
-            response = conn.getresponse()
-            return response.status, dict(response.getheaders()), response.read()
-        finally:
-            conn.close()
-
-    def generate(self, inputs, **parameters):
-        status, _, body = self.request("POST", "/invocations", {"inputs": inputs, "parameters": parameters})
-        assert status == 200, body
-        return json.loads(body)[0]
-
-    def output(self) -> str:
-        self.log.flush()
-        return self.log_path.read_text(errors="replace")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.log.close()
-
-
 @pytest.fixture(scope="module")
-def server(tiny_model_dir, tmp_path_factory):
-    server = Server(
+def server(tiny_model_dir, tmp_path_factory, serve_process):
+    server = serve_process(
         tiny_model_dir,
         tmp_path_factory.mktemp("server"),
         SERVE_LOAD_DELAY_S="3",  # a slow load, so /ping can be seen saying 503 first
@@ -198,9 +120,7 @@ ERROR_CASES = [
     ids=[c[0] for c in ERROR_CASES],
 )
 def test_error_cases_over_http(server, case, body, content_type, headers, status, error_type):
-    got, response_headers, raw = server.request(
-        "POST", "/invocations", body, {"Content-Type": content_type, **headers}
-    )
+    got, response_headers, raw = server.request("POST", "/invocations", body, {"Content-Type": content_type, **headers})
     assert got == status, raw
     assert response_headers["Content-Type"] == "application/json"
     assert json.loads(raw)["error_type"] == error_type
@@ -267,12 +187,8 @@ def test_chat_and_jsonlines_over_http(server):
         {"messages": [{"role": "user", "content": Q}], "max_tokens": 4, "temperature": 0},
     )
     assert status == 200 and json.loads(raw)["object"] == "chat.completion"
-    lines = b"\n".join(
-        json.dumps({"inputs": p, "parameters": {"max_new_tokens": 3}}).encode() for p in ("a", "b")
-    )
-    status, headers, raw = server.request(
-        "POST", "/invocations", lines, {"Content-Type": "application/jsonlines"}
-    )
+    lines = b"\n".join(json.dumps({"inputs": p, "parameters": {"max_new_tokens": 3}}).encode() for p in ("a", "b"))
+    status, headers, raw = server.request("POST", "/invocations", lines, {"Content-Type": "application/jsonlines"})
     assert status == 200 and headers["Content-Type"] == "application/jsonlines"
     assert len(raw.decode().splitlines()) == 2
     status, _, raw = server.request("GET", "/execution-parameters")
@@ -283,14 +199,12 @@ def test_access_log_lines_are_json(server):
     server.generate("a private question", max_new_tokens=2)
     time.sleep(0.2)
     records = [json.loads(line) for line in server.output().splitlines() if line.startswith('{"method"')]
-    assert any(
-        r["path"] == "/invocations" and r["status"] == 200 and r["generated_tokens"] == 2 for r in records
-    )
+    assert any(r["path"] == "/invocations" and r["status"] == 200 and r["generated_tokens"] == 2 for r in records)
     assert "private" not in server.output()
 
 
-def test_sigterm_drains_in_flight_requests_then_exits(tiny_model_dir, tmp_path):
-    server = Server(tiny_model_dir, tmp_path, SERVE_MAX_BATCH_SIZE="3", SERVE_MAX_QUEUE="3")
+def test_sigterm_drains_in_flight_requests_then_exits(tiny_model_dir, tmp_path, serve_process):
+    server = serve_process(tiny_model_dir, tmp_path, SERVE_MAX_BATCH_SIZE="3", SERVE_MAX_QUEUE="3")
     try:
         server.wait_ready()
         results: dict[int, tuple] = {}
