@@ -47,15 +47,11 @@ PROMPTS = [
 
 
 def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, default=DEFAULT_MODEL, help="a Transformers model directory")
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--clients", type=int, default=8)
-    parser.add_argument(
-        "--requests-per-client", type=int, default=2, help="each client sends these back to back"
-    )
+    parser.add_argument("--requests-per-client", type=int, default=2, help="each client sends these back to back")
     parser.add_argument("--baseline-requests", type=int, default=4, help="sequential generate calls to time")
     parser.add_argument("--ttft-samples", type=int, default=10)
     parser.add_argument("--no-write", action="store_true", help="print only; leave docs/benchmarks.md alone")
@@ -76,11 +72,10 @@ def main() -> None:
         print(f"start to first 200: {server.startup_s:.1f} s", flush=True)
         server.generate(PROMPTS[0], 8)  # warm-up
         ttft = measure_ttft(server, args)
+        args.idle_ping_p99_ms = ping_p99(server, 200)
         print(f"TTFT p50: {ttft * 1000:.0f} ms", flush=True)
         ours = measure_concurrent(server, args)
-        print(
-            f"ours: {ours['tokens_per_s']:.1f} tokens/s, /ping p99 {ours['ping_p99_ms']:.1f} ms", flush=True
-        )
+        print(f"ours: {ours['tokens_per_s']:.1f} tokens/s, /ping p99 {ours['ping_p99_ms']:.1f} ms", flush=True)
         rss = server.peak_rss_mib()
     ratio = ours["tokens_per_s"] / baseline["tokens_per_s"]
     print(f"ratio: {ratio:.2f}x")
@@ -108,9 +103,7 @@ def measure_baseline(args) -> dict:
             tokens += out.shape[1] - inputs.input_ids.shape[1]
         # Reference ceiling, not the anchor: the clients' prompts as one static left-padded batch.
         tokenizer.padding_side = "left"
-        batch = tokenizer(
-            [PROMPTS[i % len(PROMPTS)] for i in range(args.clients)], return_tensors="pt", padding=True
-        )
+        batch = tokenizer([PROMPTS[i % len(PROMPTS)] for i in range(args.clients)], return_tensors="pt", padding=True)
         started = time.perf_counter()
         out = model.generate(**batch, max_new_tokens=args.new_tokens, do_sample=False)
         static_s = time.perf_counter() - started
@@ -123,6 +116,14 @@ def measure_baseline(args) -> dict:
         static_tokens = sum(_until_eos(row.tolist(), eos) for row in generated)
     prompt_50 = tokenizer.decode(tokenizer(" ".join(PROMPTS) * 3).input_ids[:50])
     args.prompt_50 = prompt_50
+    with torch.inference_mode():  # TTFT reference: the bare model's prefill + first token for that prompt
+        inputs = tokenizer(prompt_50, return_tensors="pt")
+        samples = []
+        for _ in range(args.ttft_samples):
+            started = time.perf_counter()
+            model.generate(**inputs, max_new_tokens=1, do_sample=False)
+            samples.append(time.perf_counter() - started)
+    args.model_ttft = statistics.median(samples)
     del model
     return (
         {"tokens_per_s": tokens / elapsed, "tokens": tokens, "seconds": elapsed},
@@ -142,6 +143,17 @@ def measure_ttft(server: Server, args) -> float:
     for _ in range(args.ttft_samples):
         samples.append(server.time_to_first_token(args.prompt_50))
     return statistics.median(samples)
+
+
+def ping_p99(server: Server, count: int) -> float:
+    latencies = []
+    for _ in range(count):
+        started = time.perf_counter()
+        server.request("GET", "/ping")
+        latencies.append((time.perf_counter() - started) * 1000)
+        time.sleep(0.01)
+    latencies.sort()
+    return latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))]
 
 
 def measure_concurrent(server: Server, args) -> dict:
@@ -194,14 +206,10 @@ class Server:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
         env = {k: v for k, v in os.environ.items() if not k.startswith(("SERVE_", "SAGEMAKER_"))}
-        env.update(
-            SAGEMAKER_BASE_DIR=str(base), SAGEMAKER_BIND_TO_PORT=str(self.port), SERVE_HOST="127.0.0.1"
-        )
+        env.update(SAGEMAKER_BASE_DIR=str(base), SAGEMAKER_BIND_TO_PORT=str(self.port), SERVE_HOST="127.0.0.1")
         self._log = open(base / "server.log", "wb")  # closed in __exit__
         started = time.perf_counter()
-        self.proc = subprocess.Popen(
-            [sys.executable, str(SERVE)], env=env, stdout=self._log, stderr=subprocess.STDOUT
-        )
+        self.proc = subprocess.Popen([sys.executable, str(SERVE)], env=env, stdout=self._log, stderr=subprocess.STDOUT)
         while True:
             if self.proc.poll() is not None:
                 raise RuntimeError((base / "server.log").read_text())
@@ -298,12 +306,14 @@ def render(args, baseline, static, ours, ttft, startup_s, rss, ratio, load_befor
             f"| reference ceiling: the same prompts as one static `generate` batch of {args.clients} "
             f"| {static['tokens_per_s']:.1f} ({static['tokens']} tokens in {static['seconds']:.1f} s) | "
             f"{baseline['tokens_per_s']:.1f} | {static['tokens_per_s'] / baseline['tokens_per_s']:.2f}x | |",
-            f"| time to first token p50, 50-token prompt, no other load | {ttft * 1000:.0f} ms | | | "
+            f"| time to first token p50, 50-token prompt, no other load (anchor: the bare model's prefill and "
+            f"first token, in-process) | {ttft * 1000:.0f} ms | {args.model_ttft * 1000:.0f} ms | "
+            f"{ttft / args.model_ttft:.2f}x | "
             f"<= 300 ms: {verdict(ttft <= 0.3)} |",
             f"| /ping p99 while {args.clients} generations run ({ours['pings']} pings) | "
             f"{ours['ping_p99_ms']:.1f} ms | | | <= 10 ms: {verdict(ours['ping_p99_ms'] <= 10)} |",
-            f"| `serve` start to first 200 from /ping | {startup_s:.1f} s | | | "
-            f"<= 20 s: {verdict(startup_s <= 20)} |",
+            f"| reference: /ping p99 with nothing running (200 pings) | {args.idle_ping_p99_ms:.1f} ms | | | |",
+            f"| `serve` start to first 200 from /ping | {startup_s:.1f} s | | | <= 20 s: {verdict(startup_s <= 20)} |",
             f"| peak resident memory under that load (worker + master) | {total_rss:.0f} MiB "
             f"({rss['worker']:.0f} + {rss['master']:.0f}) | | | <= 2048 MiB: {verdict(total_rss <= 2048)} |",
             "",
