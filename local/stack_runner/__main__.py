@@ -49,10 +49,14 @@ class Ports:
 
 @dataclass
 class Stack:
-    """Started processes, stopped in reverse order."""
+    """Started processes, stopped in reverse order. Logs and generated config live under `workdir`."""
 
-    logs: Path
+    workdir: Path
     processes: list[tuple[str, subprocess.Popen]] = field(default_factory=list)
+
+    @property
+    def logs(self) -> Path:
+        return self.workdir / "logs"
 
     def start(self, name: str, command: list[str], env: dict[str, str]) -> subprocess.Popen:
         self.logs.mkdir(parents=True, exist_ok=True)
@@ -84,7 +88,7 @@ class Stack:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:]) if path.exists() else ""
 
     def stop(self, grace: float = 30.0) -> None:
-        for name, process in reversed(self.processes):
+        for _, process in reversed(self.processes):
             if process.poll() is None:
                 process.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + grace
@@ -118,7 +122,7 @@ def train_through_s3(stack: Stack, ports: Ports, data: Path, hyperparameters: li
     model_uri = f"s3://{BUCKET}/models/{ENDPOINT_NAME}/model.tar.gz"
     s3 = [sys.executable, "-m", "s3_standin"]
     run([*s3, "seed", "--bucket", BUCKET, "--dataset", str(data)], s3_env, "upload the dataset to S3")
-    job = LOCAL_DIR / "jobs" / time.strftime("train-%Y%m%d-%H%M%S")
+    job = stack.workdir / "jobs" / time.strftime("train-%Y%m%d-%H%M%S")
     run([*s3, "download", dataset_uri, str(job / "input" / "data" / "train" / data.name)], s3_env,
         "download the train channel")
     (job / "input" / "config").mkdir(parents=True, exist_ok=True)
@@ -127,7 +131,7 @@ def train_through_s3(stack: Stack, ports: Ports, data: Path, hyperparameters: li
     train = [sys.executable, str(REPO / "containers" / "train" / "train")]
     run(train, {**os.environ, "SAGEMAKER_BASE_DIR": str(job), "PYTHONUNBUFFERED": "1"}, "training job")
     run([*s3, "upload-model", str(job / "model"), model_uri], s3_env, "upload model.tar.gz")
-    endpoint_dir = LOCAL_DIR / "endpoints" / "tuned"
+    endpoint_dir = stack.workdir / "endpoints" / "tuned"
     shutil.rmtree(endpoint_dir, ignore_errors=True)
     run([*s3, "fetch-model", model_uri, str(endpoint_dir / "model")], s3_env, "fetch the artifact for the endpoint")
     return endpoint_dir / "model"
@@ -143,7 +147,7 @@ def endpoint_config(ports: Ports, ab: bool) -> dict:
 def start_serving(stack: Stack, name: str, model_dir: Path, port: int) -> None:
     base = model_dir.parent
     if model_dir.name != "model":  # the server reads $SAGEMAKER_BASE_DIR/model
-        base = LOCAL_DIR / "endpoints" / name
+        base = stack.workdir / "endpoints" / name
         base.mkdir(parents=True, exist_ok=True)
         link = base / "model"
         if link.is_symlink() or link.exists():
@@ -155,7 +159,7 @@ def start_serving(stack: Stack, name: str, model_dir: Path, port: int) -> None:
 
 
 def start_front(stack: Stack, ports: Ports, ab: bool, api_key: str | None) -> None:
-    config_path = LOCAL_DIR / "endpoints.json"
+    config_path = stack.workdir / "endpoints.json"
     config_path.write_text(json.dumps(endpoint_config(ports, ab), indent=2))
     stack.start("runtime-emulator", [sys.executable, "-m", "runtime_emulator", "--config", str(config_path),
                                      "--port", str(ports.runtime_emulator)], python_env())
@@ -189,15 +193,16 @@ def ask(ports: Ports, question: str, api_key: str | None = None, timeout: float 
 
 def up(args) -> int:
     ports = Ports()
-    stack = Stack(LOCAL_DIR / "logs")
+    stack = Stack(LOCAL_DIR)
     signal.signal(signal.SIGTERM, _interrupt)  # `kill` / compose-style stop: the same clean shutdown as Ctrl-C
     try:
         model_dir = args.model_dir
         if model_dir is None:
             print("S3 stand-in", flush=True)
-            stack.start("s3", [sys.executable, "-m", "s3_standin", "serve", "--data-dir", str(LOCAL_DIR / "s3"),
+            stack.start("s3", [sys.executable, "-m", "s3_standin", "serve", "--data-dir", str(stack.workdir / "s3"),
                                "--port", str(ports.s3)], python_env())
-            run([sys.executable, "-m", "s3_standin", "wait", "--timeout", "90", "--data-dir", str(LOCAL_DIR / "s3")],
+            run([sys.executable, "-m", "s3_standin", "wait", "--timeout", "90",
+                 "--data-dir", str(stack.workdir / "s3")],
                 python_env(AWS_ENDPOINT_URL_S3=f"http://127.0.0.1:{ports.s3}"), "wait for S3")
             print("Training job (the embedded default model on the sample data)", flush=True)
             model_dir = train_through_s3(stack, ports, args.data, args.hp)

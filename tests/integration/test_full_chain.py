@@ -1,0 +1,54 @@
+"""The whole path with real processes, as a user meets it: a real browser on the chat page -> API Gateway
+emulator -> Lambda (unmodified, under awslambdaric) -> SageMaker runtime endpoint emulator -> real serving
+processes (tiny models) in two production variants. Started by the same code as `python -m stack_runner up`."""
+
+from __future__ import annotations
+
+import re
+import socket
+
+import pytest
+from stack_runner.__main__ import Ports, Stack, ask, start_front, start_serving
+from web.test_chat_page import ask as ask_in_page
+from web.test_chat_page import browser, screenshot  # noqa: F401 - fixtures shared with the page's own tests
+
+pytestmark = [pytest.mark.slow, pytest.mark.browser]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory, tiny_model_dir, tiny_plain_model_dir):
+    ports = Ports(web=free_port(), apigw=free_port(), lambda_runtime=free_port(), runtime_emulator=free_port(),
+                  serve=free_port(), serve_base=free_port(), s3=free_port())
+    running = Stack(tmp_path_factory.mktemp("stack"))
+    try:
+        start_serving(running, "serve", tiny_model_dir, ports.serve)
+        start_serving(running, "serve-base", tiny_plain_model_dir, ports.serve_base)
+        running.wait_healthy("serve", f"http://127.0.0.1:{ports.serve}/ping", 120)
+        running.wait_healthy("serve-base", f"http://127.0.0.1:{ports.serve_base}/ping", 120)
+        start_front(running, ports, ab=True, api_key=None)
+        yield ports
+    finally:
+        running.stop()
+
+
+def test_both_variants_answer_through_the_public_api(stack):
+    seen = {ask(stack, f"What is SageMaker? ({i})")["variant"] for i in range(20)}
+    assert seen == {"tuned", "base"}  # an 80/20 split: 20 requests see both with near certainty (1 - 0.8^20)
+
+
+def test_a_person_asks_on_the_page_and_reads_the_answer(stack, browser):  # noqa: F811
+    from selenium.webdriver.common.by import By
+
+    browser.get(f"http://127.0.0.1:{stack.web}/")
+    entry = ask_in_page(browser, "What does this toolkit do?")
+    assert not entry.find_elements(By.CSS_SELECTOR, ".error"), entry.text
+    meta = entry.find_element(By.CSS_SELECTOR, ".meta").text
+    assert "Variant: tuned" in meta or "Variant: base" in meta
+    assert re.search(r"model [0-9.]+ m?s", meta), meta  # latency shown
+    screenshot(browser, "full-chain-answer.png")
