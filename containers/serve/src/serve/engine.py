@@ -70,9 +70,7 @@ class SamplingParams:
     ) -> SamplingParams:
         """TGI's rule: sampling when asked, or when a sampling knob is set; temperature 0 means greedy."""
         if do_sample is None:
-            do_sample = bool(
-                (temperature and temperature != 1.0) or (top_p is not None and top_p < 1) or top_k
-            )
+            do_sample = bool((temperature and temperature != 1.0) or (top_p is not None and top_p < 1) or top_k)
         if temperature == 0:
             do_sample = False
         if do_sample and seed is None:
@@ -192,9 +190,7 @@ class Engine:
         self.context_length = context_length
         self.max_batch_size = max_batch_size
         self.max_queue = max_queue
-        self.pad_id = (
-            tokenizer.pad_token_id if tokenizer.pad_token_id is not None else next(iter(eos_token_ids))
-        )
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else next(iter(eos_token_ids))
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._waiting: deque[_Sequence] = deque()
@@ -213,9 +209,7 @@ class Engine:
         self._thread = threading.Thread(target=self._loop, name="serve-engine", daemon=True)
         self._thread.start()
 
-    def submit(
-        self, prompt_ids: Sequence[int], params: SamplingParams, *, deadline: float
-    ) -> GenerationHandle:
+    def submit(self, prompt_ids: Sequence[int], params: SamplingParams, *, deadline: float) -> GenerationHandle:
         """Queue a request; raises QueueFull at once when SERVE_MAX_QUEUE requests are already in."""
         import torch
 
@@ -292,9 +286,7 @@ class Engine:
         budget = MAX_PREFILL_TOKENS_PER_STEP
         now = time.monotonic()
         with self._lock:
-            expired = [
-                s for s in self._waiting if s.handle.cancelled or now >= min(s.deadline, self._deadline_cap)
-            ]
+            expired = [s for s in self._waiting if s.handle.cancelled or now >= min(s.deadline, self._deadline_cap)]
             for seq in expired:  # gave up, or waited past its deadline: answer now, not when a slot frees
                 self._waiting.remove(seq)
             while self._waiting and len(self._running) + len(admitted) < self.max_batch_size:
@@ -364,9 +356,7 @@ class Engine:
         pad_old, pad_new = max(0, new_len - old_len), max(0, old_len - new_len)
         for old, new in zip(self._cache.layers, cache.layers, strict=True):
             old.keys = torch.cat([F.pad(old.keys, (0, 0, pad_old, 0)), F.pad(new.keys, (0, 0, pad_new, 0))])
-            old.values = torch.cat(
-                [F.pad(old.values, (0, 0, pad_old, 0)), F.pad(new.values, (0, 0, pad_new, 0))]
-            )
+            old.values = torch.cat([F.pad(old.values, (0, 0, pad_old, 0)), F.pad(new.values, (0, 0, pad_new, 0))])
         self._mask = torch.cat([F.pad(self._mask, (pad_old, 0)), F.pad(mask, (pad_new, 0))])
 
     def _retire(self) -> None:
@@ -394,9 +384,7 @@ class Engine:
         import torch
 
         logits = logits.float()
-        greedy = [
-            i for i, s in enumerate(batch) if not s.params.do_sample and s.params.repetition_penalty == 1.0
-        ]
+        greedy = [i for i, s in enumerate(batch) if not s.params.do_sample and s.params.repetition_penalty == 1.0]
         chosen: dict[int, tuple[int, float]] = {}
         if greedy:  # one batched argmax for the common case
             rows = logits[greedy]

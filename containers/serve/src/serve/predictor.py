@@ -66,17 +66,13 @@ def load_artifact(model_dir: Path, config: ServeConfig) -> LoadedModel:
         if Path(base).is_dir():
             _refuse_pickles(Path(base))
         log.info("loading base model %s and merging the LoRA adapter in %s", base, model_dir)
-        model = AutoModelForCausalLM.from_pretrained(
-            base, dtype=dtype, use_safetensors=True, trust_remote_code=trust
-        )
+        model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype, use_safetensors=True, trust_remote_code=trust)
         model = PeftModel.from_pretrained(model, str(model_dir)).merge_and_unload()
         tokenizer_source = model_dir if _has_tokenizer(model_dir) else base
         name = str(base)
     else:
         if not (model_dir / "config.json").exists():
-            raise ArtifactError(
-                f"{model_dir} has neither config.json (a model) nor adapter_config.json (LoRA)"
-            )
+            raise ArtifactError(f"{model_dir} has neither config.json (a model) nor adapter_config.json (LoRA)")
         model = AutoModelForCausalLM.from_pretrained(
             model_dir, dtype=dtype, use_safetensors=True, trust_remote_code=trust
         )
@@ -84,9 +80,7 @@ def load_artifact(model_dir: Path, config: ServeConfig) -> LoadedModel:
         name = _manifest_name(model_dir)
     model.to(device).eval()
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_source, trust_remote_code=trust)
-    return LoadedModel(
-        model, tokenizer, _eos_ids(model, tokenizer), _context_length(model, tokenizer, config), name
-    )
+    return LoadedModel(model, tokenizer, _eos_ids(model, tokenizer), _context_length(model, tokenizer, config), name)
 
 
 def _refuse_pickles(directory: Path) -> None:
@@ -147,9 +141,7 @@ class Predictor:
     States: `loading` -> `ready`, or `failed` (with the reason, logged once; /ping stays 503).
     """
 
-    def __init__(
-        self, config: ServeConfig, loader: Callable[[Path, ServeConfig], LoadedModel] = load_artifact
-    ):
+    def __init__(self, config: ServeConfig, loader: Callable[[Path, ServeConfig], LoadedModel] = load_artifact):
         self.config = config
         self._loader = loader
         self.state = "loading"
@@ -185,9 +177,7 @@ class Predictor:
             self.loaded, self.engine, self.model_name = loaded, engine, loaded.name
             # Ready means a generation works, not just that weights are in memory.
             probe = self.encode_raw("Hello")
-            engine.submit(probe, SamplingParams(max_new_tokens=2), deadline=time.monotonic() + 300).result(
-                300
-            )
+            engine.submit(probe, SamplingParams(max_new_tokens=2), deadline=time.monotonic() + 300).result(300)
         except Exception as e:
             self.state, self.reason = "failed", f"{type(e).__name__}: {e}"
             log.error(

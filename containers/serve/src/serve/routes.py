@@ -80,9 +80,7 @@ def invocations() -> Response:
     if content_type in JSONLINES_TYPES:
         return _jsonlines(body, predictor)
 
-    parsed = parse_request(
-        _load_json(body, where="body"), max_new_tokens_cap=predictor.config.max_new_tokens_cap
-    )
+    parsed = parse_request(_load_json(body, where="body"), max_new_tokens_cap=predictor.config.max_new_tokens_cap)
     if parsed.stream:
         _negotiate([EVENT_STREAM, "application/json"], produce=EVENT_STREAM)
         return _stream(parsed, predictor)

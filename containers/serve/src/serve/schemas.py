@@ -142,17 +142,13 @@ class ChatRequest(_Strict):
 def parse_request(body: Any, *, max_new_tokens_cap: int) -> GenerateRequest | ChatRequest:
     """Pick the request shape by its keys (as TGI's /invocations does) and validate; 422 names the field."""
     if not isinstance(body, dict):
-        raise ValidationError(
-            "body: expected a JSON object with `inputs` (TGI style) or `messages` (OpenAI chat)"
-        )
+        raise ValidationError("body: expected a JSON object with `inputs` (TGI style) or `messages` (OpenAI chat)")
     if "messages" in body:
         model: type[GenerateRequest | ChatRequest] = ChatRequest
     elif "inputs" in body:
         model = GenerateRequest
     else:
-        raise ValidationError(
-            "body: expected a JSON object with `inputs` (TGI style) or `messages` (OpenAI chat)"
-        )
+        raise ValidationError("body: expected a JSON object with `inputs` (TGI style) or `messages` (OpenAI chat)")
     try:
         return model.model_validate(body, context={"max_new_tokens_cap": max_new_tokens_cap})
     except PydanticValidationError as e:
