@@ -1,5 +1,5 @@
 # The two commands a newcomer needs:
-#   make demo   -- the main job on the embedded defaults (a local training run today)
+#   make demo   -- the main job on the embedded defaults: train, serve, and the chat page, all local
 #   make test   -- the test suite
 # Both create .venv and install what they need on first use.
 PYTHON ?= python3
@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 REQS := requirements-dev.txt $(wildcard containers/*/requirements.txt lambda/requirements.txt local/requirements.txt)
 
-.PHONY: venv test test-fast demo lint bench-train clean
+.PHONY: venv test test-fast demo train-demo lint bench-train clean
 
 venv: $(STAMP)
 
@@ -27,6 +27,9 @@ test-fast: $(STAMP)
 	$(PY) -m pytest -m "not slow and not distributed and not docker and not browser" $(PYTEST_ARGS)
 
 demo: $(STAMP)
+	PYTHONPATH=local $(PY) -m stack_runner up $(DEMO_ARGS)
+
+train-demo: $(STAMP)
 	$(PY) scripts/demo.py $(DEMO_ARGS)
 
 lint: $(STAMP)
@@ -36,4 +39,4 @@ bench-train: $(STAMP)
 	$(PY) benchmarks/train_vs_trl.py $(BENCH_ARGS)
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) runs .local .pytest_cache
