@@ -30,10 +30,11 @@ install_cli_plugins() {
   fi
   local tmp mirror
   tmp=$(mktemp -d)
-  chmod 755 "$tmp"  # apt's sandbox user _apt must be able to write its downloads here
+  chmod 755 "$tmp"
   mirror=$(awk '/^URIs:/ && $2 ~ /debian\/?$/ {print $2; exit}' /etc/apt/sources.list.d/debian.sources 2>/dev/null)
   mirror=${mirror:-http://deb.debian.org/debian}
   mkdir -p "$tmp/lists/partial" "$tmp/archives/partial" "$tmp/debs"
+  chown _apt "$tmp/debs" 2>/dev/null || true  # apt downloads as its sandbox user _apt
   echo "deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] $mirror trixie main" >"$tmp/trixie.list"
   local apt_opts=(-o "Dir::Etc::sourcelist=$tmp/trixie.list" -o "Dir::Etc::sourceparts=-"
     -o "Dir::State::Lists=$tmp/lists" -o "Dir::Cache::archives=$tmp/archives" -o "APT::Get::List-Cleanup=0")

