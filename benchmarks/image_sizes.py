@@ -59,10 +59,10 @@ def base_of(image: str) -> tuple[str, int]:
 
 def describe(step: str) -> str:
     step = re.sub(r"^\|\d+ \S+=\S+ ", "", step.replace("/bin/sh -c ", "")).replace(" # buildkit", "")
-    if "import torch" in step and "wheelhouse" in step:
-        return "torch (from the base, a local wheel, or PyPI)"
     if "requirements.txt" in step and "pip-install" in step:
         return "Python dependencies (requirements.txt)"
+    if "import torch" in step and "wheelhouse" in step:
+        return "torch (from the base, a local wheel, or PyPI)"
     if "g++" in step:
         return "g++ for DeepSpeed's JIT ops"
     return step[:60]
@@ -88,12 +88,24 @@ def gb(n: int) -> str:
     return f"{n / 1e9:.2f} GB"
 
 
-def render(rows: list[dict], engine: str) -> str:
+def shared_size(a: str, b: str) -> int:
+    """Bytes two images share on disk: their common oldest layers (the base, and torch on the same base)."""
+    shared = 0
+    # Metadata-only steps (LABEL, ENV: 0 bytes) differ between the images without making layers; skip them.
+    for x, y in zip(*([r for r in layers(i) if r["size"]] for i in (a, b)), strict=False):
+        if x != y:
+            break
+        shared += x["size"]
+    return shared
+
+
+def render(rows: list[dict], engine: str, shared: int | None) -> str:
     lines = [
         f"Measured with `python benchmarks/image_sizes.py --write` on Docker {engine}; sizes are "
         "uncompressed, "
         "as `docker image inspect` reports them. CI builds on the local stand-in base (Debian bookworm + "
-        "Python 3.11, CPU torch wheel); on the default CUDA bases torch comes with the base instead.",
+        "Python 3.11, CPU torch wheel); on the default CUDA bases torch comes with the base instead. "
+        "Those bases cannot be pulled here (no registry), so images on them are not measured.",
         "",
         "| image | size | base | base size | added by us | heaviest added layers |",
         "|---|---:|---|---:|---:|---|",
@@ -104,6 +116,13 @@ def render(rows: list[dict], engine: str) -> str:
             f"| `{r['image']}` | {gb(r['size'])} | `{r['base']}` | {gb(r['base_size'])} | "
             f"{gb(r['added'])} | {heavy} |"
         )
+    if shared is not None:
+        both = sum(r["size"] for r in rows) - shared
+        lines += [
+            "",
+            f"Both images together take {gb(both)} on disk: they share {gb(shared)} of layers "
+            "(the base and the torch layer, one instruction in both Dockerfiles).",
+        ]
     return "\n".join(lines)
 
 
@@ -125,7 +144,8 @@ def main() -> None:
     engine = subprocess.run(
         ["docker", "version", "--format", "{{.Server.Version}}"], check=True, capture_output=True, text=True
     ).stdout.strip()
-    text = render([measure(image) for image in args.images], engine)
+    shared = shared_size(*args.images) if len(args.images) == 2 else None
+    text = render([measure(image) for image in args.images], engine, shared)
     print(text)
     if args.write:
         write_section(text)

@@ -333,6 +333,7 @@ def start_serving(images, pytestconfig):
     def start(model_dir: Path, *docker_args: str, name: str) -> ServingContainer:
         name = f"{name}-{os.getpid()}"
         docker("rm", "-f", name, check=False)
+        started.append(name)  # before `run`: a container that fails to start is still created
         docker(
             "run",
             "-d",
@@ -346,7 +347,6 @@ def start_serving(images, pytestconfig):
             images.serve,
             "serve",
         )
-        started.append(name)
         container = ServingContainer(name, host_port(name))
         record_timing(pytestconfig, f"{name}: start to first /ping 200", wait_for_ping(name, container.port))
         return container

