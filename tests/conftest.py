@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 
 import pytest
-
 from fixtures.tiny_model import build_tiny_model
 
 

@@ -1,0 +1,87 @@
+"""Entry point of the training image: `docker run IMAGE train`, or `containers/train/train` without Docker.
+
+    SAGEMAKER_BASE_DIR=/tmp/job containers/train/train     # a local job tree instead of /opt/ml
+
+Reads the job from the SageMaker tree, trains, writes the artifact and reports. Exit codes: 0 done,
+2 bad input (output/failure says what to fix), 143 stopped by SIGTERM (checkpoint saved), 1 internal error.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+import threading
+import traceback
+from pathlib import Path
+
+from . import launch, sagemaker
+from .config import TrainConfig
+from .errors import TrainingInterrupted, UserError
+
+log = logging.getLogger("trainer")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv not in ([], ["train"]):
+        print(f"usage: train  (this is the training image; got {' '.join(argv)!r})", file=sys.stderr)
+        return 2
+    _configure_logging()
+    stop_requested = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop_requested.set())
+    try:
+        job = sagemaker.read_job()
+        config = TrainConfig.from_hyperparameters(job.hyperparameters)
+        if not launch.inside_torchrun():
+            sagemaker.clear_failure()
+            nproc = launch.processes_per_host(config.nproc_per_node)
+            if nproc * job.cluster.num_hosts > 1:
+                return _launch_workers(config, job, nproc, stop_requested)
+        from .job import run
+
+        run(config, job, _cache_dir(), stop_requested)
+        return 0
+    except UserError as e:
+        log.error("%s", e)
+        sagemaker.write_failure(f"{type(e).__name__}: {e}")
+        return e.exit_code
+    except TrainingInterrupted as e:
+        log.warning("%s", e)
+        sagemaker.write_failure(f"TrainingInterrupted: {e}")
+        return e.exit_code
+    except Exception as e:
+        log.exception("internal error")
+        sagemaker.write_failure(f"Framework error: {type(e).__name__}: {e}\n\n{traceback.format_exc()}")
+        return 1
+
+
+def _launch_workers(config: TrainConfig, job: sagemaker.Job, nproc: int, stop_requested: threading.Event) -> int:
+    from .job import load_datasets
+
+    load_datasets(config, job)  # bad data fails here, once, before N processes start
+    code = launch.run_torchrun(job.cluster, nproc, stop_requested)
+    if stop_requested.is_set():
+        sagemaker.write_failure("TrainingInterrupted: stopped by SIGTERM; workers saved a checkpoint to resume from")
+        return TrainingInterrupted.exit_code
+    if code != 0:
+        sagemaker.write_failure(f"Framework error: a training process exited with code {code}; see the job log")
+    return code
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("TRAINER_CACHE_DIR", Path.home() / ".cache" / "sagemaker-llm-finetune"))
+
+
+def _configure_logging() -> None:
+    rank = os.environ.get("RANK")
+    prefix = f"[rank {rank}] " if rank is not None and os.environ.get("WORLD_SIZE", "1") != "1" else ""
+    logging.basicConfig(level=logging.INFO, stream=sys.stdout, force=True,
+                        format=f"%(asctime)s %(levelname)s {prefix}%(name)s: %(message)s")
+    for noisy in ("httpx", "urllib3", "filelock", "torch.distributed", "datasets"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

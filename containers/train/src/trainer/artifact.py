@@ -1,0 +1,51 @@
+"""The servable artifact: merged weights (safetensors), tokenizer with the training prompt format as its chat
+template, generation config, and manifest.json.
+
+Files are written into a staging folder inside the model directory and moved up one by one, the manifest
+last: a model directory with a manifest is complete, one without is not (a full disk or a kill mid-save
+never leaves something that looks finished).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+MANIFEST = "manifest.json"
+
+
+def merge_for_serving(model):
+    """LoRA adapters folded into the base weights; a fully fine-tuned model is returned as is."""
+    if hasattr(model, "merge_and_unload"):
+        return model.merge_and_unload()
+    return model
+
+
+def save_artifact(model, tokenizer, stop_token_ids, model_dir: Path, manifest: dict) -> Path:
+    from transformers import GenerationConfig
+
+    model_dir.mkdir(parents=True, exist_ok=True)
+    staging = model_dir / ".partial"
+    shutil.rmtree(staging, ignore_errors=True)
+    (model_dir / MANIFEST).unlink(missing_ok=True)
+
+    # Defaults a server reads: stop on the format's end markers, pad distinct from EOS, deterministic.
+    model.generation_config = GenerationConfig(
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=list(stop_token_ids),
+        pad_token_id=tokenizer.pad_token_id,
+        do_sample=False,
+        max_new_tokens=256,
+    )
+    model.config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(staging, safe_serialization=True)
+    tokenizer.save_pretrained(staging)
+    for path in sorted(staging.iterdir()):
+        os.replace(path, model_dir / path.name)
+    staging.rmdir()
+    tmp = model_dir / f".{MANIFEST}.tmp"
+    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str) + "\n", encoding="utf-8")
+    os.replace(tmp, model_dir / MANIFEST)
+    return model_dir

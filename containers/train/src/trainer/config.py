@@ -1,0 +1,194 @@
+"""The training job's typed configuration, built once from SageMaker hyperparameters.
+
+SageMaker hands every hyperparameter over as a string, and clients disagree on the encoding: SDK v2
+estimators JSON-encode each value (`"\"lora\""`, `"3"`), SDK v3 and raw API callers send plain strings
+(`"lora"`). `TrainConfig.from_hyperparameters` accepts both, rejects unknown keys, and names the key of any
+value it cannot use. No torch here: this module is imported by the launcher before anything heavy.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import ConfigError
+
+EMBEDDED_MODEL_ID = "embedded:SmolLM2-135M-Instruct"
+
+# Keys that SageMaker SDKs add for their own toolkits; they mean nothing to this image and are ignored.
+_SDK_RESERVED_PREFIXES = ("sagemaker_", "_tuning_objective_metric")
+
+
+def _hp(default: Any, help: str, choices: tuple[str, ...] | None = None, minimum: float | None = None):
+    metadata = {"help": help}
+    if choices is not None:
+        metadata["choices"] = choices
+    if minimum is not None:
+        metadata["minimum"] = minimum
+    return field(default=default, metadata=metadata)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Every hyperparameter the training image accepts. README's table is checked against this class."""
+
+    # > The base model
+    model_id: str = _hp(
+        EMBEDDED_MODEL_ID,
+        "Base model: a Hugging Face hub id (e.g. databricks/dolly-v2-3b), a local directory, or the embedded "
+        "default. A `model` channel, when given, takes precedence.",
+    )
+    trust_remote_code: bool = _hp(False, "Allow the base model's own Python code to run. Off unless you trust it.")
+    method: str = _hp("lora", "Fine-tuning method.", choices=("lora", "full"))
+
+    # > Data
+    question_column: str = _hp("question", "Column holding the question / instruction (alias: instruction).")
+    answer_column: str = _hp("answer", "Column holding the answer / response (alias: response).")
+    context_column: str = _hp("context", "Optional column with context for the question; used when present.")
+    csv_header: str = _hp(
+        "auto",
+        "Whether CSV files have a header row; `auto` looks for the column names in the first row.",
+        choices=("auto", "true", "false"),
+    )
+    validation_fraction: float = _hp(
+        0.15, "Share of questions held out for validation when no `validation` channel is given.", minimum=0.0
+    )
+    prompt_format: str = _hp(
+        "auto",
+        "`chat_template` uses the base model's chat template, `dolly` the Dolly instruction format; `auto` picks "
+        "the chat template when the tokenizer has one and the model is not a Dolly model.",
+        choices=("auto", "chat_template", "dolly"),
+    )
+    max_seq_length: int = _hp(1024, "Longest training sequence in tokens; longer examples are reported and skipped.",
+                              minimum=16)
+
+    # > Optimisation
+    epochs: float = _hp(3.0, "Passes over the training data.", minimum=0.0)
+    max_steps: int = _hp(-1, "Stop after this many optimizer steps (overrides epochs when > 0).")
+    learning_rate: float = _hp(1e-3, "Peak learning rate (after warm-up).", minimum=0.0)
+    lr_scheduler: str = _hp("cosine", "Learning-rate schedule.", choices=("cosine", "linear", "constant"))
+    warmup_ratio: float = _hp(0.05, "Share of steps spent warming the learning rate up.", minimum=0.0)
+    weight_decay: float = _hp(0.0, "AdamW weight decay.", minimum=0.0)
+    per_device_batch_size: int = _hp(4, "Sequences per device per step.", minimum=1)
+    gradient_accumulation_steps: int = _hp(1, "Micro-batches accumulated per optimizer step.", minimum=1)
+    gradient_checkpointing: bool = _hp(False, "Recompute activations in the backward pass: less memory, ~30% slower.")
+    seed: int = _hp(42, "Seed for data split, shuffling and initialisation.")
+
+    # > LoRA
+    lora_r: int = _hp(16, "LoRA rank.", minimum=1)
+    lora_alpha: int = _hp(32, "LoRA scaling numerator (scale = alpha / r).", minimum=1)
+    lora_dropout: float = _hp(0.05, "Dropout on the LoRA input.", minimum=0.0)
+    lora_target_modules: str = _hp(
+        "all-linear", "Comma-separated module names to adapt, or `all-linear` for every linear layer but the head."
+    )
+
+    # > Hardware and distribution
+    deepspeed: str = _hp(
+        "none", "DeepSpeed ZeRO stage, from the checked-in configs in configs/.", choices=("none", "zero2", "zero3")
+    )
+    nproc_per_node: int = _hp(0, "Processes per host; 0 means one per GPU, or 1 on CPU.", minimum=0)
+    precision: str = _hp(
+        "auto", "`auto` trains in bf16 mixed precision on GPUs that support it and fp32 on CPU.",
+        choices=("auto", "bf16", "fp32"),
+    )
+
+    # > Checkpoints and logging
+    save_steps: int = _hp(50, "Checkpoint every this many steps (and on SIGTERM).", minimum=1)
+    save_total_limit: int = _hp(2, "Checkpoints kept in the checkpoint directory.", minimum=1)
+    logging_steps: int = _hp(5, "Log metrics every this many steps.", minimum=1)
+
+    # > Evaluation (A/B: base model versus tuned model)
+    eval_base_model: bool = _hp(True, "Also evaluate the untouched base model, for the before/after comparison.")
+    eval_max_samples: int = _hp(64, "Validation questions answered by each model (0 = none).", minimum=0)
+    eval_train_samples: int = _hp(32, "Training questions answered by each model, to see what it learned.",
+                                  minimum=0)
+    eval_max_new_tokens: int = _hp(128, "Longest generated answer during evaluation.", minimum=1)
+    eval_batch_size: int = _hp(8, "Questions answered at once during evaluation.", minimum=1)
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            choices = f.metadata.get("choices")
+            if choices and value not in choices:
+                raise ConfigError(f"hyperparameter '{f.name}': {value!r} is not one of {', '.join(choices)}")
+            minimum = f.metadata.get("minimum")
+            if minimum is not None and value < minimum:
+                raise ConfigError(f"hyperparameter '{f.name}': {value!r} must be at least {minimum:g}")
+        if not 0.0 <= self.validation_fraction < 1.0:
+            raise ConfigError("hyperparameter 'validation_fraction': must be in [0, 1)")
+        if self.epochs <= 0 and self.max_steps <= 0:
+            raise ConfigError("hyperparameter 'epochs': must be > 0 unless 'max_steps' is set")
+
+    @property
+    def lora_targets(self) -> str | list[str]:
+        if self.lora_target_modules.strip() == "all-linear":
+            return "all-linear"
+        return [m.strip() for m in self.lora_target_modules.split(",") if m.strip()]
+
+    @classmethod
+    def from_hyperparameters(cls, raw: dict[str, Any]) -> TrainConfig:
+        """Build from hyperparameters.json content, in either SDK encoding; errors name the key."""
+        known = {f.name: f for f in dataclasses.fields(cls)}
+        values: dict[str, Any] = {}
+        unknown = []
+        for key, raw_value in raw.items():
+            if key.startswith(_SDK_RESERVED_PREFIXES):
+                continue
+            name = {"instruction_column": "question_column", "response_column": "answer_column"}.get(key, key)
+            if name not in known:
+                unknown.append(key)
+                continue
+            values[name] = _coerce(key, _decode(raw_value), known[name].type)
+        if unknown:
+            raise ConfigError(
+                f"unknown hyperparameter{'s' if len(unknown) > 1 else ''} {', '.join(repr(k) for k in sorted(unknown))}"
+                f"; accepted: {', '.join(sorted(known))}"
+            )
+        return cls(**values)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _decode(value: Any) -> Any:
+    """Undo SDK v2's per-value JSON encoding; plain strings (SDK v3, raw API) pass through."""
+    if not isinstance(value, str):
+        return value
+    try:
+        return json.loads(value)
+    except ValueError:
+        return value
+
+
+def _coerce(key: str, value: Any, annotation: str) -> Any:
+    kind = annotation if isinstance(annotation, str) else annotation.__name__
+    try:
+        if kind == "bool":
+            if isinstance(value, bool):
+                return value
+            text = str(value).strip().lower()
+            if text in ("true", "1", "yes"):
+                return True
+            if text in ("false", "0", "no"):
+                return False
+            raise ValueError
+        if kind == "int":
+            if isinstance(value, bool):
+                raise ValueError
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            return int(str(value).strip())
+        if kind == "float":
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        if isinstance(value, (dict, list)):
+            raise ValueError
+        if isinstance(value, bool):  # "true" decoded by json.loads; the string field wants it back as written
+            return "true" if value else "false"
+        return str(value)
+    except (TypeError, ValueError):
+        expected = {"bool": "true or false", "int": "an integer", "float": "a number"}.get(kind, "a string")
+        raise ConfigError(f"hyperparameter '{key}': expected {expected}, got {value!r}") from None

@@ -1,0 +1,133 @@
+"""Prompt formats and tokenization for supervised fine-tuning.
+
+The format used in training is written into the artifact's tokenizer as its chat template, so the serving
+side only calls `apply_chat_template(..., add_generation_prompt=True)` and needs no code from here.
+
+- `chat_template`: the base model's own chat template (SmolLM2, Llama, Qwen, ...).
+- `dolly`: the instruction format databricks/dolly-v2 was trained with (`### Instruction:` / `### Response:` /
+  `### End`), installed as a chat template for models that have none.
+
+Loss is on the answer only: prompt tokens get label -100. Every example ends with the EOS token, and pad is
+made distinct from EOS, so the model learns to stop (a classic failure when pad == eos masks every EOS).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .data import Example
+
+IGNORE_INDEX = -100
+DOLLY_INTRO = (
+    "Below is an instruction that describes a task. Write a response that appropriately completes the request."
+)
+DOLLY_END = "### End"
+# Rendered exactly like Dolly's PROMPT_NO_INPUT_FORMAT; context, when present, goes in the user message.
+DOLLY_CHAT_TEMPLATE = (
+    "{{ '" + DOLLY_INTRO + "\\n\\n' }}"
+    "{% for message in messages %}"
+    "{% if message['role'] == 'user' %}{{ '### Instruction:\\n' + message['content'] + '\\n\\n' }}"
+    "{% elif message['role'] == 'assistant' %}"
+    "{{ '### Response:\\n' + message['content'] + '\\n\\n" + DOLLY_END + "' + eos_token }}"
+    "{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '### Response:\\n' }}{% endif %}"
+)
+FALLBACK_PAD_TOKENS = ("<|endoftext|>", "<|pad|>", "<pad>", "[PAD]")
+
+
+@dataclass(frozen=True)
+class PromptSetup:
+    format: str
+    stop_token_ids: tuple[int, ...]
+    added_tokens: int  # > 0 means the model's embeddings must be resized
+
+
+def choose_format(requested: str, tokenizer, model_id: str) -> str:
+    if requested != "auto":
+        return requested
+    if "dolly" in model_id.lower() or not getattr(tokenizer, "chat_template", None):
+        return "dolly"
+    return "chat_template"
+
+
+def prepare_tokenizer(tokenizer, prompt_format: str) -> PromptSetup:
+    """Install the prompt format and a pad token distinct from EOS, in place."""
+    added = 0
+    if tokenizer.eos_token is None:
+        added += tokenizer.add_special_tokens({"eos_token": "<|endoftext|>"})
+    if prompt_format == "dolly":
+        tokenizer.chat_template = DOLLY_CHAT_TEMPLATE
+    elif not getattr(tokenizer, "chat_template", None):
+        raise ValueError("prompt_format 'chat_template' needs a tokenizer with a chat template")
+    if tokenizer.pad_token is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
+        vocab = tokenizer.get_vocab()
+        candidate = next((t for t in FALLBACK_PAD_TOKENS if t in vocab and vocab[t] != tokenizer.eos_token_id), None)
+        if candidate is not None:
+            tokenizer.pad_token = candidate
+        else:
+            added += tokenizer.add_special_tokens({"pad_token": "<|pad|>"})
+    tokenizer.padding_side = "left"  # generation-friendly default for the artifact; training pads itself
+    stops = [tokenizer.eos_token_id]
+    if prompt_format == "dolly":
+        end_ids = tokenizer.encode(DOLLY_END, add_special_tokens=False)
+        if len(end_ids) == 1:  # dolly-v2 tokenizers carry "### End" as one special token
+            stops.insert(0, end_ids[0])
+    return PromptSetup(prompt_format, tuple(stops), added)
+
+
+def user_message(example: Example) -> dict[str, str]:
+    content = example.question if not example.context else f"{example.question}\n\nInput:\n{example.context}"
+    return {"role": "user", "content": content}
+
+
+def prompt_text(tokenizer, question: str, context: str = "") -> str:
+    """The text a model sees before answering: what serving renders from the artifact's chat template."""
+    return tokenizer.apply_chat_template(
+        [user_message(Example(question, "", context))], add_generation_prompt=True, tokenize=False
+    )
+
+
+def encode_example(tokenizer, example: Example) -> dict[str, list[int]]:
+    """Token ids and labels; prompt and answer are tokenized apart so the prompt matches inference exactly."""
+    prompt = prompt_text(tokenizer, example.question, example.context)
+    full = tokenizer.apply_chat_template(
+        [user_message(example), {"role": "assistant", "content": example.answer}], tokenize=False
+    )
+    if not full.startswith(prompt):
+        raise ValueError("the chat template renders the prompt differently with and without the answer")
+    completion = full[len(prompt):]
+    eos = tokenizer.eos_token
+    end = completion.rfind(eos)
+    completion = completion[: end + len(eos)] if end >= 0 else completion + eos  # end on EOS, nothing after
+    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    completion_ids = tokenizer(completion, add_special_tokens=False)["input_ids"]
+    return {
+        "input_ids": prompt_ids + completion_ids,
+        "labels": [IGNORE_INDEX] * len(prompt_ids) + completion_ids,
+    }
+
+
+class CompletionCollator:
+    """Pads a batch to its longest sequence (right padding; labels padded with -100)."""
+
+    def __init__(self, pad_token_id: int, pad_to_multiple_of: int | None = None):
+        self.pad_token_id = pad_token_id
+        self.pad_to_multiple_of = pad_to_multiple_of
+
+    def __call__(self, features: list[dict]) -> dict:
+        import torch
+
+        longest = max(len(f["input_ids"]) for f in features)
+        if self.pad_to_multiple_of:
+            longest = -(-longest // self.pad_to_multiple_of) * self.pad_to_multiple_of
+        input_ids, labels, mask = [], [], []
+        for f in features:
+            pad = longest - len(f["input_ids"])
+            input_ids.append(list(f["input_ids"]) + [self.pad_token_id] * pad)
+            labels.append(list(f["labels"]) + [IGNORE_INDEX] * pad)
+            mask.append([1] * len(f["input_ids"]) + [0] * pad)
+        return {
+            "input_ids": torch.tensor(input_ids, dtype=torch.long),
+            "labels": torch.tensor(labels, dtype=torch.long),
+            "attention_mask": torch.tensor(mask, dtype=torch.long),
+        }

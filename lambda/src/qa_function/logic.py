@@ -1,0 +1,223 @@
+"""Pure request/response logic: no AWS event shapes, no network, no environment.
+
+handler.py turns an API Gateway event into bytes and headers, calls these functions, and turns their
+results back into a proxy response.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from qa_function.config import FunctionConfig
+
+ALLOWED_METHODS = "OPTIONS, POST"
+# Request headers a browser may send cross-origin. x-api-key is API Gateway's usage-plan key.
+ALLOWED_REQUEST_HEADERS = ("content-type", "x-api-key", "authorization")
+VARIANT_NAME_RE = re.compile(r"^[a-zA-Z0-9](-*[a-zA-Z0-9])*$")
+
+# Generation parameters the function forwards (TGI names). Anything else is rejected, so a typo such as
+# "max_tokens" gets a 400 that names the right key instead of being ignored silently.
+MAX_NEW_TOKENS_LIMIT = 1024
+
+
+def _int_in(lo: int, hi: int):
+    def check(v: Any) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and lo <= v <= hi
+
+    return check, f"an integer from {lo} to {hi}"
+
+
+def _float_in(lo: float, hi: float, lo_open: bool = False):
+    def check(v: Any) -> bool:
+        if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
+            return False
+        return (lo < v if lo_open else lo <= v) and v <= hi
+
+    return check, f"a number {'>' if lo_open else '>='} {lo} and <= {hi}"
+
+
+def _stop_list(v: Any) -> bool:
+    return isinstance(v, list) and len(v) <= 4 and all(isinstance(s, str) and 0 < len(s) <= 64 for s in v)
+
+
+PARAMETER_RULES: dict[str, tuple[Any, str]] = {
+    "max_new_tokens": _int_in(1, MAX_NEW_TOKENS_LIMIT),
+    "temperature": _float_in(0.0, 2.0),
+    "top_p": _float_in(0.0, 1.0, lo_open=True),
+    "top_k": _int_in(1, 1000),
+    "repetition_penalty": _float_in(0.0, 10.0, lo_open=True),
+    "do_sample": (lambda v: isinstance(v, bool), "true or false"),
+    "seed": _int_in(0, 2**32 - 1),
+    "stop": (_stop_list, "a list of at most 4 non-empty strings"),
+}
+REQUEST_KEYS = ("question", "parameters", "target_variant")
+
+
+class RequestError(Exception):
+    """The caller's request cannot be served as sent (4xx)."""
+
+    def __init__(self, status: int, error_type: str, message: str):
+        super().__init__(message)
+        self.status = status
+        self.error_type = error_type
+        self.message = message
+
+
+class UpstreamError(Exception):
+    """The model endpoint failed or could not be reached (5xx or 429 for the caller)."""
+
+    def __init__(self, status: int, error_type: str, message: str):
+        super().__init__(message)
+        self.status = status
+        self.error_type = error_type
+        self.message = message
+
+
+@dataclass(frozen=True)
+class AskRequest:
+    question: str
+    parameters: Mapping[str, Any] = field(default_factory=dict)
+    target_variant: str | None = None
+
+
+@dataclass(frozen=True)
+class Answer:
+    text: str
+    variant: str | None
+    latency_ms: float
+
+
+def parse_ask_request(body: bytes, config: FunctionConfig) -> AskRequest:
+    """Validate a POST /ask body: {"question": str, "parameters": {...}?, "target_variant": str?}."""
+    if len(body) > config.max_body_bytes:
+        raise RequestError(
+            413, "PayloadTooLarge", f"Request body is {len(body)} bytes; the limit is {config.max_body_bytes}"
+        )
+    if not body.strip():
+        raise RequestError(400, "BadRequest", 'Request body is empty; send JSON like {"question": "..."}')
+    try:
+        payload = json.loads(body)
+    except (UnicodeDecodeError, ValueError) as e:
+        raise RequestError(400, "InvalidJSON", f"Request body is not valid JSON: {e}") from e
+    if not isinstance(payload, dict):
+        raise RequestError(400, "BadRequest", 'Request body must be a JSON object like {"question": "..."}')
+    unknown = sorted(set(payload) - set(REQUEST_KEYS))
+    if unknown:
+        raise RequestError(
+            400, "BadRequest", f"Unknown field(s) {unknown}; allowed fields: {list(REQUEST_KEYS)}"
+        )
+
+    question = payload.get("question")
+    if question is None:
+        raise RequestError(400, "BadRequest", 'Field "question" is required')
+    if not isinstance(question, str):
+        raise RequestError(400, "BadRequest", 'Field "question" must be a string')
+    question = question.strip()
+    if not question:
+        raise RequestError(400, "BadRequest", 'Field "question" must not be empty')
+    if len(question) > config.max_question_chars:
+        raise RequestError(
+            413,
+            "QuestionTooLong",
+            f"Question is {len(question)} characters; the limit is {config.max_question_chars}",
+        )
+
+    parameters = _validate_parameters(payload.get("parameters"))
+    target_variant = _validate_target_variant(payload.get("target_variant"), config)
+    return AskRequest(question=question, parameters=parameters, target_variant=target_variant)
+
+
+def _validate_parameters(raw: Any) -> dict[str, Any]:
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise RequestError(400, "BadRequest", 'Field "parameters" must be a JSON object')
+    unknown = sorted(set(raw) - set(PARAMETER_RULES))
+    if unknown:
+        raise RequestError(
+            400, "BadRequest", f"Unknown parameter(s) {unknown}; allowed: {sorted(PARAMETER_RULES)}"
+        )
+    for name, value in raw.items():
+        check, expected = PARAMETER_RULES[name]
+        if not check(value):
+            raise RequestError(400, "BadRequest", f'Parameter "{name}" must be {expected}')
+    return dict(raw)
+
+
+def _validate_target_variant(raw: Any, config: FunctionConfig) -> str | None:
+    if raw is None:
+        return None
+    if not config.allow_target_variant:
+        raise RequestError(400, "BadRequest", 'Field "target_variant" is disabled on this deployment')
+    if not isinstance(raw, str) or len(raw) > 63 or not VARIANT_NAME_RE.match(raw):
+        raise RequestError(400, "BadRequest", 'Field "target_variant" must be a production variant name')
+    return raw
+
+
+def invoke_body(request: AskRequest) -> bytes:
+    """The serving container's TGI-style request: {"inputs": question, "parameters": {...}}."""
+    return json.dumps({"inputs": request.question, "parameters": dict(request.parameters)}).encode()
+
+
+def parse_model_output(body: bytes) -> str:
+    """Accept TGI's `[{"generated_text": ...}]` (and the single-object form); anything else is a 502."""
+    try:
+        payload = json.loads(body)
+    except (UnicodeDecodeError, ValueError) as e:
+        raise UpstreamError(
+            502, "BadModelResponse", "The model endpoint returned a body that is not JSON"
+        ) from e
+    if isinstance(payload, list) and payload:
+        payload = payload[0]
+    if isinstance(payload, dict) and isinstance(payload.get("generated_text"), str):
+        return payload["generated_text"].strip()
+    raise UpstreamError(502, "BadModelResponse", 'The model endpoint returned JSON without "generated_text"')
+
+
+def success_body(answer: Answer) -> dict[str, Any]:
+    return {"answer": answer.text, "variant": answer.variant, "latency_ms": round(answer.latency_ms, 1)}
+
+
+def error_body(error_type: str, message: str, request_id: str | None = None) -> dict[str, Any]:
+    body: dict[str, Any] = {"error": message, "error_type": error_type}
+    if request_id:
+        body["request_id"] = request_id
+    return body
+
+
+def cors_headers(origin: str | None, config: FunctionConfig, *, preflight: bool = False) -> dict[str, str]:
+    """CORS response headers for `origin`, or {} when it is not allowed (the browser then blocks the read).
+
+    `*` is echoed as `*` only without credentials (config.py forbids the combination); otherwise the
+    exact origin is echoed with `Vary: Origin` so caches keep per-origin copies.
+    """
+    if not origin or not config.cors_allow_origins:
+        return {}
+    if "*" in config.cors_allow_origins:
+        headers = {"Access-Control-Allow-Origin": "*"}
+    elif origin in config.cors_allow_origins:
+        headers = {"Access-Control-Allow-Origin": origin, "Vary": "Origin"}
+        if config.cors_allow_credentials:
+            headers["Access-Control-Allow-Credentials"] = "true"
+    else:
+        return {}
+    if preflight:
+        headers["Access-Control-Allow-Methods"] = ALLOWED_METHODS
+        headers["Access-Control-Allow-Headers"] = ", ".join(ALLOWED_REQUEST_HEADERS)
+        headers["Access-Control-Max-Age"] = str(config.cors_max_age_s)
+    return headers
+
+
+def attempt_read_timeout(remaining_s: float, config: FunctionConfig) -> float:
+    """Read timeout per InvokeEndpoint attempt so that all attempts end before the function times out.
+
+    Each attempt may spend connect + read time; one second is kept back to build and return the response.
+    """
+    budget = remaining_s - 1.0
+    per_attempt = budget / config.max_attempts - config.connect_timeout_s
+    return max(1.0, min(config.read_timeout_s, per_attempt))

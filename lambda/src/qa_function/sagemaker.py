@@ -1,0 +1,104 @@
+"""The only module that talks to the SageMaker Runtime API: client set-up, InvokeEndpoint, error mapping.
+
+Error mapping (runtime API errors per the service model; HTTP status the caller of our API sees):
+    ModelError (424, container failed)          -> 502 ModelError
+    ModelError whose message says it timed out  -> 504 EndpointTimeout
+    ThrottlingException / ModelNotReadyException -> 429 EndpointThrottled
+    ValidationError naming the requested variant -> 400 UnknownVariant
+    ValidationError (e.g. unknown endpoint)     -> 502 EndpointUnavailable (a deployment problem)
+    ServiceUnavailable (503)                    -> 503 EndpointUnavailable
+    read timeout (botocore)                     -> 504 EndpointTimeout
+    connection failure                          -> 502 EndpointUnavailable
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import boto3
+from botocore.config import Config
+from botocore.exceptions import (
+    BotoCoreError,
+    ClientError,
+    ConnectTimeoutError,
+    EndpointConnectionError,
+    ReadTimeoutError,
+)
+
+from qa_function.config import FunctionConfig
+from qa_function.logic import Answer, AskRequest, RequestError, UpstreamError, invoke_body, parse_model_output
+
+THROTTLING_CODES = {"ThrottlingException", "ModelNotReadyException", "TooManyRequestsException"}
+
+
+def make_client(config: FunctionConfig, read_timeout_s: float) -> Any:
+    """A sagemaker-runtime client; the endpoint URL comes from the usual AWS settings, so
+    AWS_ENDPOINT_URL_SAGEMAKER_RUNTIME points it at a local emulator with no code change."""
+    botocore_config = Config(
+        retries={"mode": "standard", "total_max_attempts": config.max_attempts},
+        connect_timeout=config.connect_timeout_s,
+        read_timeout=read_timeout_s,
+        tcp_keepalive=True,
+    )
+    return boto3.session.Session().client("sagemaker-runtime", config=botocore_config)
+
+
+def invoke(client: Any, config: FunctionConfig, request: AskRequest) -> Answer:
+    kwargs: dict[str, Any] = {
+        "EndpointName": config.endpoint_name,
+        "Body": invoke_body(request),
+        "ContentType": "application/json",
+        "Accept": "application/json",
+    }
+    if request.target_variant:
+        kwargs["TargetVariant"] = request.target_variant
+    started = time.perf_counter()
+    try:
+        response = client.invoke_endpoint(**kwargs)
+        body = response["Body"].read()
+    except ClientError as e:
+        raise _from_client_error(e, request) from e
+    except ReadTimeoutError as e:
+        raise UpstreamError(
+            504,
+            "EndpointTimeout",
+            f"The model endpoint did not answer within {client.meta.config.read_timeout:g} s",
+        ) from e
+    except (EndpointConnectionError, ConnectTimeoutError) as e:
+        raise UpstreamError(502, "EndpointUnavailable", "The model endpoint could not be reached") from e
+    except BotoCoreError as e:
+        raise UpstreamError(
+            502, "EndpointUnavailable", f"Calling the model endpoint failed: {type(e).__name__}"
+        ) from e
+    latency_ms = (time.perf_counter() - started) * 1000
+    return Answer(
+        text=parse_model_output(body),
+        variant=response.get("InvokedProductionVariant"),
+        latency_ms=latency_ms,
+    )
+
+
+def _from_client_error(e: ClientError, request: AskRequest) -> Exception:
+    error = e.response.get("Error", {})
+    code = error.get("Code", "")
+    message = error.get("Message", "") or ""
+    if code == "ModelError":
+        if "timed out" in message.lower():
+            return UpstreamError(504, "EndpointTimeout", "The model did not answer in time")
+        original = e.response.get("OriginalStatusCode")
+        detail = f" (the model container answered {original})" if original else ""
+        return UpstreamError(502, "ModelError", f"The model failed to answer{detail}")
+    if code in THROTTLING_CODES:
+        return UpstreamError(429, "EndpointThrottled", "The model endpoint is busy; retry in a moment")
+    if code == "ValidationError":
+        if request.target_variant and "variant" in message.lower():
+            return RequestError(
+                400, "UnknownVariant", f'The endpoint has no production variant "{request.target_variant}"'
+            )
+        return UpstreamError(
+            502, "EndpointUnavailable", "The model endpoint is not available (check ENDPOINT_NAME)"
+        )
+    if code == "ServiceUnavailable":
+        return UpstreamError(503, "EndpointUnavailable", "The model endpoint is temporarily unavailable")
+    return UpstreamError(502, "EndpointUnavailable", f"The model endpoint failed ({code or 'unknown error'})")

@@ -1,0 +1,84 @@
+"""Fixtures for the training image: a SageMaker job tree in a temporary directory, and ways to run it."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+TRAIN_EXECUTABLE = REPO / "containers" / "train" / "train"
+FAQ_CSV = REPO.parent / "shared" / "data" / "Amazon_SageMaker_FAQs.csv"
+
+
+def faq_rows(limit: int | None = None) -> list[list[str]]:
+    with FAQ_CSV.open(encoding="utf-8-sig", newline="") as f:
+        rows = list(csv.reader(f))
+    return rows[:limit] if limit else rows
+
+
+def csv_text(rows: list[list[str]], header: list[str] | None = None) -> str:
+    out = io.StringIO()
+    writer = csv.writer(out)
+    if header:
+        writer.writerow(header)
+    writer.writerows(rows)
+    return out.getvalue()
+
+
+def make_job(root: Path, hyperparameters: dict, files: dict[str, str | bytes] | None = None,
+             resource_config: dict | None = None, encode: str = "raw") -> Path:
+    """A /opt/ml tree. `encode="sdk_v2"` JSON-encodes every value as SageMaker SDK v2 estimators do."""
+    config = root / "input" / "config"
+    config.mkdir(parents=True, exist_ok=True)
+    if encode == "sdk_v2":
+        encoded = {k: json.dumps(v) for k, v in hyperparameters.items()}
+    else:
+        encoded = {k: v if isinstance(v, str) else json.dumps(v) for k, v in hyperparameters.items()}
+    (config / "hyperparameters.json").write_text(json.dumps(encoded))
+    if resource_config is not None:
+        (config / "resourceconfig.json").write_text(json.dumps(resource_config))
+    for relative, content in (files or {}).items():
+        path = root / "input" / "data" / relative
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if isinstance(content, bytes):
+            path.write_bytes(content)
+        else:
+            path.write_text(content, encoding="utf-8")
+    return root
+
+
+def tiny_hyperparameters(model_dir: Path, **overrides) -> dict:
+    """Fast settings for a tiny model: a few steps, short answers."""
+    return {
+        "model_id": str(model_dir), "max_steps": 4, "save_steps": 2, "logging_steps": 1,
+        "per_device_batch_size": 4, "eval_max_new_tokens": 8, "eval_train_samples": 4, "max_seq_length": 2048,
+        **overrides,
+    }
+
+
+def run_train(job_dir: Path, timeout: float = 240, env: dict | None = None, **popen) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(TRAIN_EXECUTABLE)], env=job_env(job_dir, env), capture_output=True, text=True,
+        timeout=timeout, **popen,
+    )
+
+
+def job_env(job_dir: Path, extra: dict | None = None) -> dict:
+    env = {**os.environ, "SAGEMAKER_BASE_DIR": str(job_dir), "PYTHONUNBUFFERED": "1",
+           "TOKENIZERS_PARALLELISM": "false", **(extra or {})}
+    env.pop("RANK", None)
+    env.pop("LOCAL_RANK", None)
+    return env
+
+
+@pytest.fixture
+def faq_csv_small() -> str:
+    """12 FAQ rows with a header row."""
+    return csv_text(faq_rows(12), header=["question", "answer"])

@@ -1,0 +1,85 @@
+"""More than one process, or more than one host, as SageMaker launches them: torchrun, gloo on CPU."""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from .conftest import TRAIN_EXECUTABLE, job_env, make_job, run_train, tiny_hyperparameters
+
+pytestmark = [pytest.mark.slow, pytest.mark.distributed]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_with_deepspeed_zero2(tmp_path, tiny_model_dir, faq_csv_small):
+    hyperparameters = tiny_hyperparameters(tiny_model_dir, deepspeed="zero2", nproc_per_node=2,
+                                           per_device_batch_size=2, eval_train_samples=2)
+    job = make_job(tmp_path, hyperparameters, {"train/faq.csv": faq_csv_small})
+    result = run_train(job, timeout=600, env={"SM_MASTER_PORT": str(free_port())})
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    assert "--nproc_per_node 2" in result.stdout
+    assert "[rank 1] trainer.job: training done" in result.stdout
+    manifest = json.loads((job / "model" / "manifest.json").read_text())
+    assert "deepspeed" in manifest["versions"] and manifest["hyperparameters"]["deepspeed"] == "zero2"
+    assert list((job / "checkpoints").glob("checkpoint-*/global_step*"))  # DeepSpeed's own checkpoint layout
+
+
+def test_two_hosts_meet_on_loopback(tmp_path, tiny_model_dir, faq_csv_small):
+    """Each host has its own tree and resourceconfig.json; hosts sorted, the first is the master."""
+    hosts = ["127.0.0.1", "127.0.0.2"]
+    port = str(free_port())
+    jobs, processes = [], []
+    for host in reversed(hosts):  # start the worker host first: the order must not matter
+        job = make_job(tmp_path / host, tiny_hyperparameters(tiny_model_dir, per_device_batch_size=2,
+                                                             eval_train_samples=2),
+                       {"train/faq.csv": faq_csv_small},
+                       resource_config={"current_host": host, "hosts": list(reversed(hosts)),
+                                        "network_interface_name": "lo"})
+        jobs.append(job)
+        processes.append(subprocess.Popen([sys.executable, str(TRAIN_EXECUTABLE)],
+                                          env=job_env(job, {"SM_MASTER_PORT": port}),
+                                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    outputs = [p.communicate(timeout=600)[0] for p in processes]
+    worker, master = jobs
+    assert [p.returncode for p in processes] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
+    assert "--node_rank 1 --master_addr 127.0.0.1" in outputs[0]
+    assert "--node_rank 0 --master_addr 127.0.0.1" in outputs[1]
+    assert (master / "model" / "manifest.json").exists()
+    assert not (worker / "model" / "manifest.json").exists()  # one artifact per job, from the master
+
+
+def test_sigterm_reaches_every_worker_and_the_job_resumes(tmp_path, tiny_model_dir, faq_csv_small):
+    hyperparameters = tiny_hyperparameters(tiny_model_dir, nproc_per_node=2, max_steps=40, save_steps=100,
+                                           per_device_batch_size=1, eval_train_samples=2)
+    job = make_job(tmp_path, hyperparameters, {"train/faq.csv": faq_csv_small})
+    env = job_env(job, {"SM_MASTER_PORT": str(free_port())})
+    process = subprocess.Popen([sys.executable, str(TRAIN_EXECUTABLE)], env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)
+    log = []
+    for line in process.stdout:
+        log.append(line)
+        if line.startswith("metrics: step=3/"):
+            process.send_signal(signal.SIGTERM)
+            break
+    log.extend(process.stdout)
+    assert process.wait(timeout=180) == 143, "".join(log[-60:])
+    text = "".join(log)
+    assert "passing it to 2 worker process(es)" in text
+    assert "[rank 0]" in text and "[rank 1]" in text and text.count("stop requested (SIGTERM)") == 2
+    checkpoints = sorted(job.glob("checkpoints/checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    assert checkpoints and int(checkpoints[-1].name.split("-")[1]) < 40
+
+    rerun = run_train(job, timeout=600, env={"SM_MASTER_PORT": str(free_port())})
+    assert rerun.returncode == 0, rerun.stdout[-4000:] + rerun.stderr[-4000:]
+    assert f"resuming from {checkpoints[-1]}" in rerun.stdout
+    assert json.loads((job / "model" / "manifest.json").read_text())["training"]["steps"] == 40

@@ -1,0 +1,142 @@
+"""The training image's `train` entry point run for real, as SageMaker would, against a temporary /opt/ml tree."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from .conftest import REPO, TRAIN_EXECUTABLE, csv_text, faq_rows, job_env, make_job, run_train, tiny_hyperparameters
+
+pytestmark = pytest.mark.slow
+
+
+def test_train_writes_a_servable_artifact_and_reports(tmp_path, tiny_model_dir, faq_csv_small):
+    job = make_job(tmp_path, tiny_hyperparameters(tiny_model_dir), {"train/faq.csv": faq_csv_small}, encode="sdk_v2")
+    result = run_train(job)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert not (job / "output" / "failure").exists()
+
+    model_dir = job / "model"
+    manifest = json.loads((model_dir / "manifest.json").read_text())
+    assert manifest["method"] == "lora" and manifest["base_model"] == str(tiny_model_dir)
+    assert manifest["training"]["steps"] == 4
+    assert manifest["metrics"]["validation"]["rouge_l"]["base"] is not None
+    assert not list(model_dir.glob("*.bin")) and (model_dir / "model.safetensors").exists()
+    assert not (model_dir / "adapter_config.json").exists()  # LoRA merged, not shipped as an adapter
+    for name in ("eval_report.json", "sample_answers.jsonl", "loss_curve.png", "data_report.json"):
+        assert (job / "output" / "data" / name).stat().st_size > 0, name
+    assert list((job / "checkpoints").glob("checkpoint-*"))
+
+    # Every metric regex we ship for CloudWatch finds a value in the log.
+    for definition in json.loads((REPO / "containers/train/metric_definitions.json").read_text()):
+        assert re.search(definition["Regex"], result.stdout), definition["Name"]
+
+    # The artifact loads with plain Transformers and answers through its own chat template.
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    generation = GenerationConfig.from_pretrained(model_dir)
+    assert tokenizer.pad_token_id != tokenizer.eos_token_id
+    assert tokenizer.eos_token_id in generation.eos_token_id
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "What is SageMaker?"}],
+                                           add_generation_prompt=True, tokenize=False)
+    inputs = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)
+    output = model.generate(**inputs, max_new_tokens=5, do_sample=False)
+    assert output.shape[1] > inputs["input_ids"].shape[1]
+
+
+def test_model_and_validation_channels_full_fine_tuning_raw_encoding(tmp_path, tiny_plain_model_dir):
+    rows = faq_rows(16)
+    job = make_job(
+        tmp_path,
+        {**tiny_hyperparameters("ignored-because-of-the-model-channel"), "method": "full", "max_steps": 2},
+        {"train/train.jsonl": "".join(json.dumps({"instruction": q, "response": a}) + "\n" for q, a in rows[:12]),
+         "validation/val.csv": csv_text(rows[12:])},  # no header row, like the FAQ file
+    )
+    shutil.copytree(tiny_plain_model_dir, job / "input" / "data" / "model")
+    result = run_train(job)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    manifest = json.loads((job / "model" / "manifest.json").read_text())
+    assert manifest["method"] == "full" and manifest["prompt_format"] == "dolly"
+    assert manifest["base_model"].startswith("model channel")
+    assert manifest["metrics"]["validation"]["count"] == 4
+    template = (job / "model" / "chat_template.jinja").read_text()
+    assert "### Instruction:" in template and "### End" in template
+
+
+@pytest.mark.parametrize(("case", "message"), [
+    ("missing train channel", "missing required input channel 'train'"),
+    ("empty file", "faq.csv: the file is empty"),
+    ("malformed csv", "faq.csv: malformed CSV"),
+    ("unknown column", "unknown column 'question'"),
+    ("unknown hyperparameter", "unknown hyperparameter 'lora_rank'"),
+    ("wrong type", "hyperparameter 'epochs': expected a number, got 'many'"),
+    ("lora rank 0", "hyperparameter 'lora_r': 0 must be at least 1"),
+])
+def test_bad_input_fails_with_a_clear_reason(tmp_path, tiny_model_dir, faq_csv_small, case, message):
+    hyperparameters = tiny_hyperparameters(tiny_model_dir)
+    files = {"train/faq.csv": faq_csv_small}
+    if case == "missing train channel":
+        files = {"validation/faq.csv": faq_csv_small}
+    elif case == "empty file":
+        files = {"train/faq.csv": ""}
+    elif case == "malformed csv":
+        files = {"train/faq.csv": 'question,answer\n"q1","a1"\n"q2","a2","a3"\n'}
+    elif case == "unknown column":
+        hyperparameters["csv_header"] = "true"
+        files = {"train/faq.csv": "query,reply\nq,a\n"}
+    elif case == "unknown hyperparameter":
+        hyperparameters["lora_rank"] = 8
+    elif case == "wrong type":
+        hyperparameters["epochs"] = "many"
+    elif case == "lora rank 0":
+        hyperparameters["lora_r"] = 0
+    job = make_job(tmp_path, hyperparameters, files)
+    result = run_train(job, timeout=120)
+    assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
+    failure = (job / "output" / "failure").read_text()
+    assert message in failure.splitlines()[0]
+    assert not (job / "model" / "manifest.json").exists()
+
+
+def test_sigterm_checkpoints_and_a_rerun_resumes(tmp_path, tiny_model_dir, faq_csv_small):
+    job = make_job(tmp_path, tiny_hyperparameters(tiny_model_dir, max_steps=40, save_steps=100,
+                                                  per_device_batch_size=1), {"train/faq.csv": faq_csv_small})
+    process = subprocess.Popen([sys.executable, str(TRAIN_EXECUTABLE)], env=job_env(job), stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)
+    log = []
+    for line in process.stdout:
+        log.append(line)
+        if line.startswith("metrics: step=3/"):
+            process.send_signal(signal.SIGTERM)
+            break
+    log.extend(process.stdout)
+    assert process.wait(timeout=120) == 143, "".join(log[-40:])
+    checkpoints = sorted(job.glob("checkpoints/checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    assert checkpoints, "no checkpoint saved on SIGTERM"
+    stopped_at = int(checkpoints[-1].name.split("-")[1])
+    assert 3 <= stopped_at < 40
+    assert (job / "output" / "failure").read_text().startswith("TrainingInterrupted")
+    assert not (job / "model" / "manifest.json").exists()
+
+    rerun = run_train(job)
+    assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
+    assert f"resuming from {checkpoints[-1]}" in rerun.stdout
+    assert "base model evaluation reused" in rerun.stdout
+    first_step = int(re.search(r"metrics: step=(\d+)/", rerun.stdout).group(1))
+    assert first_step == stopped_at + 1  # the step count continues
+    manifest = json.loads((job / "model" / "manifest.json").read_text())
+    assert manifest["training"]["steps"] == 40 and manifest["training"]["resumed_from"].endswith(checkpoints[-1].name)
+    assert not (job / "output" / "failure").exists()
+
+
+def test_usage_error_for_other_commands():
+    result = subprocess.run([sys.executable, str(TRAIN_EXECUTABLE), "serve"], capture_output=True, text=True)
+    assert result.returncode == 2 and "training image" in result.stderr

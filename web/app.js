@@ -1,0 +1,247 @@
+// Chat page: POST {question} to `${apiBaseUrl}/ask` and show the answer, the variant that answered, the
+// latency, and errors in plain words. The API path is buffered (API Gateway + Python Lambda cannot stream),
+// so the page shows a pending state with an elapsed-time counter instead of streaming text.
+"use strict";
+
+(function () {
+  const CLIENT_TIMEOUT_MS = 35000; // a little over API Gateway's 29 s integration timeout
+  const KEY_STORAGE = "qa-chat.api-key";
+
+  const form = document.getElementById("ask-form");
+  const question = document.getElementById("question");
+  const send = document.getElementById("send");
+  const status = document.getElementById("status");
+  const elapsed = document.getElementById("elapsed");
+  const formError = document.getElementById("form-error");
+  const transcript = document.getElementById("transcript");
+  const emptyNote = document.getElementById("empty-note");
+  const apiKeyInput = document.getElementById("api-key");
+  const variantInput = document.getElementById("variant");
+
+  const apiBase = resolveApiBase();
+  document.getElementById("api-url").textContent = apiBase || "(not set)";
+  document.getElementById("api-label").textContent = apiBase || "an API that is not configured yet";
+
+  let pending = null; // {controller, timer, reason} while a question is in flight
+
+  apiKeyInput.value = sessionStorage.getItem(KEY_STORAGE) || "";
+  apiKeyInput.addEventListener("input", () => {
+    if (apiKeyInput.value) sessionStorage.setItem(KEY_STORAGE, apiKeyInput.value);
+    else sessionStorage.removeItem(KEY_STORAGE);
+  });
+  document.getElementById("forget-key").addEventListener("click", () => {
+    apiKeyInput.value = "";
+    sessionStorage.removeItem(KEY_STORAGE);
+    apiKeyInput.focus();
+  });
+
+  question.addEventListener("keydown", (event) => {
+    if (event.key === "Enter" && !event.shiftKey && !event.isComposing) {
+      event.preventDefault();
+      form.requestSubmit();
+    } else if (event.key === "Escape" && pending) {
+      event.preventDefault();
+      pending.reason = "cancelled";
+      pending.controller.abort();
+    }
+  });
+  question.addEventListener("input", () => setFormError(""));
+  form.addEventListener("submit", (event) => {
+    event.preventDefault();
+    ask();
+  });
+  question.focus();
+
+  function resolveApiBase() {
+    const fromQuery = new URLSearchParams(window.location.search).get("api");
+    const configured = (window.QA_CONFIG && window.QA_CONFIG.apiBaseUrl) || "";
+    const candidate = fromQuery || configured;
+    if (!candidate) return "";
+    try {
+      const url = new URL(candidate, window.location.href);
+      if (url.protocol !== "http:" && url.protocol !== "https:") return "";
+      return url.href.replace(/\/+$/, "");
+    } catch (e) {
+      return "";
+    }
+  }
+
+  async function ask() {
+    const text = question.value.trim();
+    if (pending) {
+      setFormError("Still waiting for the previous answer. Press Escape to cancel it.");
+      return;
+    }
+    if (!text) {
+      setFormError("Type a question first.");
+      question.focus();
+      return;
+    }
+    if (!apiBase) {
+      setFormError("The API address is not configured: set apiBaseUrl in config.js or add ?api=… to the page address.");
+      return;
+    }
+    setFormError("");
+
+    const entry = addEntry(text);
+    const started = performance.now();
+    const controller = new AbortController();
+    pending = {
+      controller,
+      reason: null,
+      timer: setInterval(() => {
+        elapsed.textContent = ((performance.now() - started) / 1000).toFixed(1) + " s";
+      }, 100),
+    };
+    const timeout = setTimeout(() => {
+      pending.reason = "timeout";
+      controller.abort();
+    }, CLIENT_TIMEOUT_MS);
+    setBusy(true);
+
+    const body = { question: text };
+    const variant = variantInput.value.trim();
+    if (variant) body.target_variant = variant;
+    const headers = { "Content-Type": "application/json" };
+    if (apiKeyInput.value) headers["x-api-key"] = apiKeyInput.value;
+
+    let outcome;
+    try {
+      const response = await fetch(apiBase + "/ask", {
+        method: "POST",
+        headers,
+        body: JSON.stringify(body),
+        signal: controller.signal,
+        credentials: "omit",
+        cache: "no-store",
+      });
+      const payload = await readJson(response);
+      const roundTripMs = performance.now() - started;
+      if (response.ok && payload && typeof payload.answer === "string") {
+        outcome = { ok: true, payload, roundTripMs };
+      } else if (response.ok) {
+        outcome = { ok: false, message: "The API answered, but not with an answer this page understands." };
+      } else {
+        outcome = { ok: false, message: plainError(response.status, payload) };
+      }
+    } catch (error) {
+      if (pending.reason === "cancelled") {
+        outcome = { ok: false, message: "Cancelled. The question was not answered." };
+      } else if (pending.reason === "timeout") {
+        outcome = { ok: false, message: `No answer after ${CLIENT_TIMEOUT_MS / 1000} s, so the page stopped waiting.` };
+      } else {
+        outcome = {
+          ok: false,
+          message: `Could not reach the API at ${apiBase}. Check that it is running and that it allows ` +
+            "requests from this page (CORS).",
+        };
+      }
+    } finally {
+      clearTimeout(timeout);
+      clearInterval(pending.timer);
+      pending = null;
+      setBusy(false);
+    }
+
+    if (outcome.ok) {
+      showAnswer(entry, outcome.payload, outcome.roundTripMs);
+      question.value = "";
+      status.textContent = "Answer received.";
+    } else {
+      showError(entry, outcome.message);
+      status.textContent = "The question failed; it is still in the box so you can try again.";
+    }
+    question.focus();
+  }
+
+  async function readJson(response) {
+    try {
+      return await response.json();
+    } catch (e) {
+      return null;
+    }
+  }
+
+  // API Gateway's own answers carry {"message"}; the function's carry {"error", "error_type"}.
+  function plainError(statusCode, payload) {
+    const detail = payload && (payload.error || payload.message);
+    const known = {
+      400: `The question was not accepted${detail ? ": " + detail : ""} (400).`,
+      403: "The API refused the request: the API key is missing or not accepted (403). " +
+        "Enter a key under Connection settings.",
+      404: "The API has no /ask route at this address (404). Check the API base URL.",
+      405: "The API does not accept this kind of request (405).",
+      413: `The question is too long${detail ? ": " + detail : ""} (413).`,
+      429: "Too many questions right now. Wait a moment and try again (429).",
+      500: "The API failed while handling the question (500).",
+      502: "The model endpoint is not available right now (502).",
+      503: "The model endpoint is temporarily unavailable. Try again in a minute (503).",
+      504: "The model took too long to answer (504).",
+    };
+    return known[statusCode] || `The request failed with status ${statusCode}${detail ? ": " + detail : ""}.`;
+  }
+
+  function addEntry(text) {
+    emptyNote.hidden = true;
+    const item = document.createElement("li");
+    item.className = "entry";
+    const q = document.createElement("p");
+    q.className = "question";
+    const qLabel = document.createElement("span");
+    qLabel.className = "visually-hidden";
+    qLabel.textContent = "You asked: ";
+    q.append(qLabel, document.createTextNode(text));
+    const waiting = document.createElement("p");
+    waiting.className = "pending";
+    waiting.textContent = "Waiting for the model…";
+    item.append(q, waiting);
+    transcript.append(item);
+    item.scrollIntoView({ block: "end" });
+    return item;
+  }
+
+  function showAnswer(item, payload, roundTripMs) {
+    item.querySelector(".pending").remove();
+    const answer = document.createElement("p");
+    answer.className = "answer";
+    const label = document.createElement("span");
+    label.className = "visually-hidden";
+    label.textContent = "Answer: ";
+    answer.append(label, document.createTextNode(payload.answer || "(the model returned an empty answer)"));
+    const meta = document.createElement("p");
+    meta.className = "meta";
+    const parts = [];
+    parts.push(`Variant: ${payload.variant || "unknown"}`);
+    if (typeof payload.latency_ms === "number") parts.push(`model ${formatMs(payload.latency_ms)}`);
+    parts.push(`round trip ${formatMs(roundTripMs)}`);
+    meta.textContent = parts.join(" · ");
+    item.append(answer, meta);
+    item.scrollIntoView({ block: "end" });
+  }
+
+  function showError(item, message) {
+    item.querySelector(".pending").remove();
+    const error = document.createElement("p");
+    error.className = "error";
+    error.textContent = message;
+    item.append(error);
+    item.scrollIntoView({ block: "end" });
+  }
+
+  function formatMs(ms) {
+    return ms < 1000 ? `${Math.round(ms)} ms` : `${(ms / 1000).toFixed(2)} s`;
+  }
+
+  function setBusy(busy) {
+    form.setAttribute("aria-busy", String(busy));
+    send.disabled = busy;
+    send.textContent = busy ? "Waiting…" : "Ask";
+    if (busy) status.textContent = "Waiting for the model…";
+    elapsed.textContent = "";
+  }
+
+  function setFormError(message) {
+    formError.textContent = message;
+    question.setAttribute("aria-invalid", message ? "true" : "false");
+  }
+})();
