@@ -113,8 +113,7 @@ def render(rows: list[dict], engine: str, shared: int | None) -> str:
     for r in rows:
         heavy = "; ".join(f"{name} {gb(size)}" for name, size in r["heaviest"][:3])
         lines.append(
-            f"| `{r['image']}` | {gb(r['size'])} | `{r['base']}` | {gb(r['base_size'])} | "
-            f"{gb(r['added'])} | {heavy} |"
+            f"| `{r['image']}` | {gb(r['size'])} | `{r['base']}` | {gb(r['base_size'])} | {gb(r['added'])} | {heavy} |"
         )
     if shared is not None:
         both = sum(r["size"] for r in rows) - shared
@@ -137,9 +136,7 @@ def write_section(text: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("images", nargs="*", default=DEFAULT_IMAGES)
-    parser.add_argument(
-        "--write", action="store_true", help="rewrite the images section of docs/benchmarks.md"
-    )
+    parser.add_argument("--write", action="store_true", help="rewrite the images section of docs/benchmarks.md")
     args = parser.parse_args()
     engine = subprocess.run(
         ["docker", "version", "--format", "{{.Server.Version}}"], check=True, capture_output=True, text=True

@@ -47,9 +47,7 @@ FAQ_ROWS = [
 def docker(*args: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess:
     proc = subprocess.run(["docker", *args], capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
-        raise AssertionError(
-            f"docker {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}{proc.stderr}"
-        )
+        raise AssertionError(f"docker {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}{proc.stderr}")
     return proc
 
 
@@ -72,9 +70,7 @@ def opt_ml_tree(
         json.dumps({"current_host": "algo-1", "hosts": ["algo-1"], "network_interface_name": "eth0"})
     )
     (config / "inputdataconfig.json").write_text(
-        json.dumps(
-            {ch: {"TrainingInputMode": "File", "S3DistributionType": "FullyReplicated"} for ch in channels}
-        )
+        json.dumps({ch: {"TrainingInputMode": "File", "S3DistributionType": "FullyReplicated"} for ch in channels})
     )
     train = root / "input" / "data" / "train"
     train.mkdir(parents=True)
@@ -168,9 +164,7 @@ def pytest_collection_modifyitems(config, items):
         mark = item.get_closest_marker("needs_code")
         if mark is None:
             continue
-        missing = [
-            f"containers/{k}/{k}" for k in mark.args if not (REPO_ROOT / "containers" / k / k).exists()
-        ]
+        missing = [f"containers/{k}/{k}" for k in mark.args if not (REPO_ROOT / "containers" / k / k).exists()]
         if missing:
             reason = f"{' and '.join(missing)} not on this branch yet (lands from the trainer/server work)"
             item.add_marker(pytest.mark.xfail(reason=reason, strict=True))
@@ -221,9 +215,7 @@ def images(docker_engine, tmp_path_factory, pytestconfig) -> Images:
     log = tmp_path_factory.mktemp("docker-build") / "build.log"
     t0 = time.monotonic()
     with log.open("w") as stderr:
-        proc = subprocess.run(
-            cmd, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=stderr, text=True, timeout=1800
-        )
+        proc = subprocess.run(cmd, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=stderr, text=True, timeout=1800)
     if proc.returncode != 0:
         tail = "\n".join(log.read_text(errors="replace").splitlines()[-60:])
         pytest.fail(f"image build failed (exit {proc.returncode}), last lines of {log}:\n{tail}")
@@ -267,9 +259,7 @@ def run_training(image: str, opt_ml: Path, model_dir: Path | None, name: str) ->
         # The base model arrives as the `model` channel, read-only, as SageMaker would mount it.
         mounts += ["-v", f"{model_dir}:/opt/ml/input/data/model:ro"]
     t0 = time.monotonic()
-    proc = docker(
-        "run", "--rm", "--name", name, *mounts, image, "train", check=False, timeout=TRAIN_TIMEOUT_S
-    )
+    proc = docker("run", "--rm", "--name", name, *mounts, image, "train", check=False, timeout=TRAIN_TIMEOUT_S)
     return TrainingRun(proc.returncode, proc.stdout + proc.stderr, opt_ml, time.monotonic() - t0)
 
 

@@ -21,18 +21,14 @@ def test_ping_answers_200_once_the_model_is_loaded(serving):
 
 
 def test_invocations_generates_text(serving):
-    status, headers, body = serving.post(
-        "/invocations", {"inputs": QUESTION, "parameters": {"max_new_tokens": 8}}
-    )
+    status, headers, body = serving.post("/invocations", {"inputs": QUESTION, "parameters": {"max_new_tokens": 8}})
     assert status == 200, body
     assert headers["content-type"].startswith("application/json")
     assert "generated_text" in json.dumps(json.loads(body)), body
 
 
 def test_invocations_streams_server_sent_events(serving):
-    status, headers, chunks = serving.stream(
-        {"inputs": QUESTION, "parameters": {"max_new_tokens": 8}, "stream": True}
-    )
+    status, headers, chunks = serving.stream({"inputs": QUESTION, "parameters": {"max_new_tokens": 8}, "stream": True})
     body = b"".join(chunks)
     assert status == 200, body
     assert headers["content-type"].startswith("text/event-stream"), headers
@@ -50,17 +46,13 @@ def test_invocations_rejects_a_malformed_request_with_a_json_error(serving):
 def test_serves_as_the_unprivileged_user_and_stops_cleanly(start_serving, artifact_dir):
     # Outside SageMaker (compose, Kubernetes) the image can run without root: nothing is written on disk,
     # but every artifact file must be readable by others (SageMaker's model.tar.gz keeps the modes).
-    unreadable = sorted(
-        p.name for p in artifact_dir.rglob("*") if p.is_file() and not p.stat().st_mode & 0o004
-    )
+    unreadable = sorted(p.name for p in artifact_dir.rglob("*") if p.is_file() and not p.stat().st_mode & 0o004)
     if unreadable:
         # A defect of the artifact, not of the image: transformers' save_pretrained writes model.safetensors
         # 0600. The trainer must chmod what it writes (0644); until then this is an expected failure.
         pytest.xfail(f"artifact files not world-readable, a non-root server cannot load them: {unreadable}")
     container = start_serving(artifact_dir, "--user", "model-server", name="llmft-test-serve-nonroot")
-    status, _, body = container.post(
-        "/invocations", {"inputs": QUESTION, "parameters": {"max_new_tokens": 4}}
-    )
+    status, _, body = container.post("/invocations", {"inputs": QUESTION, "parameters": {"max_new_tokens": 4}})
     assert status == 200, body
     seconds = container.stop()
     state = container.state()

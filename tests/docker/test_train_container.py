@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import time
 
 import pytest
 
@@ -51,6 +53,50 @@ def test_train_fine_tunes_the_embedded_default_model_on_a_data_subset(docker_cli
     assert run.exit_code == 0, run.explain()
     manifest = json.loads((opt_ml / "model" / "manifest.json").read_text())
     assert "SmolLM2" in json.dumps(manifest), manifest
-    docker_cli.record_timing(
-        f"docker run train (default model, {'24 real' if rows else 'built-in'} rows)", run.seconds
+    docker_cli.record_timing(f"docker run train (default model, {'24 real' if rows else 'built-in'} rows)", run.seconds)
+
+
+def test_docker_stop_checkpoints_the_training_job_and_exits_143(docker_cli, images, tiny_model_dir, tmp_path):
+    # SageMaker stops a job (or reclaims a spot instance) with SIGTERM to PID 1: the `train` exec'd from PATH,
+    # no shell in between. It must checkpoint, exit 143 and say so in the failure file, well within 30 s.
+    hyperparameters = {
+        "max_steps": "200",
+        "save_steps": "1000",
+        "logging_steps": "1",
+        "per_device_batch_size": "1",
+        "eval_base_model": "false",
+        "eval_max_samples": "0",
+        "eval_train_samples": "0",
+    }
+    opt_ml = docker_cli.opt_ml_tree(tmp_path / "opt-ml", hyperparameters, channels=("train", "model"))
+    name = f"llmft-test-train-stop-{os.getpid()}"
+    mounts = ["-v", f"{opt_ml}:/opt/ml", "-v", f"{tiny_model_dir}:/opt/ml/input/data/model:ro"]
+    docker_cli.run("rm", "-f", name, check=False)
+    process = subprocess.Popen(
+        ["docker", "run", "--name", name, *mounts, images.train, "train"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
+    try:
+        log = []
+        for line in process.stdout:
+            log.append(line)
+            if line.startswith("metrics: step=3/"):
+                t0 = time.monotonic()
+                docker_cli.run("stop", "-t", "30", name, timeout=60)
+                stop_seconds = time.monotonic() - t0
+                break
+        else:
+            pytest.fail("training ended before step 3:\n" + "".join(log[-40:]))
+        log.extend(process.stdout)
+        process.wait(timeout=60)
+        state = docker_cli.inspect(name)["State"]
+    finally:
+        process.kill()
+        docker_cli.run("rm", "-f", name, check=False)
+    assert state["ExitCode"] == 143, "".join(log[-40:])
+    assert stop_seconds < 30, f"docker stop took {stop_seconds:.1f} s"
+    assert list((opt_ml / "checkpoints").glob("checkpoint-*")), "no checkpoint saved on SIGTERM"
+    assert (opt_ml / "output" / "failure").read_text().startswith("TrainingInterrupted")
+    docker_cli.record_timing("docker stop (train, checkpoint on SIGTERM)", stop_seconds)
