@@ -100,3 +100,25 @@ def test_docker_stop_checkpoints_the_training_job_and_exits_143(docker_cli, imag
     assert list((opt_ml / "checkpoints").glob("checkpoint-*")), "no checkpoint saved on SIGTERM"
     assert (opt_ml / "output" / "failure").read_text().startswith("TrainingInterrupted")
     docker_cli.record_timing("docker stop (train, checkpoint on SIGTERM)", stop_seconds)
+
+
+@pytest.mark.distributed
+def test_deepspeed_zero2_on_two_processes_jit_compiles_its_ops_in_the_image(
+    docker_cli, images, tiny_model_dir, tmp_path
+):
+    # The image ships DeepSpeed without pre-built ops (DS_BUILD_OPS=0): on CPU, ZeRO under torchrun needs the
+    # shm_comm op, compiled at first use with the image's g++ and Python headers. This proves they are there.
+    hyperparameters = {
+        "max_steps": "2",
+        "deepspeed": "zero2",
+        "nproc_per_node": "2",
+        "eval_base_model": "false",
+        "eval_max_samples": "1",
+        "eval_train_samples": "0",
+        "eval_max_new_tokens": "4",
+    }
+    opt_ml = docker_cli.opt_ml_tree(tmp_path / "opt-ml", hyperparameters, channels=("train", "model"))
+    run = docker_cli.run_training(images.train, opt_ml, tiny_model_dir, name=f"llmft-test-train-ds-{os.getpid()}")
+    assert run.exit_code == 0, run.explain()
+    assert (opt_ml / "model" / "manifest.json").exists()
+    docker_cli.record_timing("docker run train (DeepSpeed ZeRO-2, 2 processes, tiny model)", run.seconds)
