@@ -29,6 +29,7 @@ def test_train_writes_a_servable_artifact_and_reports(tmp_path, tiny_model_dir, 
     assert manifest["metrics"]["validation"]["rouge_l"]["base"] is not None
     assert not list(model_dir.glob("*.bin")) and (model_dir / "model.safetensors").exists()
     assert not (model_dir / "adapter_config.json").exists()  # LoRA merged, not shipped as an adapter
+    assert all(p.stat().st_mode & 0o004 for p in model_dir.iterdir()), "a non-root server must read the artifact"
     for name in ("eval_report.json", "sample_answers.jsonl", "loss_curve.png", "data_report.json"):
         assert (job / "output" / "data" / name).stat().st_size > 0, name
     assert list((job / "checkpoints").glob("checkpoint-*"))

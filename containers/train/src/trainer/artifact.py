@@ -43,9 +43,12 @@ def save_artifact(model, tokenizer, stop_token_ids, model_dir: Path, manifest: d
     model.save_pretrained(staging, safe_serialization=True)
     tokenizer.save_pretrained(staging)
     for path in sorted(staging.iterdir()):
+        # safetensors writes 0600; a serving container that runs as non-root must still read the weights.
+        path.chmod(0o644)
         os.replace(path, model_dir / path.name)
     staging.rmdir()
     tmp = model_dir / f".{MANIFEST}.tmp"
     tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str) + "\n", encoding="utf-8")
+    tmp.chmod(0o644)
     os.replace(tmp, model_dir / MANIFEST)
     return model_dir

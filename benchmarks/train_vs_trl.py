@@ -1,0 +1,200 @@
+#!/usr/bin/env python3
+"""Training speed, memory and quality: our training image versus TRL's SFTTrainer, side by side, one run.
+
+    make bench-train                    # full: FAQ CSV, SmolLM2-135M-Instruct, LoRA r16, 3 epochs (~25 min on 2 cores)
+    .venv/bin/python benchmarks/train_vs_trl.py --max-steps 4      # a smoke run of the script itself
+
+Both runs get the same model (the embedded SmolLM2-135M-Instruct), the same training rows (the FAQ minus a
+seeded 15% of questions held out for evaluation), LoRA rank/alpha/dropout/targets, learning rate, batch size
+and epochs. TRL keeps every other default (gradient checkpointing on, padding to the longest in a random batch,
+full-sequence logits), in fp32 like ours on CPU. Tokens/s counts non-padding tokens per second of training.
+Each run is a separate process, so its peak resident memory is its own. Results go to the `train` section of
+docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+FAQ = REPO.parent / "shared" / "data" / "Amazon_SageMaker_FAQs.csv"
+TRAIN = REPO / "containers" / "train" / "train"
+DOCS = REPO / "docs" / "benchmarks.md"
+sys.path.insert(0, str(REPO / "containers" / "train" / "src"))
+
+
+def run_measured(command: list[str], env: dict) -> tuple[int, float, float, str]:
+    """Run a process; return exit code, wall seconds, its peak RSS in GiB, and its output."""
+    started = time.perf_counter()
+    with tempfile.TemporaryFile("w+") as log:
+        process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
+        _, status, usage = os.wait4(process.pid, 0)
+        process.returncode = os.waitstatus_to_exitcode(status)
+        log.seek(0)
+        output = log.read()
+    return process.returncode, time.perf_counter() - started, usage.ru_maxrss / 2**20, output
+
+
+def run_ours(workdir: Path, hyperparameters: dict) -> dict:
+    job = workdir / "ours"
+    (job / "input" / "data" / "train").mkdir(parents=True)
+    (job / "input" / "config").mkdir(parents=True)
+    (job / "input" / "data" / "train" / FAQ.name).write_bytes(FAQ.read_bytes())
+    (job / "input" / "config" / "hyperparameters.json").write_text(
+        json.dumps({k: str(v) for k, v in hyperparameters.items()}))
+    env = {**os.environ, "SAGEMAKER_BASE_DIR": str(job), "PYTHONUNBUFFERED": "1"}
+    print(f"ours: training in {job} ...", flush=True)
+    code, wall, peak_gib, output = run_measured([sys.executable, str(TRAIN)], env)
+    if code != 0:
+        sys.exit(f"our training run failed (exit {code}):\n{output[-4000:]}")
+    manifest = json.loads((job / "model" / "manifest.json").read_text())
+    return {"tokens_per_second": manifest["training"]["tokens_per_second"],
+            "train_runtime_s": manifest["training"]["runtime_s"], "steps": manifest["training"]["steps"],
+            "final_train_loss": manifest["training"]["final_train_loss"], "peak_rss_gib": peak_gib,
+            "wall_s": wall, "metrics": manifest["metrics"]}
+
+
+TRL_SCRIPT = textwrap.dedent("""
+    import json, sys
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import SFTConfig, SFTTrainer
+
+    spec = json.loads(sys.argv[1])
+    rows = [json.loads(line) for line in open(spec["data"])]
+    dataset = Dataset.from_list([{"messages": [{"role": "user", "content": r["question"]},
+                                               {"role": "assistant", "content": r["answer"]}]} for r in rows])
+    model = AutoModelForCausalLM.from_pretrained(spec["model"], dtype="float32")
+    tokenizer = AutoTokenizer.from_pretrained(spec["model"])
+    config = SFTConfig(output_dir=spec["output_dir"], learning_rate=spec["learning_rate"],
+                       per_device_train_batch_size=spec["batch_size"], num_train_epochs=spec["epochs"],
+                       max_steps=spec["max_steps"], report_to="none", save_strategy="no", bf16=False,
+                       use_cpu=True, seed=42)
+    peft = LoraConfig(r=spec["lora_r"], lora_alpha=spec["lora_alpha"], lora_dropout=spec["lora_dropout"],
+                      target_modules="all-linear", task_type="CAUSAL_LM")
+    trainer = SFTTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer,
+                         peft_config=peft)
+    result = trainer.train()
+    tokens_per_epoch = sum(len(ids) for ids in trainer.train_dataset["input_ids"])
+    epochs_done = result.metrics.get("epoch", spec["epochs"])
+    print("RESULT " + json.dumps({
+        "tokens_per_second": tokens_per_epoch * epochs_done / result.metrics["train_runtime"],
+        "train_runtime_s": result.metrics["train_runtime"], "steps": trainer.state.global_step,
+        "final_train_loss": result.metrics.get("train_loss"),
+        "gradient_checkpointing": config.gradient_checkpointing}))
+""")
+
+
+def run_trl(workdir: Path, model_dir: Path, train_rows: list, hyperparameters: dict) -> dict:
+    data = workdir / "trl_train.jsonl"
+    data.write_text("".join(json.dumps({"question": e.question, "answer": e.answer}) + "\n" for e in train_rows))
+    spec = {"data": str(data), "model": str(model_dir), "output_dir": str(workdir / "trl"),
+            "learning_rate": hyperparameters["learning_rate"], "batch_size": hyperparameters["per_device_batch_size"],
+            "epochs": hyperparameters["epochs"], "max_steps": hyperparameters.get("max_steps", -1),
+            "lora_r": hyperparameters["lora_r"], "lora_alpha": hyperparameters["lora_alpha"],
+            "lora_dropout": hyperparameters["lora_dropout"]}
+    print("TRL SFTTrainer: training ...", flush=True)
+    code, wall, peak_gib, output = run_measured([sys.executable, "-c", TRL_SCRIPT, json.dumps(spec)],
+                                                {**os.environ, "PYTHONUNBUFFERED": "1"})
+    match = re.search(r"^RESULT (.*)$", output, re.MULTILINE)
+    if code != 0 or not match:
+        sys.exit(f"the TRL run failed (exit {code}):\n{output[-4000:]}")
+    return {**json.loads(match.group(1)), "peak_rss_gib": peak_gib, "wall_s": wall}
+
+
+def write_section(markdown: str) -> None:
+    text = DOCS.read_text(encoding="utf-8")
+    start, end = "<!-- BEGIN train -->", "<!-- END train -->"
+    before, rest = text.split(start, 1)
+    _, after = rest.split(end, 1)
+    DOCS.write_text(f"{before}{start}\n{markdown.strip()}\n{end}{after}", encoding="utf-8")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--max-steps", type=int, default=-1, help="stop both runs early (smoke test of the script)")
+    parser.add_argument("--no-write", action="store_true", help="print only; leave docs/benchmarks.md alone")
+    parser.add_argument("--note", default="", help="a line added to the docs section (e.g. machine load)")
+    args = parser.parse_args(argv)
+    if not FAQ.exists():
+        sys.exit(f"the FAQ dataset is expected at {FAQ}")
+
+    from trainer.config import TrainConfig
+    from trainer.data import load_channel, split
+    from trainer.modeling import embedded_model_dir
+
+    defaults = TrainConfig()
+    hyperparameters = {"epochs": defaults.epochs, "learning_rate": defaults.learning_rate,
+                       "per_device_batch_size": defaults.per_device_batch_size, "lora_r": defaults.lora_r,
+                       "lora_alpha": defaults.lora_alpha, "lora_dropout": defaults.lora_dropout}
+    if args.max_steps > 0:  # a smoke run: few steps, few questions
+        hyperparameters.update(max_steps=args.max_steps, eval_max_samples=4, eval_train_samples=4)
+    cache = Path(os.environ.get("TRAINER_CACHE_DIR", Path.home() / ".cache" / "sagemaker-llm-finetune"))
+    model_dir = embedded_model_dir(cache)
+    with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:
+        workdir = Path(tmp)
+        (workdir / "faq").mkdir()
+        (workdir / "faq" / FAQ.name).write_bytes(FAQ.read_bytes())
+        examples, _ = load_channel(workdir / "faq")
+        train_rows, held_out = split(examples, defaults.validation_fraction, defaults.seed)  # what ours does
+        ours = run_ours(workdir, hyperparameters)
+        trl = run_trl(workdir, model_dir, train_rows, hyperparameters)
+
+    ratio = ours["tokens_per_second"] / trl["tokens_per_second"]
+    validation = ours["metrics"].get("validation", {})
+    train_sample = ours["metrics"].get("train_sample", {})
+    lines = [
+        f"Measured {time.strftime('%Y-%m-%d')} on {os.cpu_count()} CPU cores ({platform.machine()}), "
+        f"`benchmarks/train_vs_trl.py`{' --max-steps ' + str(args.max_steps) if args.max_steps > 0 else ''}. "
+        f"SmolLM2-135M-Instruct (embedded), LoRA r{hyperparameters['lora_r']} alpha {hyperparameters['lora_alpha']}"
+        f" all-linear, lr {hyperparameters['learning_rate']}, batch {hyperparameters['per_device_batch_size']}, "
+        f"{hyperparameters['epochs']:g} epochs on {len(train_rows)} FAQ rows ({len(held_out)} held out), fp32.",
+        "",
+        "| | ours (containers/train) | TRL SFTTrainer (defaults) | ratio |",
+        "|---|---|---|---|",
+        f"| training tokens/s (non-padding) | {ours['tokens_per_second']:.1f} | {trl['tokens_per_second']:.1f} | "
+        f"**{ratio:.2f}×** |",
+        f"| training time | {ours['train_runtime_s']:.0f} s ({ours['steps']} steps) | "
+        f"{trl['train_runtime_s']:.0f} s ({trl['steps']} steps) | |",
+        f"| peak resident memory (whole process) | {ours['peak_rss_gib']:.2f} GiB | {trl['peak_rss_gib']:.2f} GiB | |",
+        f"| final training loss | {ours['final_train_loss']:.3f} (answer tokens) | {trl['final_train_loss']:.3f} | |",
+        "",
+        "Answer quality of our run (greedy, up to 128 new tokens), base model → tuned:",
+        "",
+        "| questions | ROUGE-L base | ROUGE-L tuned | exact match base → tuned | answer loss base → tuned |",
+        "|---|---|---|---|---|",
+    ]
+    for name, rows in (("held-out (validation)", validation), ("training sample", train_sample)):
+        if rows:
+            lines.append(
+                f"| {name}, {rows['count']} | {rows['rouge_l']['base']:.3f} | **{rows['rouge_l']['tuned']:.3f}** | "
+                f"{rows['exact_match']['base']:.2f} → {rows['exact_match']['tuned']:.2f} | "
+                f"{rows['loss']['base']:.3f} → {rows['loss']['tuned']:.3f} |")
+    checkpointing = "on" if trl["gradient_checkpointing"] else "off"
+    lines += ["", f"TRL ran with gradient checkpointing {checkpointing} (its default)."
+              " Ours: no gradient checkpointing (the model fits), length-grouped batches, and the LM head applied to"
+              " answer tokens only."]
+    if args.note:
+        lines += ["", args.note]
+    markdown = "\n".join(lines)
+    print("\n" + markdown)
+    print(f"\ntokens/s ratio ours / TRL = {ratio:.2f}")
+    if not args.no_write:
+        write_section(markdown)
+        print(f"written to {DOCS}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,64 @@
+"""The serving app. gunicorn runs `serve:create_app()` in each worker (see containers/serve/serve)."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+
+from flask import Flask, g, request
+
+__all__ = ["create_app"]
+
+
+def create_app(config=None, predictor=None) -> Flask:
+    """Build the app. With no predictor, this worker loads the model from config.model_dir in the background
+    (so /ping answers 503 at once while it loads); tests inject a loaded or fake predictor instead."""
+    from serve.config import ServeConfig
+    from serve.errors import register_error_handlers
+    from serve.predictor import Predictor
+    from serve.routes import bp, log_access
+    from serve.service import Outcome
+
+    config = config or ServeConfig.from_env()
+    _configure_logging()
+    app = Flask(__name__)
+    app.config["MAX_CONTENT_LENGTH"] = config.max_payload_bytes
+    if predictor is None:
+        predictor = Predictor(config)
+        predictor.start_loading()
+    app.extensions["serve.predictor"] = predictor
+    register_error_handlers(app)
+    app.register_blueprint(bp)
+
+    @app.before_request
+    def _start_clock() -> None:
+        g.started = time.monotonic()
+        g.outcome = Outcome()
+
+    @app.after_request
+    def _access_log(response):
+        # /ping is polled every few seconds; the loader logs its state changes instead.
+        if request.path != "/ping" and not g.get("stream_logged_later"):
+            log_access(request.method, request.path, response.status_code, g.started, g.outcome)
+        return response
+
+    logging.getLogger("serve").info("starting with %s", config)
+    return app
+
+
+def _configure_logging() -> None:
+    """Our loggers write to stderr (gunicorn's error log); access lines are bare JSON."""
+    root = logging.getLogger("serve")
+    if root.handlers:
+        return
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s [%(levelname)s] %(name)s: %(message)s"))
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    root.propagate = False
+    access = logging.getLogger("serve.access")
+    access_handler = logging.StreamHandler(sys.stderr)
+    access_handler.setFormatter(logging.Formatter("%(message)s"))
+    access.addHandler(access_handler)
+    access.propagate = False

@@ -1,0 +1,83 @@
+"""One error shape for every failure: {"error": <message>, "error_type": <kind>} with the right status.
+
+The same shape TGI uses, so clients written for TGI endpoints read our errors unchanged.
+"""
+
+from __future__ import annotations
+
+from flask import Flask, Response, json
+from werkzeug.exceptions import HTTPException
+
+
+class ServeError(Exception):
+    """An error with its HTTP status and a short machine-readable kind."""
+
+    status = 500
+    error_type = "internal"
+
+    def __init__(self, message: str, *, status: int | None = None, error_type: str | None = None):
+        super().__init__(message)
+        self.message = message
+        if status is not None:
+            self.status = status
+        if error_type is not None:
+            self.error_type = error_type
+
+
+class BadRequest(ServeError):
+    status, error_type = 400, "bad_request"
+
+
+class UnsupportedMediaType(ServeError):
+    status, error_type = 415, "unsupported_media_type"
+
+
+class NotAcceptable(ServeError):
+    status, error_type = 406, "not_acceptable"
+
+
+class ValidationError(ServeError):
+    status, error_type = 422, "validation"
+
+
+class Overloaded(ServeError):
+    status, error_type = 429, "overloaded"
+
+
+class NotReady(ServeError):
+    status, error_type = 503, "not_ready"
+
+
+class GenerationFailed(ServeError):
+    status, error_type = 424, "generation"
+
+
+# werkzeug's own errors (404, 405, 413 ...) keep their status; only the body shape changes.
+_HTTP_ERROR_TYPES = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}
+
+
+def error_body(message: str, error_type: str) -> dict:
+    return {"error": message, "error_type": error_type}
+
+
+def error_response(message: str, error_type: str, status: int) -> Response:
+    return Response(json.dumps(error_body(message, error_type)), status=status, mimetype="application/json")
+
+
+def register_error_handlers(app: Flask) -> None:
+    @app.errorhandler(ServeError)
+    def _serve_error(e: ServeError):
+        return error_response(e.message, e.error_type, e.status)
+
+    @app.errorhandler(HTTPException)
+    def _http_error(e: HTTPException):
+        message = e.description or e.name
+        if e.code == 413:
+            limit = app.config.get("MAX_CONTENT_LENGTH")
+            message = f"request body is larger than the {limit} byte limit (SAGEMAKER_MAX_PAYLOAD_IN_MB)"
+        return error_response(message, _HTTP_ERROR_TYPES.get(e.code or 500, "http_error"), e.code or 500)
+
+    @app.errorhandler(Exception)
+    def _unexpected(e: Exception):
+        app.logger.exception("unhandled error")
+        return error_response(f"internal error: {type(e).__name__}", "internal", 500)

@@ -1,0 +1,170 @@
+"""Wire models for /invocations, with the limits named and quoted in error messages.
+
+Two request shapes are accepted, like TGI's /invocations: TGI's `{"inputs", "parameters", "stream"}` and
+OpenAI's chat `{"messages", ...}`. Both turn into the engine's SamplingParams through one precedence rule:
+the request's value, else the server default, else the API's default.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic import ValidationError as PydanticValidationError
+
+from serve.engine import SamplingParams
+from serve.errors import ValidationError
+
+MAX_STOP_SEQUENCES = 4
+MAX_INPUTS_PER_REQUEST = 32
+MAX_SEED = 2**63 - 1
+
+NonEmptyStr = Annotated[str, Field(min_length=1)]
+
+
+class _Strict(BaseModel):
+    # Unknown fields are an error naming the field: a typo like "max_token" must not be silently ignored.
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+def _check_cap(max_new_tokens: int | None, info: ValidationInfo) -> None:
+    cap = (info.context or {}).get("max_new_tokens_cap")
+    if max_new_tokens is not None and cap is not None and max_new_tokens > cap:
+        raise ValueError(f"{max_new_tokens} is above this server's cap of {cap} (SERVE_MAX_NEW_TOKENS)")
+
+
+class GenerateParameters(_Strict):
+    max_new_tokens: Annotated[int, Field(ge=1)] | None = None
+    temperature: Annotated[float, Field(ge=0)] | None = None
+    top_p: Annotated[float, Field(gt=0, le=1)] | None = None
+    top_k: Annotated[int, Field(ge=0)] | None = None
+    do_sample: bool | None = None
+    repetition_penalty: Annotated[float, Field(gt=0)] | None = None
+    stop: Annotated[list[NonEmptyStr], Field(max_length=MAX_STOP_SEQUENCES)] = []
+    seed: Annotated[int, Field(ge=0, le=MAX_SEED)] | None = None
+    return_full_text: bool = False
+    details: bool = False
+    # Keep only the last `truncate` prompt tokens instead of refusing a prompt longer than the context.
+    truncate: Annotated[int, Field(ge=1)] | None = None
+    # By default `inputs` is the user's question, wrapped in the artifact's prompt format (chat template).
+    # false sends `inputs` to the model as raw text.
+    apply_chat_template: bool = True
+
+    @field_validator("max_new_tokens")
+    @classmethod
+    def _within_cap(cls, value: int | None, info: ValidationInfo) -> int | None:
+        _check_cap(value, info)
+        return value
+
+    def sampling(self, default_max_new_tokens: int) -> SamplingParams:
+        return SamplingParams.build(
+            max_new_tokens=self.max_new_tokens or default_max_new_tokens,
+            do_sample=self.do_sample,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            top_k=self.top_k,
+            repetition_penalty=self.repetition_penalty,
+            seed=self.seed,
+            stop=tuple(self.stop),
+        )
+
+
+class GenerateRequest(_Strict):
+    inputs: NonEmptyStr | Annotated[list[NonEmptyStr], Field(min_length=1, max_length=MAX_INPUTS_PER_REQUEST)]
+    parameters: GenerateParameters = GenerateParameters()
+    stream: bool = False
+
+    @model_validator(mode="after")
+    def _stream_single(self) -> GenerateRequest:
+        if self.stream and isinstance(self.inputs, list):
+            raise ValueError("stream: streaming takes one input; send `inputs` as a string")
+        return self
+
+
+class TextPart(_Strict):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(_Strict):
+    role: Literal["system", "user", "assistant"]
+    content: str | list[TextPart]
+    name: str | None = None
+
+    def text(self) -> str:
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(part.text for part in self.content)
+
+
+class ChatRequest(_Strict):
+    """OpenAI chat-completions request. Sampling defaults follow OpenAI: temperature 1, top_p 1."""
+
+    messages: Annotated[list[ChatMessage], Field(min_length=1)]
+    model: str | None = None  # accepted and echoed; this server hosts one model
+    max_tokens: Annotated[int, Field(ge=1)] | None = None
+    max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
+    temperature: Annotated[float, Field(ge=0, le=2)] | None = None
+    top_p: Annotated[float, Field(gt=0, le=1)] | None = None
+    top_k: Annotated[int, Field(ge=0)] | None = None  # vLLM extra
+    repetition_penalty: Annotated[float, Field(gt=0)] | None = None  # vLLM extra
+    seed: Annotated[int, Field(ge=0, le=MAX_SEED)] | None = None
+    stop: NonEmptyStr | Annotated[list[NonEmptyStr], Field(max_length=MAX_STOP_SEQUENCES)] | None = None
+    stream: bool = False
+    stream_options: dict[str, Any] | None = None
+    n: Literal[1] = 1
+    user: str | None = None
+
+    @field_validator("max_tokens", "max_completion_tokens")
+    @classmethod
+    def _within_cap(cls, value: int | None, info: ValidationInfo) -> int | None:
+        _check_cap(value, info)
+        return value
+
+    def sampling(self, default_max_new_tokens: int) -> SamplingParams:
+        stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
+        temperature = 1.0 if self.temperature is None else self.temperature
+        return SamplingParams.build(
+            max_new_tokens=self.max_completion_tokens or self.max_tokens or default_max_new_tokens,
+            do_sample=temperature > 0,
+            temperature=temperature,
+            top_p=self.top_p,
+            top_k=self.top_k,
+            repetition_penalty=self.repetition_penalty,
+            seed=self.seed,
+            stop=stop,
+        )
+
+    def conversation(self) -> list[dict[str, str]]:
+        return [{"role": m.role, "content": m.text()} for m in self.messages]
+
+
+def parse_request(body: Any, *, max_new_tokens_cap: int) -> GenerateRequest | ChatRequest:
+    """Pick the request shape by its keys (as TGI's /invocations does) and validate; 422 names the field."""
+    if not isinstance(body, dict):
+        raise ValidationError(
+            "body: expected a JSON object with `inputs` (TGI style) or `messages` (OpenAI chat)"
+        )
+    if "messages" in body:
+        model: type[GenerateRequest | ChatRequest] = ChatRequest
+    elif "inputs" in body:
+        model = GenerateRequest
+    else:
+        raise ValidationError(
+            "body: expected a JSON object with `inputs` (TGI style) or `messages` (OpenAI chat)"
+        )
+    try:
+        return model.model_validate(body, context={"max_new_tokens_cap": max_new_tokens_cap})
+    except PydanticValidationError as e:
+        raise ValidationError(describe(e)) from None
+
+
+def describe(e: PydanticValidationError) -> str:
+    """`parameters.temperature: Input should be greater than or equal to 0` (first few errors)."""
+    parts = []
+    for err in e.errors()[:3]:
+        # Drop pydantic's union-branch names (e.g. `str`, `list[...]`) so the path names only fields.
+        loc = [str(x) for x in err["loc"] if not (isinstance(x, str) and ("[" in x or x in ("str", "int")))]
+        message = err["msg"].removeprefix("Value error, ")
+        parts.append(f"{'.'.join(loc) or 'body'}: {message}")
+    return "; ".join(parts)

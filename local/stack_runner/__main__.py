@@ -1,0 +1,267 @@
+"""The whole stack as local processes, without Docker: the same services, ports and environment as compose.yaml.
+
+    python -m stack_runner up                 # train on the sample data, serve it, open http://127.0.0.1:8000
+    python -m stack_runner up --ab            # a second endpoint variant serving the base model (80/20 split)
+    python -m stack_runner up --model-dir D   # skip training: serve an existing artifact directory
+    python -m stack_runner up --check         # start, ask one question through API Gateway, stop (exit 0 = works)
+
+The path is the one AWS runs: web page (static site standing in for CloudFront, :8000) -> API Gateway
+emulator (:3000) -> Lambda runtime emulator running lambda/ unmodified (:3001) -> SageMaker runtime
+endpoint emulator (:8081) -> serving container(s) (:8080, base variant :8082). Data and the model artifact
+go through the S3 stand-in (:8333) as model.tar.gz, like a SageMaker training job's output.
+Logs: .local/logs/<service>.log. Ctrl-C stops everything.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+LOCAL_DIR = REPO / ".local"
+SAMPLE_DATA = REPO / "data" / "sample" / "toolkit_faq.jsonl"
+ENDPOINT_NAME = "faq-assistant"
+BUCKET = "sagemaker-local"
+FAKE_AWS = {"AWS_ACCESS_KEY_ID": "local", "AWS_SECRET_ACCESS_KEY": "local", "AWS_DEFAULT_REGION": "us-east-1",
+            "AWS_REGION": "us-east-1"}
+
+
+@dataclass(frozen=True)
+class Ports:
+    web: int = 8000
+    apigw: int = 3000
+    lambda_runtime: int = 3001
+    runtime_emulator: int = 8081
+    serve: int = 8080
+    serve_base: int = 8082
+    s3: int = 8333
+
+
+@dataclass
+class Stack:
+    """Started processes, stopped in reverse order."""
+
+    logs: Path
+    processes: list[tuple[str, subprocess.Popen]] = field(default_factory=list)
+
+    def start(self, name: str, command: list[str], env: dict[str, str]) -> subprocess.Popen:
+        self.logs.mkdir(parents=True, exist_ok=True)
+        log = (self.logs / f"{name}.log").open("ab")
+        process = subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                   start_new_session=True)
+        self.processes.append((name, process))
+        print(f"  started {name} (pid {process.pid}), log {self.logs / (name + '.log')}", flush=True)
+        return process
+
+    def wait_healthy(self, name: str, url: str, timeout: float) -> None:
+        process = dict(self.processes)[name]
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if process.poll() is not None:
+                raise RuntimeError(f"{name} exited with code {process.returncode}:\n{self.tail(name)}")
+            try:
+                with urllib.request.urlopen(url, timeout=2) as response:
+                    if response.status == 200:
+                        print(f"  {name} is healthy ({url})", flush=True)
+                        return
+            except (urllib.error.URLError, OSError):
+                pass
+            time.sleep(0.5)
+        raise RuntimeError(f"{name} not healthy at {url} after {timeout:.0f} s:\n{self.tail(name)}")
+
+    def tail(self, name: str, lines: int = 30) -> str:
+        path = self.logs / f"{name}.log"
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:]) if path.exists() else ""
+
+    def stop(self, grace: float = 30.0) -> None:
+        for name, process in reversed(self.processes):
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        for name, process in reversed(self.processes):
+            try:
+                process.wait(timeout=max(deadline - time.monotonic(), 0.1))
+            except subprocess.TimeoutExpired:
+                print(f"  {name} did not stop in time; killing it", flush=True)
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+        self.processes.clear()
+
+
+def python_env(**extra: str) -> dict[str, str]:
+    paths = [str(REPO / "local"), str(REPO / "lambda" / "src"), os.environ.get("PYTHONPATH", "")]
+    return {**os.environ, **FAKE_AWS, "PYTHONUNBUFFERED": "1", "PYTHONPATH": os.pathsep.join(filter(None, paths)),
+            **extra}
+
+
+def run(command: list[str], env: dict[str, str], what: str) -> None:
+    print(f"  {what}: {' '.join(command)}", flush=True)
+    code = subprocess.call(command, cwd=REPO, env=env)
+    if code != 0:
+        raise RuntimeError(f"{what} failed with exit code {code}")
+
+
+def train_through_s3(stack: Stack, ports: Ports, data: Path, hyperparameters: list[str]) -> Path:
+    """A training job as SageMaker runs it: dataset from S3, train, model.tar.gz back to S3."""
+    s3_env = python_env(AWS_ENDPOINT_URL_S3=f"http://127.0.0.1:{ports.s3}")
+    dataset_uri = f"s3://{BUCKET}/datasets/{data.name}"
+    model_uri = f"s3://{BUCKET}/models/{ENDPOINT_NAME}/model.tar.gz"
+    s3 = [sys.executable, "-m", "s3_standin"]
+    run([*s3, "seed", "--bucket", BUCKET, "--dataset", str(data)], s3_env, "upload the dataset to S3")
+    job = LOCAL_DIR / "jobs" / time.strftime("train-%Y%m%d-%H%M%S")
+    run([*s3, "download", dataset_uri, str(job / "input" / "data" / "train" / data.name)], s3_env,
+        "download the train channel")
+    (job / "input" / "config").mkdir(parents=True, exist_ok=True)
+    (job / "input" / "config" / "hyperparameters.json").write_text(
+        json.dumps(dict(item.split("=", 1) for item in hyperparameters)))
+    train = [sys.executable, str(REPO / "containers" / "train" / "train")]
+    run(train, {**os.environ, "SAGEMAKER_BASE_DIR": str(job), "PYTHONUNBUFFERED": "1"}, "training job")
+    run([*s3, "upload-model", str(job / "model"), model_uri], s3_env, "upload model.tar.gz")
+    endpoint_dir = LOCAL_DIR / "endpoints" / "tuned"
+    shutil.rmtree(endpoint_dir, ignore_errors=True)
+    run([*s3, "fetch-model", model_uri, str(endpoint_dir / "model")], s3_env, "fetch the artifact for the endpoint")
+    return endpoint_dir / "model"
+
+
+def endpoint_config(ports: Ports, ab: bool) -> dict:
+    variants = [{"name": "tuned", "url": f"http://127.0.0.1:{ports.serve}", "weight": 0.8 if ab else 1.0}]
+    if ab:
+        variants.append({"name": "base", "url": f"http://127.0.0.1:{ports.serve_base}", "weight": 0.2})
+    return {"invocation_timeout_s": 60, "endpoints": {ENDPOINT_NAME: {"variants": variants}}}
+
+
+def start_serving(stack: Stack, name: str, model_dir: Path, port: int) -> None:
+    base = model_dir.parent
+    if model_dir.name != "model":  # the server reads $SAGEMAKER_BASE_DIR/model
+        base = LOCAL_DIR / "endpoints" / name
+        base.mkdir(parents=True, exist_ok=True)
+        link = base / "model"
+        if link.is_symlink() or link.exists():
+            link.unlink()
+        link.symlink_to(model_dir.resolve(), target_is_directory=True)
+    stack.start(name, [sys.executable, str(REPO / "containers" / "serve" / "serve")],
+                {**os.environ, "SAGEMAKER_BASE_DIR": str(base), "SAGEMAKER_BIND_TO_PORT": str(port),
+                 "SERVE_HOST": "127.0.0.1", "PYTHONUNBUFFERED": "1"})
+
+
+def start_front(stack: Stack, ports: Ports, ab: bool, api_key: str | None) -> None:
+    config_path = LOCAL_DIR / "endpoints.json"
+    config_path.write_text(json.dumps(endpoint_config(ports, ab), indent=2))
+    stack.start("runtime-emulator", [sys.executable, "-m", "runtime_emulator", "--config", str(config_path),
+                                     "--port", str(ports.runtime_emulator)], python_env())
+    web_origin = f"http://127.0.0.1:{ports.web}"
+    stack.start("lambda", [sys.executable, "-m", "lambda_runtime_emulator", "--port", str(ports.lambda_runtime),
+                           "--handler", "qa_function.handler.handler", "--task-root", "lambda/src",
+                           "--timeout", "29", "--prewarm"],
+                python_env(ENDPOINT_NAME=ENDPOINT_NAME, CORS_ALLOW_ORIGINS=web_origin,
+                           AWS_ENDPOINT_URL_SAGEMAKER_RUNTIME=f"http://127.0.0.1:{ports.runtime_emulator}"))
+    apigw = [sys.executable, "-m", "apigw_emulator", "--port", str(ports.apigw),
+             "--lambda-endpoint-url", f"http://127.0.0.1:{ports.lambda_runtime}",
+             "--gateway-responses-allow-origin", web_origin]
+    if api_key:
+        apigw += ["--api-keys", api_key]
+    stack.start("apigw", apigw, python_env())
+    stack.start("web", [sys.executable, "-m", "static_site", "--port", str(ports.web), "--root", "web",
+                        "--api-base-url", f"http://127.0.0.1:{ports.apigw}/prod"], python_env())
+    stack.wait_healthy("runtime-emulator", f"http://127.0.0.1:{ports.runtime_emulator}/ping", 30)
+    stack.wait_healthy("lambda", f"http://127.0.0.1:{ports.lambda_runtime}/_emulator/health", 60)
+    stack.wait_healthy("apigw", f"http://127.0.0.1:{ports.apigw}/_emulator/health", 30)
+    stack.wait_healthy("web", f"http://127.0.0.1:{ports.web}/index.html", 30)
+
+
+def ask(ports: Ports, question: str, api_key: str | None = None, timeout: float = 60) -> dict:
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{ports.apigw}/prod/ask", data=json.dumps({"question": question}).encode(),
+        headers={"Content-Type": "application/json", **({"x-api-key": api_key} if api_key else {})}, method="POST")
+    with urllib.request.urlopen(request, timeout=timeout) as response:
+        return json.loads(response.read())
+
+
+def up(args) -> int:
+    ports = Ports()
+    stack = Stack(LOCAL_DIR / "logs")
+    signal.signal(signal.SIGTERM, _interrupt)  # `kill` / compose-style stop: the same clean shutdown as Ctrl-C
+    try:
+        model_dir = args.model_dir
+        if model_dir is None:
+            print("S3 stand-in", flush=True)
+            stack.start("s3", [sys.executable, "-m", "s3_standin", "serve", "--data-dir", str(LOCAL_DIR / "s3"),
+                               "--port", str(ports.s3)], python_env())
+            run([sys.executable, "-m", "s3_standin", "wait", "--timeout", "90", "--data-dir", str(LOCAL_DIR / "s3")],
+                python_env(AWS_ENDPOINT_URL_S3=f"http://127.0.0.1:{ports.s3}"), "wait for S3")
+            print("Training job (the embedded default model on the sample data)", flush=True)
+            model_dir = train_through_s3(stack, ports, args.data, args.hp)
+        print("Endpoint", flush=True)
+        start_serving(stack, "serve", model_dir, ports.serve)
+        if args.ab:
+            start_serving(stack, "serve-base", args.base_model_dir or _base_model_dir(), ports.serve_base)
+        stack.wait_healthy("serve", f"http://127.0.0.1:{ports.serve}/ping", 180)
+        if args.ab:
+            stack.wait_healthy("serve-base", f"http://127.0.0.1:{ports.serve_base}/ping", 180)
+        print("Front: endpoint emulator, Lambda, API Gateway, web page", flush=True)
+        start_front(stack, ports, args.ab, args.api_key)
+        answer = ask(ports, "What does this toolkit do?", args.api_key)
+        print(f"\nSmoke question answered by variant {answer.get('variant')}: {answer.get('answer', '')[:120]!r}")
+        if args.check:
+            return 0
+        print(f"\nThe stack is up. Open http://127.0.0.1:{ports.web}  (Ctrl-C stops it)", flush=True)
+        while all(p.poll() is None for _, p in stack.processes):
+            time.sleep(1)
+        dead = [name for name, p in stack.processes if p.poll() is not None]
+        print(f"{', '.join(dead)} stopped unexpectedly:\n{stack.tail(dead[0])}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 0
+    except (RuntimeError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    finally:
+        print("stopping the stack ...", flush=True)
+        stack.stop()
+
+
+def _interrupt(*_) -> None:
+    raise KeyboardInterrupt
+
+
+def _base_model_dir() -> Path:
+    sys.path.insert(0, str(REPO / "containers" / "train" / "src"))
+    from trainer.modeling import embedded_model_dir
+
+    cache = Path(os.environ.get("TRAINER_CACHE_DIR", Path.home() / ".cache" / "sagemaker-llm-finetune"))
+    return embedded_model_dir(cache)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m stack_runner", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    start = commands.add_parser("up", help="start the stack (training first, unless --model-dir)")
+    start.add_argument("--data", type=Path, default=SAMPLE_DATA, help="training data file (default: the sample)")
+    start.add_argument("--hp", action="append", default=[], metavar="KEY=VALUE", help="training hyperparameter")
+    start.add_argument("--model-dir", type=Path, help="serve this artifact directory instead of training one")
+    start.add_argument("--ab", action="store_true", help="add a 'base' variant serving the base model (20%%)")
+    start.add_argument("--base-model-dir", type=Path, help="the base variant's model (default: the embedded one)")
+    start.add_argument("--api-key", help="require this x-api-key on the API Gateway emulator")
+    start.add_argument("--check", action="store_true", help="ask one question, then stop (exit 0 = it works)")
+    args = parser.parse_args(argv)
+    for item in args.hp:
+        if "=" not in item:
+            parser.error(f"--hp expects KEY=VALUE, got {item!r}")
+    if args.model_dir is None and not args.data.exists():
+        parser.error(f"--data {args.data} does not exist")
+    return up(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,100 @@
+"""The engine's batching against plain `generate`, and the artifact rules (LoRA, safetensors only)."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+from serve.engine import Engine, SamplingParams
+from serve.predictor import ArtifactError, load_artifact
+
+
+@pytest.fixture(scope="module")
+def model_and_tokenizer(tiny_model_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    return AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval(), AutoTokenizer.from_pretrained(tiny_model_dir)
+
+
+def test_requests_joining_and_leaving_the_batch_match_single_generate(model_and_tokenizer):
+    """Staggered arrivals, different prompt and output lengths: every greedy answer equals `generate`'s."""
+    import torch
+
+    model, tokenizer = model_and_tokenizer
+    engine = Engine(model, tokenizer, eos_token_ids=[], context_length=1024, max_batch_size=4, max_queue=16)
+    engine.start()
+    try:
+        prompts = [tokenizer(f"question {'x' * (3 * i)} number {i}").input_ids for i in range(10)]
+        lengths = [5 + 3 * (i % 4) for i in range(10)]
+        handles = []
+        for i, (prompt, n) in enumerate(zip(prompts, lengths, strict=True)):
+            handles.append(engine.submit(prompt, SamplingParams(max_new_tokens=n), deadline=time.monotonic() + 60))
+            if i % 3 == 0:
+                time.sleep(0.02)
+        results = [h.result(timeout=60) for h in handles]
+    finally:
+        engine.stop()
+    for prompt, n, result in zip(prompts, lengths, results, strict=True):
+        with torch.inference_mode():
+            reference = model.generate(
+                torch.tensor([prompt]), max_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0
+            )[0, len(prompt) :].tolist()
+        assert [t.id for t in result.tokens] == reference
+        assert result.finish_reason == "length"
+
+
+def test_eos_list_stops_on_any_member(model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    engine = Engine(model, tokenizer, eos_token_ids=[], context_length=1024)
+    engine.start()
+    prompt = tokenizer("hello").input_ids
+    free = engine.submit(prompt, SamplingParams(max_new_tokens=6), deadline=time.monotonic() + 60).result(60)
+    engine.stop()
+    third = free.tokens[2].id
+    engine = Engine(model, tokenizer, eos_token_ids=[10**6, third], context_length=1024)
+    engine.start()
+    stopped = engine.submit(prompt, SamplingParams(max_new_tokens=6), deadline=time.monotonic() + 60).result(60)
+    engine.stop()
+    assert stopped.finish_reason == "eos_token"
+    assert stopped.tokens[-1].id == third and stopped.generated_tokens <= 3
+
+
+def test_a_request_past_its_deadline_in_the_queue_ends_with_timeout(model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    engine = Engine(model, tokenizer, eos_token_ids=[], context_length=1024)
+    engine.start()
+    result = engine.submit([1, 2, 3], SamplingParams(max_new_tokens=5), deadline=time.monotonic() - 1).result(10)
+    engine.stop()
+    assert (result.finish_reason, result.generated_tokens) == ("timeout", 0)
+
+
+def test_lora_adapter_artifact_loads_merged(tiny_model_dir, tmp_path, make_config_for):
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    peft_model = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    adapter_dir = tmp_path / "adapter"
+    peft_model.save_pretrained(adapter_dir)  # safetensors; base_model_name_or_path = tiny_model_dir
+    assert json.loads((adapter_dir / "adapter_config.json").read_text())["base_model_name_or_path"]
+    merged_reference = peft_model.merge_and_unload()
+
+    loaded = load_artifact(adapter_dir, make_config_for(adapter_dir))
+    ids = torch.tensor([[1, 2, 3, 4]])
+    with torch.inference_mode():
+        assert torch.allclose(loaded.model(ids).logits, merged_reference(ids).logits, atol=1e-5)
+    assert loaded.tokenizer.chat_template  # taken from the base model when the adapter has none
+
+
+def test_pickle_weights_are_refused(tmp_path, make_config_for):
+    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "pytorch_model.bin").write_bytes(b"not loaded")
+    with pytest.raises(ArtifactError, match="safetensors only"):
+        load_artifact(tmp_path, make_config_for(tmp_path))
+
+
+def test_missing_model_dir_names_the_setting(tmp_path, make_config_for):
+    with pytest.raises(ArtifactError, match="SAGEMAKER_BASE_DIR"):
+        load_artifact(tmp_path / "nope", make_config_for(tmp_path / "nope"))
