@@ -64,7 +64,7 @@ def describe(step: str) -> str:
     if "import torch" in step and "wheelhouse" in step:
         return "torch (from the base, a local wheel, or PyPI)"
     if "g++" in step:
-        return "g++ for DeepSpeed's JIT ops"
+        return "g++ and Python headers for DeepSpeed's JIT ops"
     return step[:60]
 
 

@@ -136,13 +136,6 @@ def post(port: int, path: str, body: dict, timeout: float = 120) -> tuple[int, d
 STAND_IN_BASE = "sagemaker-llm-finetune-base:bookworm"
 
 
-# The images' code (containers/train/train, containers/serve/serve) lands from other branches. Until it is
-# here, the tests marked `needs_code(...)` are expected to fail, and say why; from the moment it lands they
-# run for real (strict: an unexpected pass is an error, so the mark cannot outlive its reason).
-def pytest_configure(config):
-    config.addinivalue_line("markers", "needs_code(*kinds): runs the code of containers/<kind> in its image")
-
-
 _TIMINGS = pytest.StashKey[dict]()
 
 
@@ -157,17 +150,6 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
         terminalreporter.section("docker timings")
         for what, seconds in timings.items():
             terminalreporter.line(f"{what}: {seconds:.0f} s")
-
-
-def pytest_collection_modifyitems(config, items):
-    for item in items:
-        mark = item.get_closest_marker("needs_code")
-        if mark is None:
-            continue
-        missing = [f"containers/{k}/{k}" for k in mark.args if not (REPO_ROOT / "containers" / k / k).exists()]
-        if missing:
-            reason = f"{' and '.join(missing)} not on this branch yet (lands from the trainer/server work)"
-            item.add_marker(pytest.mark.xfail(reason=reason, strict=True))
 
 
 TRAIN_TIMEOUT_S = 900

@@ -35,10 +35,7 @@ def test_serving_image_declares_port_and_sagemaker_labels(docker_cli, images):
     assert config["Labels"]["com.amazonaws.sagemaker.capabilities.accept-bind-to-port"] == "true"
 
 
-@pytest.mark.parametrize(
-    "kind",
-    [pytest.param(k, marks=pytest.mark.needs_code(k)) for k in ("train", "serve")],
-)
+@pytest.mark.parametrize("kind", ["train", "serve"])
 def test_layout_code_outside_opt_ml_and_no_caches(docker_cli, images, kind):
     # /opt/ml is mounted over by SageMaker, so nothing may live there; pip caches and build inputs
     # (wheels, the pip helper) must not be baked in; the image carries only its own deployable.

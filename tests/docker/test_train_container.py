@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-pytestmark = [pytest.mark.docker, pytest.mark.needs_code("train")]
+pytestmark = pytest.mark.docker
 
 
 def test_train_fine_tunes_the_tiny_model_into_a_servable_artifact(training_run):
