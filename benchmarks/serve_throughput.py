@@ -33,7 +33,16 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 SERVE = ROOT / "containers" / "serve" / "serve"
 DOCS = ROOT / "docs" / "benchmarks.md"
-DEFAULT_MODEL = Path("/work/cache/smollm2-135m-instruct")
+
+
+def embedded_default_model() -> Path:
+    """SmolLM2-135M-Instruct as a Transformers directory, converted once by the trainer's own code."""
+    sys.path.insert(0, str(ROOT / "containers" / "train" / "src"))
+    from trainer.modeling import embedded_model_dir
+
+    cache = Path(os.environ.get("TRAINER_CACHE_DIR", Path.home() / ".cache" / "sagemaker-llm-finetune"))
+    return embedded_model_dir(cache)
+
 PROMPTS = [
     "The history of cloud computing begins with",
     "Amazon SageMaker is a managed service that lets teams",
@@ -48,7 +57,8 @@ PROMPTS = [
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", type=Path, default=DEFAULT_MODEL, help="a Transformers model directory")
+    parser.add_argument("--model", type=Path, default=None,
+                        help="a Transformers model directory (default: the embedded SmolLM2-135M-Instruct)")
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--requests-per-client", type=int, default=2, help="each client sends these back to back")
@@ -60,6 +70,8 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
+    if args.model is None:
+        args.model = embedded_default_model()
     # `serve` sets this (see there); the anchor gets the same runtime setting, before torch loads.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     load_before = os.getloadavg()

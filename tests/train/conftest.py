@@ -6,6 +6,7 @@ import csv
 import io
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -68,6 +69,22 @@ def run_train(job_dir: Path, timeout: float = 240, env: dict | None = None, **po
         [sys.executable, str(TRAIN_EXECUTABLE)], env=job_env(job_dir, env), capture_output=True, text=True,
         timeout=timeout, **popen,
     )
+
+
+def train_until_sigterm(job_dir: Path, at_step: int, env: dict | None = None, timeout: float = 180):
+    """Start `train`, send SIGTERM once it logs step `at_step`; return (exit code, log, checkpoints by step)."""
+    process = subprocess.Popen([sys.executable, str(TRAIN_EXECUTABLE)], env=job_env(job_dir, env),
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    log = []
+    for line in process.stdout:
+        log.append(line)
+        if line.startswith(f"metrics: step={at_step}/"):
+            process.send_signal(signal.SIGTERM)
+            break
+    log.extend(process.stdout)
+    code = process.wait(timeout=timeout)
+    checkpoints = sorted(job_dir.glob("checkpoints/checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    return code, "".join(log), checkpoints
 
 
 def job_env(job_dir: Path, extra: dict | None = None) -> dict:

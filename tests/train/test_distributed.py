@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import json
-import signal
 import socket
 import subprocess
 import sys
 
 import pytest
 
-from .conftest import TRAIN_EXECUTABLE, job_env, make_job, run_train, tiny_hyperparameters
+from .conftest import TRAIN_EXECUTABLE, job_env, make_job, run_train, tiny_hyperparameters, train_until_sigterm
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
@@ -62,21 +61,10 @@ def test_sigterm_reaches_every_worker_and_the_job_resumes(tmp_path, tiny_model_d
     hyperparameters = tiny_hyperparameters(tiny_model_dir, nproc_per_node=2, max_steps=40, save_steps=100,
                                            per_device_batch_size=1, eval_train_samples=2)
     job = make_job(tmp_path, hyperparameters, {"train/faq.csv": faq_csv_small})
-    env = job_env(job, {"SM_MASTER_PORT": str(free_port())})
-    process = subprocess.Popen([sys.executable, str(TRAIN_EXECUTABLE)], env=env, stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True)
-    log = []
-    for line in process.stdout:
-        log.append(line)
-        if line.startswith("metrics: step=3/"):
-            process.send_signal(signal.SIGTERM)
-            break
-    log.extend(process.stdout)
-    assert process.wait(timeout=180) == 143, "".join(log[-60:])
-    text = "".join(log)
+    code, text, checkpoints = train_until_sigterm(job, at_step=3, env={"SM_MASTER_PORT": str(free_port())})
+    assert code == 143, text[-6000:]
     assert "passing it to 2 worker process(es)" in text
     assert "[rank 0]" in text and "[rank 1]" in text and text.count("stop requested (SIGTERM)") == 2
-    checkpoints = sorted(job.glob("checkpoints/checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
     assert checkpoints and int(checkpoints[-1].name.split("-")[1]) < 40
 
     rerun = run_train(job, timeout=600, env={"SM_MASTER_PORT": str(free_port())})

@@ -5,13 +5,21 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import signal
 import subprocess
 import sys
 
 import pytest
 
-from .conftest import REPO, TRAIN_EXECUTABLE, csv_text, faq_rows, job_env, make_job, run_train, tiny_hyperparameters
+from .conftest import (
+    REPO,
+    TRAIN_EXECUTABLE,
+    csv_text,
+    faq_rows,
+    make_job,
+    run_train,
+    tiny_hyperparameters,
+    train_until_sigterm,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -110,17 +118,8 @@ def test_bad_input_fails_with_a_clear_reason(tmp_path, tiny_model_dir, faq_csv_s
 def test_sigterm_checkpoints_and_a_rerun_resumes(tmp_path, tiny_model_dir, faq_csv_small):
     job = make_job(tmp_path, tiny_hyperparameters(tiny_model_dir, max_steps=40, save_steps=100,
                                                   per_device_batch_size=1), {"train/faq.csv": faq_csv_small})
-    process = subprocess.Popen([sys.executable, str(TRAIN_EXECUTABLE)], env=job_env(job), stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True)
-    log = []
-    for line in process.stdout:
-        log.append(line)
-        if line.startswith("metrics: step=3/"):
-            process.send_signal(signal.SIGTERM)
-            break
-    log.extend(process.stdout)
-    assert process.wait(timeout=120) == 143, "".join(log[-40:])
-    checkpoints = sorted(job.glob("checkpoints/checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    code, log, checkpoints = train_until_sigterm(job, at_step=3)
+    assert code == 143, log[-4000:]
     assert checkpoints, "no checkpoint saved on SIGTERM"
     stopped_at = int(checkpoints[-1].name.split("-")[1])
     assert 3 <= stopped_at < 40
