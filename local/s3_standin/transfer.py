@@ -136,10 +136,30 @@ def extract_model(archive: str | Path, dest: str | Path) -> Path:
     dest.mkdir(parents=True, exist_ok=True)
     try:
         with tarfile.open(archive, "r:gz") as tar:
-            tar.extractall(dest, filter="data")
-    except (tarfile.FilterError, tarfile.ReadError) as exc:
+            if hasattr(tarfile, "data_filter"):
+                tar.extractall(dest, filter="data")
+            else:  # Python < 3.11.4 (Debian 12's 3.11.2) has no extraction filters: check each member ourselves
+                tar.extractall(dest, members=_checked_members(tar, dest))
+    except (getattr(tarfile, "FilterError", TransferError), tarfile.ReadError) as exc:
         raise TransferError(f"refusing to unpack {archive}: {exc}") from exc
     return dest
+
+
+def _checked_members(tar: tarfile.TarFile, dest: Path):
+    """What the "data" filter refuses, for the cases a model archive can hit: paths out of the tree, links
+    pointing out of it, device files."""
+    root = dest.resolve()
+    for member in tar.getmembers():
+        target = (root / member.name).resolve()
+        if member.name.startswith("/") or not target.is_relative_to(root):
+            raise TransferError(f"member {member.name!r} would land outside {dest}")
+        if member.isdev():
+            raise TransferError(f"member {member.name!r} is a device file")
+        if member.issym() or member.islnk():
+            base = root if member.islnk() else target.parent
+            if member.linkname.startswith("/") or not (base / member.linkname).resolve().is_relative_to(root):
+                raise TransferError(f"member {member.name!r} links outside {dest}")
+        yield member
 
 
 def fetch_model(s3, uri: str, dest: str | Path) -> Path:
