@@ -1,0 +1,98 @@
+"""`docker compose up` brings up the whole path in containers; a real browser asks the page; `down` leaves nothing.
+
+The training job runs for real in the training image (short, via TRAIN_HYPERPARAMETERS), its model.tar.gz goes
+through the S3 stand-in to the serving container, and the question travels page -> API Gateway emulator ->
+Lambda -> endpoint emulator -> serving container, all in containers on one compose network."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+from web.test_chat_page import ask as ask_in_page
+from web.test_chat_page import browser, screenshot  # noqa: F401 - shared fixtures
+
+pytestmark = [pytest.mark.docker, pytest.mark.slow, pytest.mark.browser]
+
+REPO = Path(__file__).resolve().parents[2]
+PROJECT = "llm-finetune"
+STAND_IN_BASE = "sagemaker-llm-finetune-base:bookworm"
+SHORT_JOB = {"max_steps": "6", "eval_max_samples": "2", "eval_train_samples": "2", "eval_max_new_tokens": "16"}
+
+
+def compose(*args: str, env: dict, timeout: float = 600, check: bool = True) -> subprocess.CompletedProcess:
+    result = subprocess.run(["docker", "compose", *args], cwd=REPO, env=env, capture_output=True, text=True,
+                            timeout=timeout)
+    if check and result.returncode != 0:
+        pytest.fail(f"docker compose {' '.join(args)} failed ({result.returncode}):\n{result.stderr[-4000:]}")
+    return result
+
+
+def leftovers() -> dict[str, list[str]]:
+    label = f"label=com.docker.compose.project={PROJECT}"
+    found = {}
+    for kind, command in (("containers", ["ps", "-a"]), ("volumes", ["volume", "ls"]), ("networks", ["network", "ls"])):
+        out = subprocess.run(["docker", *command, "-q", "--filter", label], capture_output=True, text=True).stdout
+        found[kind] = out.split()
+    return found
+
+
+def get(url: str, timeout: float = 5) -> int:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            return response.status
+    except (urllib.error.URLError, OSError):
+        return 0
+
+
+@pytest.fixture(scope="module")
+def stack(images):
+    env = {**os.environ, "TRAIN_HYPERPARAMETERS": json.dumps(SHORT_JOB)}
+    base = os.environ.get("DOCKER_BASE_IMAGE") or STAND_IN_BASE
+    env.update(LOCAL_BASE_IMAGE=base, TRAIN_BASE_IMAGE=base, SERVE_BASE_IMAGE=base)
+    compose("down", "-v", "--remove-orphans", env=env, check=False)
+    compose("build", "s3", env=env, timeout=900)  # the local stand-ins' image; train/serve come from `images`
+    compose("up", "-d", "--no-build", env=env, timeout=300)
+    try:
+        deadline = time.monotonic() + 900
+        while get("http://127.0.0.1:8000/index.html") != 200 or get("http://127.0.0.1:3000/_emulator/health") != 200:
+            lines = compose("ps", "-a", "--format", "json", env=env).stdout.splitlines()
+            states = [json.loads(line) for line in lines if line.strip()]
+            failed = [s["Service"] for s in states if s.get("State") == "exited" and s.get("ExitCode", 0) != 0]
+            if failed or time.monotonic() > deadline:
+                logs = compose("logs", "--no-color", "--tail", "40", env=env, check=False).stdout
+                pytest.fail(f"the stack did not come up (failed: {failed}):\n{logs[-6000:]}")
+            time.sleep(5)
+        yield env
+    finally:
+        compose("down", "-v", "--remove-orphans", env=env, check=False, timeout=180)
+
+
+def test_a_question_through_the_public_api(stack):
+    request = urllib.request.Request("http://127.0.0.1:3000/prod/ask", method="POST",
+                                     data=json.dumps({"question": "What does this toolkit do?"}).encode(),
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=120) as response:
+        body = json.loads(response.read())
+    assert response.status == 200 and body["variant"] == "tuned" and isinstance(body["answer"], str)
+
+
+def test_a_person_uses_the_page(stack, browser):  # noqa: F811
+    from selenium.webdriver.common.by import By
+
+    browser.get("http://localhost:8000/")
+    entry = ask_in_page(browser, "How do I run the tests?")
+    assert not entry.find_elements(By.CSS_SELECTOR, ".error"), entry.text
+    assert "Variant: tuned" in entry.find_element(By.CSS_SELECTOR, ".meta").text
+    screenshot(browser, "compose-answer.png")
+
+
+def test_down_leaves_nothing_behind(stack):
+    compose("down", "-v", "--remove-orphans", env=stack, timeout=180)
+    assert leftovers() == {"containers": [], "volumes": [], "networks": []}
