@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 REQS := requirements-dev.txt $(wildcard containers/*/requirements.txt lambda/requirements.txt local/requirements.txt)
 
-.PHONY: venv test test-fast demo train-demo lint bench-train clean
+.PHONY: venv test test-fast test-docker images demo train-demo lint bench-train clean
 
 venv: $(STAMP)
 
@@ -25,6 +25,12 @@ test: $(STAMP)
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -m "not slow and not distributed and not docker and not browser" $(PYTEST_ARGS)
+
+test-docker: $(STAMP)
+	$(PY) -m pytest -m docker $(PYTEST_ARGS)
+
+images:
+	scripts/build-images.sh $(IMAGE_ARGS)
 
 demo: $(STAMP)
 	PYTHONPATH=local $(PY) -m stack_runner up $(DEMO_ARGS)
