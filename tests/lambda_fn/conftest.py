@@ -4,19 +4,14 @@ from __future__ import annotations
 
 import pytest
 from lambda_fn.events_helpers import PAGE_ORIGIN, FakeLambdaContext
+from lambda_fn.local_stack import FAKE_CREDS
 
 
 @pytest.fixture
 def lambda_env(monkeypatch):
     """Fake credentials and the function's settings; nothing from the developer's AWS config leaks in."""
     for key, value in {
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_SESSION_TOKEN": "testing",
-        "AWS_REGION": "us-east-1",
-        "AWS_DEFAULT_REGION": "us-east-1",
-        "AWS_CONFIG_FILE": "/dev/null",
-        "AWS_SHARED_CREDENTIALS_FILE": "/dev/null",
+        **FAKE_CREDS,
         "ENDPOINT_NAME": "qa-endpoint",
         "CORS_ALLOW_ORIGINS": PAGE_ORIGIN,
     }.items():
