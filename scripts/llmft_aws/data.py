@@ -144,7 +144,8 @@ def add_arguments(parser) -> None:
     source.add_argument("--data", type=Path, help="local dataset: .csv (question,answer), .jsonl or .parquet")
     source.add_argument("--faq", action="store_true",
                         help="fetch the public Amazon SageMaker FAQ dataset (scripts/fetch_faq_dataset.py) and use it")
-    parser.add_argument("--s3-uri", required=True, help="S3 prefix; channels go to PREFIX/train/ and PREFIX/validation/")
+    parser.add_argument("--s3-uri", required=True,
+                        help="S3 prefix; channels go to PREFIX/train/ and PREFIX/validation/")
     parser.add_argument("--validation-fraction", type=float, default=0.1, help="share of rows held out (default 0.1)")
     parser.add_argument("--seed", type=int, default=42, help="seed of the row shuffle (same seed, same split)")
 

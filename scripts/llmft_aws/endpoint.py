@@ -105,7 +105,7 @@ def model_size(ctx: AwsContext, uri: str) -> int | None:
     bucket, _, key = uri[5:].partition("/")
     try:
         return ctx.client("s3").head_object(Bucket=bucket, Key=key)["ContentLength"]
-    except Exception as e:  # noqa: BLE001 -- a missing size only costs a longer timeout; say why, go on
+    except Exception as e:
         log(f"cannot read the size of {uri} ({e}); using the longest start-up timeout")
         return None
 
@@ -117,7 +117,7 @@ def _tags(spec: DeploySpec) -> list[dict[str, str]]:
 def create_models(ctx: AwsContext, sm, spec: DeploySpec) -> None:
     for variant in spec.variants:
         name = spec.model_name(variant)
-        if not ctx.dry_run and _exists(lambda: sm.describe_model(ModelName=name)):
+        if not ctx.dry_run and _exists(lambda name=name: sm.describe_model(ModelName=name)):
             log(f"model {name} exists")
             continue
         log(f"creating model {name} ({variant.model_data})")
@@ -224,7 +224,7 @@ def _deregister_autoscaling(ctx: AwsContext, endpoint: str, variant_names: list[
             autoscaling.deregister_scalable_target(
                 ServiceNamespace="sagemaker", ResourceId=resource_id, ScalableDimension=SCALABLE_DIMENSION)
             log(f"removed autoscaling of {resource_id}")
-        except Exception as e:  # noqa: BLE001 -- "not registered" is the usual, harmless case
+        except Exception as e:
             if "ObjectNotFound" not in str(e) and "not found" not in str(e).lower():
                 raise
 
@@ -303,7 +303,7 @@ def _exists(describe) -> bool:
     try:
         describe()
         return True
-    except Exception as e:  # noqa: BLE001 -- SageMaker says "Could not find ..." as a ValidationException
+    except Exception as e:
         if "Could not find" in str(e) or "ValidationException" in str(e) or "does not exist" in str(e):
             return False
         raise

@@ -8,6 +8,7 @@ variant (the first), on one loopback port.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 import threading
@@ -90,10 +91,8 @@ def serve_until_interrupted(endpoint: LocalEndpoint, question: str | None, smoke
         log(f"serving on http://127.0.0.1:{endpoint.port}/invocations; Ctrl-C stops it")
         stop = threading.Event()
         signal.signal(signal.SIGTERM, lambda *_: stop.set())
-        try:
+        with contextlib.suppress(KeyboardInterrupt):
             stop.wait()
-        except KeyboardInterrupt:
-            pass
         return 0
     finally:
         endpoint.stop()

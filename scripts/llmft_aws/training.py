@@ -203,7 +203,8 @@ def parse_pairs(pairs: list[str] | None, what: str) -> dict[str, str]:
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--image", required=True, help="training image URI (from push-images; with --local a local tag)")
+    parser.add_argument("--image", required=True,
+                        help="training image URI (from push-images; with --local a local tag)")
     parser.add_argument("--role", help="SageMaker execution role ARN (default: SAGEMAKER_ROLE_ARN)")
     parser.add_argument("--train", required=True, help="train channel: s3:// prefix (with --local: a directory)")
     parser.add_argument("--validation", help="validation channel (optional)")
