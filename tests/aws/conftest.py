@@ -113,6 +113,8 @@ class Servers:
         self.log_dir = log_dir
         self.procs: list[subprocess.Popen] = []
 
+    free_port = staticmethod(free_port)
+
     def start(self, name: str, args: list[str], ready_url: str, env: dict | None = None) -> subprocess.Popen:
         log = self.log_dir / f"{name}.log"
         proc = subprocess.Popen(args, stdout=log.open("wb"), stderr=subprocess.STDOUT,
