@@ -1,0 +1,93 @@
+"""upload-data, deploy (two variants), shift-traffic and delete through the real CLI against moto's S3,
+SageMaker and Application Auto Scaling APIs on loopback: the requests are the ones AWS would get."""
+
+from __future__ import annotations
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+ROLE = "arn:aws:iam::123456789012:role/llmft-sagemaker"
+IMAGE = "123456789012.dkr.ecr.us-east-1.amazonaws.com/sagemaker-llm-finetune-serve:abc"
+
+
+@pytest.fixture(scope="module")
+def bucket(moto) -> str:
+    name = "llmft-test-data"
+    moto.client("s3").create_bucket(Bucket=name)
+    return name
+
+
+def test_upload_data_splits_uploads_and_skips_unchanged_files(run_cli, moto, bucket, tmp_path):
+    data = tmp_path / "faq.csv"
+    data.write_text("".join(f'"What is thing {i}?","Thing {i} is a thing."\n' for i in range(30)))
+    first = run_cli("upload-data", "--data", str(data), "--s3-uri", f"s3://{bucket}/datasets/faq", env=moto.env)
+    assert first.returncode == 0, first.stderr
+    assert first.stdout.split() == [f"train=s3://{bucket}/datasets/faq/train/",
+                                    f"validation=s3://{bucket}/datasets/faq/validation/"]
+    s3 = moto.client("s3")
+    train = s3.get_object(Bucket=bucket, Key="datasets/faq/train/faq.csv")
+    validation = s3.get_object(Bucket=bucket, Key="datasets/faq/validation/faq.csv")
+    assert train["ServerSideEncryption"] == "AES256"
+    train_rows = train["Body"].read().decode().splitlines()
+    validation_rows = validation["Body"].read().decode().splitlines()
+    assert (len(train_rows), len(validation_rows)) == (27, 3)
+    assert not set(train_rows) & set(validation_rows)
+
+    again = run_cli("upload-data", "--data", str(data), "--s3-uri", f"s3://{bucket}/datasets/faq", env=moto.env)
+    assert again.returncode == 0, again.stderr
+    assert again.stderr.count("unchanged: not uploaded again") == 2
+
+
+def test_deploy_shift_and_delete_an_ab_endpoint(run_cli, moto, bucket):
+    s3 = moto.client("s3")
+    for name, size in (("tuned", 2_000_000), ("base", 1_000)):
+        s3.put_object(Bucket=bucket, Key=f"models/{name}/model.tar.gz", Body=b"\0" * size)
+    deploy_args = ("deploy", "--endpoint", "faq-ab", "--role", ROLE, "--image", IMAGE,
+                   "--model-data", f"s3://{bucket}/models/tuned/model.tar.gz",
+                   "--variant", f"base=s3://{bucket}/models/base/model.tar.gz", "--weights", "80", "20",
+                   "--max-instances", "3", "--instance-type", "ml.g4dn.xlarge")  # moto knows older types
+    deployed = run_cli(*deploy_args, env=moto.env)
+    assert deployed.returncode == 0, deployed.stderr
+    assert deployed.stdout.strip() == "arn:aws:sagemaker:us-east-1:123456789012:endpoint/faq-ab"
+
+    sm = moto.client("sagemaker")
+    endpoint = sm.describe_endpoint(EndpointName="faq-ab")
+    config = sm.describe_endpoint_config(EndpointConfigName=endpoint["EndpointConfigName"])
+    variants = {v["VariantName"]: v for v in config["ProductionVariants"]}
+    assert {k: v["InitialVariantWeight"] for k, v in variants.items()} == {"tuned": 80, "base": 20}
+    assert variants["tuned"]["ContainerStartupHealthCheckTimeoutInSeconds"] == 900  # 600 s + 300 s per GB
+    model = sm.describe_model(ModelName=variants["base"]["ModelName"])
+    assert model["PrimaryContainer"]["Image"] == IMAGE and model["ExecutionRoleArn"] == ROLE
+
+    scaling = moto.client("application-autoscaling")
+    targets = scaling.describe_scalable_targets(ServiceNamespace="sagemaker")["ScalableTargets"]
+    assert {t["ResourceId"]: t["MaxCapacity"] for t in targets} == {
+        "endpoint/faq-ab/variant/tuned": 3, "endpoint/faq-ab/variant/base": 3}
+    policies = scaling.describe_scaling_policies(ServiceNamespace="sagemaker")["ScalingPolicies"]
+    assert {p["PolicyType"] for p in policies} == {"TargetTrackingScaling"}
+
+    again = run_cli(*deploy_args, env=moto.env)  # same spec: nothing new is created
+    assert again.returncode == 0, again.stderr
+    assert "already runs" in again.stderr and "creating" not in again.stderr
+
+    shifted = run_cli("shift-traffic", "--endpoint", "faq-ab", "--weight", "tuned=50", "--weight", "base=50",
+                      env=moto.env)
+    assert shifted.returncode == 0, shifted.stderr
+    current = {v["VariantName"]: v.get("CurrentWeight", v.get("DesiredWeight"))
+               for v in sm.describe_endpoint(EndpointName="faq-ab")["ProductionVariants"]}
+    assert current == {"tuned": 50, "base": 50}
+
+    unknown = run_cli("shift-traffic", "--endpoint", "faq-ab", "--weight", "canary=10", env=moto.env)
+    assert unknown.returncode == 2 and "canary" in unknown.stderr
+
+    deleted = run_cli("delete", "--endpoint", "faq-ab", env=moto.env)
+    assert deleted.returncode == 0, deleted.stderr
+    assert sorted(line.split("/")[0] for line in deleted.stdout.split()) == [
+        "endpoint", "endpoint-config", "model", "model"]
+    assert sm.list_endpoints()["Endpoints"] == []
+    assert sm.list_models()["Models"] == []
+    assert scaling.describe_scalable_targets(ServiceNamespace="sagemaker")["ScalableTargets"] == []
+
+    nothing_left = run_cli("delete", "--endpoint", "faq-ab", env=moto.env)  # safe to re-run
+    assert nothing_left.returncode == 0 and nothing_left.stdout == ""
