@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import signal
+import sys
 import threading
 from pathlib import Path
 
@@ -42,8 +43,11 @@ class LocalEndpoint:
         # Region only: the local session sends nothing to AWS for an image that is not in ECR.
         boto_session = boto3.Session(region_name=boto3.Session().region_name or "us-east-1")
         self.session = LocalSession(boto_session=boto_session, sagemaker_config=TELEMETRY_OFF)
-        self.session.config = {"local": {"serving_port": self.port, "container_root": str(self.container_root),
-                                         "health_check_timeout": self.health_check_timeout_s}}
+        local_config = {"serving_port": self.port, "container_root": str(self.container_root)}
+        self.session.config = {"local": local_config}
+        # The SDK reads local.health_check_timeout (default 120 s) but its config schema does not list it:
+        # add it to the validated dict afterwards (a big model on a CPU takes longer than 120 s to load).
+        local_config["health_check_timeout"] = self.health_check_timeout_s
         sm = self.session.sagemaker_client
         model_name = self.spec.model_name(self.variant)
         sm.create_model(ModelName=model_name, PrimaryContainer={
@@ -82,10 +86,17 @@ class LocalEndpoint:
 
 
 def serve_until_interrupted(endpoint: LocalEndpoint, question: str | None, smoke_test: bool) -> int:
+    results = sys.stdout
+    # The SDK prints the container's log to stdout; send it to stderr, so stdout carries only the answer.
+    with contextlib.redirect_stdout(sys.stderr):
+        return _serve(endpoint, question, smoke_test, results)
+
+
+def _serve(endpoint: LocalEndpoint, question: str | None, smoke_test: bool, results) -> int:
     endpoint.start()
     try:
         if question or smoke_test:
-            print(endpoint.ask(question or DEFAULT_QUESTION))
+            print(endpoint.ask(question or DEFAULT_QUESTION), file=results, flush=True)
         if smoke_test:
             return 0
         log(f"serving on http://127.0.0.1:{endpoint.port}/invocations; Ctrl-C stops it")

@@ -13,7 +13,10 @@ console charts loss, ROUGE-L and exact match. Logs stream until the job ends; th
 
 from __future__ import annotations
 
+import contextlib
 import json
+import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -175,9 +178,15 @@ def train(ctx: AwsContext | None, spec: TrainSpec) -> str:
     trainer = build_trainer(spec, boto_session=ctx.session if ctx else None)
     log(f"starting training job {spec.name} on {spec.instance_count} x {spec.instance_type} ({spec.image})")
     try:
-        trainer.train(wait=True, logs=True)
+        # The SDK streams the job's log to stdout; stderr keeps stdout for the one result line.
+        with contextlib.redirect_stdout(sys.stderr):
+            trainer.train(wait=True, logs=True)
     except Exception as e:
-        raise CommandError(f"training job {spec.name} failed: {e}") from e
+        reason = _local_failure_reason(Path(trainer.local_container_root)) if spec.local else None
+        raise CommandError(f"training job {spec.name} failed: {reason or e}") from e
+    finally:
+        if spec.local:
+            _remove_local_containers(Path(trainer.local_container_root))
     if spec.local:
         # The SDK's local mode gathers every host's /opt/ml/model into this one archive.
         artifact = Path(trainer.local_container_root) / "compressed_artifacts" / "model.tar.gz"
@@ -190,6 +199,20 @@ def train(ctx: AwsContext | None, spec: TrainSpec) -> str:
         raise CommandError(f"training job {job.training_job_name} ended {job.training_job_status}: "
                            f"{getattr(job, 'failure_reason', '')}")
     return job.model_artifacts.s3_model_artifacts
+
+
+def _local_failure_reason(root: Path) -> str | None:
+    """The container's /opt/ml/output/failure, as SageMaker would report it (FailureReason: 1024 chars)."""
+    failure = root / "artifacts" / "output" / "failure"
+    return failure.read_text(errors="replace")[:1024].strip() if failure.exists() else None
+
+
+def _remove_local_containers(root: Path) -> None:
+    """The SDK leaves the job's exited containers behind; its compose file names them, so compose removes them."""
+    compose_file = root / "docker-compose.yaml"
+    if compose_file.exists():
+        subprocess.run(["docker", "compose", "-f", str(compose_file), "rm", "--force", "--stop"],
+                       capture_output=True, timeout=120)
 
 
 def parse_pairs(pairs: list[str] | None, what: str) -> dict[str, str]:
