@@ -6,6 +6,7 @@
     scripts/llmft-aws deploy --endpoint NAME --image URI --model-data s3://.../model.tar.gz [--variant ...] [--local]
     scripts/llmft-aws shift-traffic --endpoint NAME --weight tuned=50 --weight base=50
     scripts/llmft-aws evaluate --endpoint NAME --data validation.csv
+    scripts/llmft-aws publish-web --stack STACK          # the chat page to the stack's bucket + CloudFront
     scripts/llmft-aws delete --endpoint NAME
 
 Every command takes --region, --profile and --dry-run (print the API calls, send nothing). Exit codes:
@@ -82,6 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
     delete = command("delete", endpoint, "delete the endpoint and every config, model and scaling policy it made")
     delete.add_argument("--endpoint", required=True)
     evaluate.add_arguments(command("evaluate", evaluate, "A/B-score the variants on a validation set"))
+    from llmft_aws import web
+
+    web.add_arguments(command("publish-web", web, "upload the chat page to the stack's bucket, refresh CloudFront"))
     return parser
 
 
@@ -147,6 +151,10 @@ def dispatch(args) -> int:
         return 0
     if args.command == "evaluate":
         return evaluate.run(ctx, args)
+    if args.command == "publish-web":
+        from llmft_aws import web
+
+        return web.run(ctx, args)
     raise UsageError(f"unknown command {args.command}")
 
 

@@ -110,7 +110,7 @@ def split_dataset(path: Path, fraction: float, seed: int) -> Split:
     return _split_csv(raw, fraction, seed) if suffix == ".csv" else _split_jsonl(raw, fraction, seed)
 
 
-def put_if_changed(ctx: AwsContext, s3, bucket: str, key: str, body: bytes) -> None:
+def put_if_changed(ctx: AwsContext, s3, bucket: str, key: str, body: bytes, **extra) -> None:
     md5 = hashlib.md5(body, usedforsecurity=False).hexdigest()
     if not ctx.dry_run:
         try:
@@ -123,7 +123,7 @@ def put_if_changed(ctx: AwsContext, s3, bucket: str, key: str, body: bytes) -> N
                 raise CommandError(f"cannot read s3://{bucket}/{key}: {e}") from e
     log(f"uploading s3://{bucket}/{key} ({len(body)} bytes)")
     s3.put_object(Bucket=bucket, Key=key, Body=body if not ctx.dry_run else f"<{len(body)} bytes>",
-                  ServerSideEncryption="AES256")
+                  ServerSideEncryption="AES256", **extra)
 
 
 def upload(ctx: AwsContext, data: Path, s3_uri: str, fraction: float, seed: int) -> dict[str, str]:

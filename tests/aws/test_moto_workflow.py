@@ -91,3 +91,30 @@ def test_deploy_shift_and_delete_an_ab_endpoint(run_cli, moto, bucket):
 
     nothing_left = run_cli("delete", "--endpoint", "faq-ab", env=moto.env)  # safe to re-run
     assert nothing_left.returncode == 0 and nothing_left.stdout == ""
+
+
+def test_publish_web_uploads_the_page_with_config_from_the_api_url_and_invalidates(run_cli, moto):
+    s3 = moto.client("s3")
+    s3.create_bucket(Bucket="llmft-test-web")
+    cloudfront = moto.client("cloudfront")
+    distribution = cloudfront.create_distribution(DistributionConfig={
+        "CallerReference": "test", "Comment": "", "Enabled": True,
+        "Origins": {"Quantity": 1, "Items": [{"Id": "web", "DomainName": "llmft-test-web.s3.amazonaws.com",
+                                              "S3OriginConfig": {"OriginAccessIdentity": ""}}]},
+        "DefaultCacheBehavior": {"TargetOriginId": "web", "ViewerProtocolPolicy": "redirect-to-https",
+                                 "MinTTL": 0, "ForwardedValues": {"QueryString": False, "Cookies": {"Forward": "none"}},
+                                 "TrustedSigners": {"Enabled": False, "Quantity": 0}},
+    })["Distribution"]
+    result = run_cli("publish-web", "--web-bucket", "llmft-test-web", "--distribution-id", distribution["Id"],
+                     env=moto.env)
+    assert result.returncode == 0, result.stderr
+    index = s3.get_object(Bucket="llmft-test-web", Key="index.html")
+    assert index["ContentType"] == "text/html; charset=utf-8" and index["CacheControl"] == "no-cache"
+    config = s3.get_object(Bucket="llmft-test-web", Key="config.js")["Body"].read().decode()
+    assert 'apiBaseUrl: "/api"' in config
+    assert s3.get_object(Bucket="llmft-test-web", Key="app.js")["ContentType"].startswith("text/javascript")
+    invalidations = cloudfront.list_invalidations(DistributionId=distribution["Id"])["InvalidationList"]
+    assert invalidations["Quantity"] == 1
+
+    again = run_cli("publish-web", "--web-bucket", "llmft-test-web", env=moto.env)
+    assert again.returncode == 0 and again.stderr.count("unchanged: not uploaded again") >= 4
