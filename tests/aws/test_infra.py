@@ -138,7 +138,7 @@ def test_outputs_give_the_page_and_the_commands_what_they_need(template):
     outputs = template["Outputs"]
     assert outputs["ApiBaseUrl"]["Value"] == "/api"  # the page's config.js: same origin, through CloudFront
     for name in ("WebUrl", "ApiKeyId", "DataBucketName", "ArtifactsBucketName", "SageMakerExecutionRoleArn",
-                 "WebBucketName", "DistributionId", "DirectApiBaseUrl"):
+                 "WebBucketName", "DistributionId", "DirectApiBaseUrl", "LogsBucketName"):
         assert name in outputs
 
 
