@@ -128,7 +128,7 @@ def dispatch(args) -> int:
         from llmft_aws.local_endpoint import LocalEndpoint, serve_until_interrupted
 
         spec = _deploy_spec(args, args.role or LOCAL_ROLE)
-        root = Path(".local/sagemaker-local").resolve()
+        root = Path(__file__).resolve().parents[2] / ".local" / "sagemaker-local"  # ignored by git
         local_endpoint = LocalEndpoint(spec, args.port, root, args.health_check_timeout)
         return serve_until_interrupted(local_endpoint, args.ask, args.smoke_test)
     if args.command == "deploy":

@@ -156,6 +156,10 @@ def run(ctx: AwsContext, args) -> int:
         import fetch_faq_dataset  # scripts/ is on sys.path: the project's own downloader, checksum included
 
         data = fetch_faq_dataset.REPO / "data" / fetch_faq_dataset.FILE_NAME
+        if not data.exists() and ctx.dry_run:
+            print(f"[dry-run] download the FAQ dataset to {data} (scripts/fetch_faq_dataset.py), then split and "
+                  f"upload it under {args.s3_uri}/train/ and /validation/")
+            return 0
         if not data.exists() and fetch_faq_dataset.main(["--region", ctx.region, "--output", str(data)]) != 0:
             raise CommandError("could not fetch the FAQ dataset (see the messages above)")
     for channel, uri in upload(ctx, data, args.s3_uri, args.validation_fraction, args.seed).items():

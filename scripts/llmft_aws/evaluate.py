@@ -214,12 +214,13 @@ def run(ctx: AwsContext, args) -> int:
     pairs = read_pairs(args.data)[: args.max_samples]
     if not pairs:
         raise UsageError(f"{args.data}: no question/answer pairs")
-    variants = args.variants or variants_of(ctx, args.endpoint)
     if ctx.dry_run:
+        variants = args.variants or ["<each variant of the endpoint>"]
         for v in variants:
             print(f"[dry-run] {len(pairs)} x sagemaker-runtime.invoke_endpoint EndpointName={args.endpoint} "
                   f"TargetVariant={v}")
         return 0
+    variants = args.variants or variants_of(ctx, args.endpoint)
     from botocore.config import Config
 
     # One attempt per question: a retried answer would hide errors and skew latency.

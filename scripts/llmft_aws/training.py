@@ -43,9 +43,10 @@ class TrainSpec:
     max_run_s: int = 24 * 3600
     max_wait_s: int | None = None
     volume_gb: int = 100
-    job_name: str | None = None
+    job_name: str = "llmft"  # a prefix: the SDK appends a timestamp, so re-runs never collide
     tags: dict[str, str] = field(default_factory=dict)
     local: bool = False
+    started: str = field(default_factory=lambda: time.strftime("%Y%m%d%H%M%S", time.gmtime()))
 
     def __post_init__(self) -> None:
         if "train" not in self.channels:
@@ -83,7 +84,8 @@ class TrainSpec:
 
     @property
     def name(self) -> str:
-        return self.job_name or f"llmft-{time.strftime('%Y%m%d-%H%M%S')}"
+        """The job's name as the SDK forms it from the prefix (for local mode's folder and the dry run)."""
+        return f"{self.job_name}-{self.started}"
 
 
 def metric_definitions() -> list[dict[str, str]]:
@@ -121,7 +123,7 @@ def build_trainer(spec: TrainSpec, boto_session=None):
         training_mode=Mode.LOCAL_CONTAINER if spec.local else Mode.SAGEMAKER_TRAINING_JOB,
         sagemaker_session=session,
         role=spec.role,
-        base_job_name=spec.name,
+        base_job_name=spec.job_name,
         compute=Compute(instance_type=spec.instance_type, instance_count=spec.instance_count,
                         volume_size_in_gb=spec.volume_gb, enable_managed_spot_training=spec.spot or None),
         stopping_condition=stopping,
@@ -176,7 +178,8 @@ def train(ctx: AwsContext | None, spec: TrainSpec) -> str:
         print("[dry-run] sagemaker.create_training_job " + json.dumps(dry_run_request(spec), indent=2))
         return f"{spec.output.rstrip('/')}/{spec.name}/output/model.tar.gz"
     trainer = build_trainer(spec, boto_session=ctx.session if ctx else None)
-    log(f"starting training job {spec.name} on {spec.instance_count} x {spec.instance_type} ({spec.image})")
+    log(f"starting training job {spec.job_name}-<timestamp> on {spec.instance_count} x {spec.instance_type} "
+        f"({spec.image})")
     try:
         # The SDK streams the job's log to stdout; stderr keeps stdout for the one result line.
         with contextlib.redirect_stdout(sys.stderr):
@@ -243,7 +246,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--max-wait", type=int, help="with --spot: max seconds incl. waiting for capacity "
                                                      "(default 2 x --max-run)")
     parser.add_argument("--volume-gb", type=int, default=100, help="EBS volume per instance (default 100)")
-    parser.add_argument("--job-name", help="training job name (default llmft-<timestamp>)")
+    parser.add_argument("--job-name", default="llmft",
+                        help="job name prefix; the SDK appends a timestamp (default llmft)")
     parser.add_argument("--tag", action="append", metavar="KEY=VALUE", help="repeatable resource tag")
     parser.add_argument("--local", action="store_true", help="run through the SDK's local mode on this machine")
 

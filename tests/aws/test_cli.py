@@ -152,7 +152,9 @@ def test_train_dry_run_prints_the_create_training_job_request(cli):
     assert request["CheckpointConfig"]["S3Uri"] == "s3://b/ckpt/"
     assert {c["ChannelName"] for c in request["InputDataConfig"]} == {"train", "validation"}
     assert request["HyperParameters"] == {"max_steps": "10"}
-    assert out.strip().splitlines()[-1] == "s3://b/jobs/faq-1/output/model.tar.gz"
+    job_name = request["TrainingJobName"]
+    assert job_name.startswith("faq-1-") and len(job_name) == len("faq-1-20260101120000")
+    assert out.strip().splitlines()[-1] == f"s3://b/jobs/{job_name}/output/model.tar.gz"
 
 
 def test_startup_timeout_grows_with_model_size():

@@ -118,3 +118,29 @@ def test_publish_web_uploads_the_page_with_config_from_the_api_url_and_invalidat
 
     again = run_cli("publish-web", "--web-bucket", "llmft-test-web", env=moto.env)
     assert again.returncode == 0 and again.stderr.count("unchanged: not uploaded again") >= 4
+
+
+def test_train_starts_the_job_through_the_sdk_with_our_image_metrics_spot_and_checkpoints(run_cli, moto):
+    # The v3 SDK's ModelTrainer against moto's SageMaker API. SAGEMAKER_VALIDATE_ROLE=false: the SDK checks the
+    # role with iam:SimulatePrincipalPolicy first, which moto does not implement.
+    image = "123456789012.dkr.ecr.us-east-1.amazonaws.com/sagemaker-llm-finetune-train:abc"
+    result = run_cli("train", "--role", ROLE, "--image", image, "--train", "s3://llmft-test-data/datasets/faq/train/",
+                     "--validation", "s3://llmft-test-data/datasets/faq/validation/", "--output",
+                     "s3://llmft-test-data/jobs/", "--instance-type", "ml.g5.2xlarge", "--instance-count", "2",
+                     "--spot", "--max-run", "3600", "--checkpoint", "s3://llmft-test-data/checkpoints/faq/",
+                     "-H", "epochs=3", "--tag", "team=ml", "--job-name", "faq-moto",
+                     env={**moto.env, "SAGEMAKER_VALIDATE_ROLE": "false"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    model_uri = result.stdout.strip().splitlines()[-1]
+    job_name = model_uri.split("/")[-3]
+    assert model_uri == f"s3://llmft-test-data/jobs/{job_name}/output/model.tar.gz" and job_name.startswith("faq-moto")
+
+    job = moto.client("sagemaker").describe_training_job(TrainingJobName=job_name)
+    assert job["AlgorithmSpecification"]["TrainingImage"] == image
+    assert job["ResourceConfig"]["InstanceCount"] == 2 and job["ResourceConfig"]["InstanceType"] == "ml.g5.2xlarge"
+    assert job["HyperParameters"]["epochs"] == "3"
+    assert job["EnableManagedSpotTraining"] is True
+    assert job["StoppingCondition"]["MaxWaitTimeInSeconds"] == 7200
+    assert job["CheckpointConfig"]["S3Uri"] == "s3://llmft-test-data/checkpoints/faq/"
+    assert {c["ChannelName"] for c in job["InputDataConfig"]} == {"train", "validation"}
+    # (moto answers MetricDefinitions with canned ones; the request's are checked by the dry-run test)
