@@ -1,7 +1,7 @@
 """A/B evaluation of a live endpoint: each validation question to each variant, scored like training does.
 
     scripts/llmft-aws evaluate --endpoint faq-assistant --data validation.csv [--variants tuned base] \
-        [--max-samples 50] [--max-new-tokens 128] --report reports/ab
+        [--max-samples 50] [--max-new-tokens 128] [--report runs/ab-report]
 
 Every request pins its variant with `TargetVariant`, so both models answer the same questions. Answers are
 scored with the training image's own code (containers/train/src/trainer/evaluation.py: ROUGE-L, exact match,
@@ -207,7 +207,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--variants", nargs="+", help="variants to compare (default: all of the endpoint's)")
     parser.add_argument("--max-samples", type=int, default=50, help="questions to send (default 50)")
     parser.add_argument("--max-new-tokens", type=int, default=128, help="answer length cap (default 128)")
-    parser.add_argument("--report", type=Path, default=Path("reports/ab"), help="output folder (default reports/ab)")
+    parser.add_argument("--report", type=Path, default=Path("runs/ab-report"),
+                        help="output folder (default runs/ab-report, which git ignores)")
 
 
 def run(ctx: AwsContext, args) -> int:
