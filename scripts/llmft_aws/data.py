@@ -3,9 +3,9 @@
     scripts/llmft-aws upload-data --data data/faq.csv --s3-uri s3://BUCKET/datasets/faq [--validation-fraction 0.1]
     scripts/llmft-aws upload-data --faq --s3-uri s3://BUCKET/datasets/faq     # fetch the public FAQ data first
 
-The split is row-level and seeded, so a re-run writes the same two files; a file whose MD5 already matches the
-object in S3 is not uploaded again. Rows keep their format (a CSV header row stays on both halves). Prints the
-two channel URIs on stdout, ready for `train --train ... --validation ...`.
+The split is row-level and seeded, so a re-run writes the same two files; a file whose MD5 matches the one
+recorded on the object in S3 is not uploaded again. Rows keep their format (a CSV header row stays on both
+halves). Prints the two channel URIs on stdout, ready for `train --train ... --validation ...`.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from pathlib import Path
 from llmft_aws.context import AwsContext, CommandError, UsageError, log
 
 SUFFIXES = (".csv", ".jsonl", ".parquet")
+MD5_METADATA = "llmft-md5"  # x-amz-meta-llmft-md5: what a re-run compares to skip unchanged files
 HEADER_WORDS = {"question", "answer", "prompt", "response", "instruction", "output", "completion", "input"}
 
 
@@ -114,16 +115,18 @@ def put_if_changed(ctx: AwsContext, s3, bucket: str, key: str, body: bytes, **ex
     md5 = hashlib.md5(body, usedforsecurity=False).hexdigest()
     if not ctx.dry_run:
         try:
-            # A single-part upload's ETag is the MD5 of its bytes, which lets a re-run skip unchanged files.
-            if s3.head_object(Bucket=bucket, Key=key)["ETag"].strip('"') == md5:
+            # Our own MD5 in the object's metadata: under SSE-KMS the ETag is not the MD5 of the bytes.
+            if s3.head_object(Bucket=bucket, Key=key).get("Metadata", {}).get(MD5_METADATA) == md5:
                 log(f"s3://{bucket}/{key} is unchanged: not uploaded again")
                 return
         except s3.exceptions.ClientError as e:
             if e.response["Error"]["Code"] not in ("404", "NoSuchKey", "NotFound"):
                 raise CommandError(f"cannot read s3://{bucket}/{key}: {e}") from e
     log(f"uploading s3://{bucket}/{key} ({len(body)} bytes)")
+    # No ServerSideEncryption here: the bucket's default applies (SSE-KMS for data, SSE-S3 for the web bucket,
+    # in infra/template.yaml), and S3 encrypts every new object at least with SSE-S3 anyway.
     s3.put_object(Bucket=bucket, Key=key, Body=body if not ctx.dry_run else f"<{len(body)} bytes>",
-                  ServerSideEncryption="AES256", **extra)
+                  Metadata={MD5_METADATA: md5}, **extra)
 
 
 def upload(ctx: AwsContext, data: Path, s3_uri: str, fraction: float, seed: int) -> dict[str, str]:

@@ -28,7 +28,6 @@ def test_upload_data_splits_uploads_and_skips_unchanged_files(run_cli, moto, buc
     s3 = moto.client("s3")
     train = s3.get_object(Bucket=bucket, Key="datasets/faq/train/faq.csv")
     validation = s3.get_object(Bucket=bucket, Key="datasets/faq/validation/faq.csv")
-    assert train["ServerSideEncryption"] == "AES256"
     train_rows = train["Body"].read().decode().splitlines()
     validation_rows = validation["Body"].read().decode().splitlines()
     assert (len(train_rows), len(validation_rows)) == (27, 3)
