@@ -189,3 +189,49 @@ def test_upload_rejects_what_the_trainer_cannot_read(cli, tmp_path):
     assert code == 2 and "at least 2" in err
     code, _, err = cli("upload-data", "--data", str(one), "--s3-uri", "b/p", "--dry-run")
     assert code == 2 and "not an S3 URI" in err
+
+
+def test_deploy_over_a_running_endpoint_swaps_to_a_new_config_in_place(fake_aws, monkeypatch):
+    # moto has no UpdateEndpoint, so this path runs against botocore's Stubber: the exact calls, in order.
+    import boto3
+    from botocore.stub import ANY, Stubber
+    from llmft_aws import context, endpoint
+
+    ctx = context.resolve(region="us-east-1")
+    session = boto3.Session(region_name="us-east-1")
+    clients = {name: session.client(name) for name in ("sagemaker", "application-autoscaling", "s3", "sts")}
+    monkeypatch.setattr(context.AwsContext, "client", lambda self, service, **kw: clients[service])
+    spec = endpoint.DeploySpec(endpoint="faq", image="img", role=ROLE,
+                               variants=(endpoint.Variant("tuned", "s3://b/v2/model.tar.gz", 1.0),))
+    not_found = {"service_error_code": "ValidationException", "service_message": "Could not find model"}
+    running = {"EndpointName": "faq", "EndpointArn": "arn:aws:sagemaker:us-east-1:123456789012:endpoint/faq",
+               "EndpointConfigName": "faq-old", "EndpointStatus": "InService",
+               "CreationTime": "2026-01-01T00:00:00Z", "LastModifiedTime": "2026-01-01T00:00:00Z",
+               "ProductionVariants": [{"VariantName": "tuned"}]}
+    with (Stubber(clients["sagemaker"]) as sm, Stubber(clients["application-autoscaling"]) as scaling,
+          Stubber(clients["s3"]) as s3, Stubber(clients["sts"]) as sts):
+        sm.add_client_error("describe_model", **not_found)
+        sm.add_response("create_model", {"ModelArn": "arn:aws:sagemaker:us-east-1:123456789012:model/m"})
+        sm.add_client_error("describe_endpoint_config", service_error_code="ValidationException",
+                            service_message="Could not find endpoint configuration")
+        s3.add_response("head_object", {"ContentLength": 5_000_000_000}, {"Bucket": "b", "Key": "v2/model.tar.gz"})
+        sm.add_response("create_endpoint_config", {"EndpointConfigArn": "arn:aws:sagemaker:us-east-1:1:ec/x"}, {
+            "EndpointConfigName": spec.config_name, "Tags": ANY, "ProductionVariants": [{
+                "VariantName": "tuned", "ModelName": spec.model_name(spec.variants[0]), "InitialInstanceCount": 1,
+                "InstanceType": "ml.g5.xlarge", "InitialVariantWeight": 1.0,
+                # 5 GB of model.tar.gz: 600 s + 5 x 300 s to download, unpack and load before /ping must answer
+                "ContainerStartupHealthCheckTimeoutInSeconds": 2100, "ModelDataDownloadTimeoutInSeconds": 2100}]})
+        sm.add_response("describe_endpoint", running, {"EndpointName": "faq"})
+        scaling.add_response("deregister_scalable_target", {}, {
+            "ServiceNamespace": "sagemaker", "ResourceId": "endpoint/faq/variant/tuned", "ScalableDimension": ANY})
+        sm.add_response("update_endpoint", {"EndpointArn": running["EndpointArn"]},
+                        {"EndpointName": "faq", "EndpointConfigName": spec.config_name})
+        sm.add_response("describe_endpoint", running, {"EndpointName": "faq"})
+        scaling.add_response("register_scalable_target", {}, None)
+        scaling.add_response("put_scaling_policy", {"PolicyARN": "arn:p", "Alarms": []}, None)
+        sts.add_response("get_caller_identity", {"Account": "123456789012", "Arn": "arn:aws:iam::123456789012:user/x",
+                                                 "UserId": "x"})
+        arn = endpoint.deploy(ctx, spec)
+        for stub in (sm, scaling, s3, sts):
+            stub.assert_no_pending_responses()
+    assert arn == running["EndpointArn"]
