@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import signal
+import subprocess
 import sys
 import threading
 from pathlib import Path
@@ -79,10 +80,29 @@ class LocalEndpoint:
     def stop(self) -> None:
         if self.session is not None:
             sm = self.session.sagemaker_client
+            project = self._compose_project()
             sm.delete_endpoint(EndpointName=self.spec.endpoint)
+            if project:
+                _remove_compose_project(project)
             sm.delete_endpoint_config(EndpointConfigName=self.spec.config_name)
             sm.delete_model(ModelName=self.spec.model_name(self.variant))
             log(f"local endpoint {self.spec.endpoint} stopped")
+
+
+    def _compose_project(self) -> str | None:
+        """The compose project the SDK started the container in (its temporary folder's name)."""
+        local = self.session.sagemaker_client._endpoints.get(self.spec.endpoint)  # the SDK keeps no public handle
+        container = getattr(local, "container", None)
+        root = getattr(container, "container_root", None)
+        return Path(root).name.lower() if root else None
+
+
+def _remove_compose_project(project: str) -> None:
+    """The SDK stops the compose process but leaves the exited container behind; remove it."""
+    ids = subprocess.run(["docker", "ps", "-aq", "--filter", f"label=com.docker.compose.project={project}"],
+                         capture_output=True, text=True, timeout=60).stdout.split()
+    if ids:
+        subprocess.run(["docker", "rm", "-f", *ids], capture_output=True, timeout=120)
 
 
 def serve_until_interrupted(endpoint: LocalEndpoint, question: str | None, smoke_test: bool) -> int:

@@ -6,6 +6,7 @@ answers. Fake credentials; AWS endpoints and proxies point at a closed loopback 
 
 from __future__ import annotations
 
+import subprocess
 import tarfile
 from urllib.parse import urlparse
 
@@ -51,6 +52,7 @@ def test_deploy_local_serves_the_artifact_and_a_predictor_call_answers(run_cli, 
     code, out, err = local_training
     assert code == 0, err[-4000:]
     model_data = out.strip().splitlines()[-1]
+    serving_before = _containers(images.serve)
     result = run_cli("deploy", "--local", "--smoke-test", "--endpoint", "llmft-sdk-local-test", "--image",
                      images.serve, "--model-data", model_data, "--port", str(servers.free_port()),
                      "--ask", "What is a channel?", timeout=600)
@@ -58,6 +60,7 @@ def test_deploy_local_serves_the_artifact_and_a_predictor_call_answers(run_cli, 
     assert "is InService" in result.stderr and "stopped" in result.stderr
     assert '"path": "/invocations", "status": 200' in result.stderr  # the serving container's own request log
     assert result.stdout.endswith("\n")  # the answer (a 2-step tiny model's words, so no check on its text)
+    assert sorted(_containers(images.serve)) == sorted(serving_before)  # the SDK leaves it; deploy removes it
 
 
 def test_train_local_reports_the_containers_failure_reason(run_cli, images, tmp_path):
@@ -71,8 +74,10 @@ def test_train_local_reports_the_containers_failure_reason(run_cli, images, tmp_
     assert "unknown hyperparameter 'no_such_knob'" in result.stderr.splitlines()[-1]
 
 
-def test_no_exited_training_containers_are_left_behind(local_training):
-    import subprocess
+def test_no_training_containers_are_left_behind(images, local_training):
+    assert not [n for n in _containers(images.train) if "llmft-sdk-local" in n]
 
-    names = subprocess.run(["docker", "ps", "-a", "--format", "{{.Names}}"], capture_output=True, text=True).stdout
-    assert "llmft-sdk-local-test" not in names and "llmft-sdk-local-bad" not in names
+
+def _containers(image: str) -> list[str]:
+    return subprocess.run(["docker", "ps", "-a", "--filter", f"ancestor={image}", "--format", "{{.Names}}"],
+                          capture_output=True, text=True, timeout=60).stdout.split()
