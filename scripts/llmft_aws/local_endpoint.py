@@ -38,7 +38,12 @@ class LocalEndpoint:
 
     def start(self) -> None:
         import boto3
-        from sagemaker.core.local.local_session import LocalSession
+
+        try:
+            from sagemaker.core.local.local_session import LocalSession
+        except ImportError as e:
+            raise UsageError("the sagemaker SDK is not installed here: run the command through scripts/llmft-aws, "
+                             "whose venv has it (scripts/requirements.txt)") from e
 
         self.container_root.mkdir(parents=True, exist_ok=True)
         # Region only: the local session sends nothing to AWS for an image that is not in ECR.

@@ -94,7 +94,11 @@ def metric_definitions() -> list[dict[str, str]]:
 
 def build_trainer(spec: TrainSpec, boto_session=None):
     """The ModelTrainer for this spec. Heavy imports live here so that --help and tests stay fast."""
-    from sagemaker.core.helper.session_helper import Session
+    try:
+        from sagemaker.core.helper.session_helper import Session
+    except ImportError as e:
+        raise UsageError("the sagemaker SDK is not installed here: run the command through scripts/llmft-aws, "
+                         "whose venv has it (scripts/requirements.txt)") from e
     from sagemaker.core.shapes import MetricDefinition
     from sagemaker.train import ModelTrainer
     from sagemaker.train.configs import (

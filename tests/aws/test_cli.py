@@ -235,3 +235,26 @@ def test_deploy_over_a_running_endpoint_swaps_to_a_new_config_in_place(fake_aws,
         for stub in (sm, scaling, s3, sts):
             stub.assert_no_pending_responses()
     assert arn == running["EndpointArn"]
+
+
+def test_evaluate_reads_the_faq_file_as_it_is_published(tmp_path):
+    # The public FAQ CSV has a byte-order mark, no header row and CRLF line ends.
+    from llmft_aws.evaluate import read_pairs
+
+    path = tmp_path / "faq.csv"
+    path.write_bytes('\ufeffWhat is SageMaker?,"A service, managed."\r\nWhat is a channel?,An input.\r\n'.encode())
+    assert read_pairs(path) == [("What is SageMaker?", "A service, managed."), ("What is a channel?", "An input.")]
+    path.write_text("answer,question\nA1,Q1\n")  # a header in any order
+    assert read_pairs(path) == [("Q1", "A1")]
+
+
+def test_sdk_commands_outside_their_venv_say_how_to_run_them(cli, tmp_path):
+    pytest.importorskip("boto3")
+    try:
+        import sagemaker.train  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        pytest.skip("this venv has the SDK")
+    code, _, err = cli("train", "--local", "--image", "img", "--train", str(tmp_path), "--output", tmp_path.as_uri())
+    assert code == 2 and "scripts/llmft-aws" in err
