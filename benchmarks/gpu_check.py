@@ -51,8 +51,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--out", type=Path, required=True, help="where results.json, section.md and logs go")
     parser.add_argument("--work", type=Path, default=None, help="scratch space for models and jobs (default: OUT/work)")
     parser.add_argument("--size", choices=sorted(SHAPES), default="1b")
-    parser.add_argument("--steps", type=int, default=40, help="optimizer steps per training run")
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=30, help="optimizer steps per training run")
+    parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--concurrency", default="1,8,32")
     parser.add_argument("--skip", default="", help="comma-separated parts to skip: lora, full, serve")
@@ -68,6 +68,9 @@ def main() -> None:
     model_dir, params = build_model(args.size, args.tokenizer, work / "base-model")
     results = {"device": device_name(), "size": args.size, "parameters": params, "training": {}, "serving": {}}
     print(f"device: {results['device']}; model: {params['total'] / 1e9:.3f} B parameters", flush=True)
+    if "attention" not in skip and gpu():
+        results["attention"] = attempt(attention_probe)
+        print(f"attention: {json.dumps(results['attention'])}", flush=True)
     for method in ("lora", "full"):
         if method not in skip:
             # Each part on its own: one that fails is reported and the others still run (GPU time is scarce).
@@ -165,6 +168,40 @@ def train(method: str, model_dir: Path, args, job_dir: Path, params: dict) -> di
     }
 
 
+def attention_probe() -> dict:
+    """Milliseconds per attention call on shapes that change every call (as in decoding and length-grouped
+    training), with PyTorch's default backend choice and with cuDNN's backend switched off; see train()."""
+    import contextlib
+
+    import torch
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    batch, heads, head_dim, lengths = 8, 32, 64, range(200, 232)
+    options = {"default": None,
+               "without_cudnn": [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]}
+    kv = [torch.randn(batch, heads, lengths[-1], head_dim, device="cuda", dtype=torch.bfloat16) for _ in range(2)]
+    results = {}
+    for label, backends in options.items():
+        for case, query_len in (("decode_masked", 1), ("train_masked_fwd_bwd", None)):
+            torch.cuda.synchronize()
+            started = time.perf_counter()
+            for length in lengths:
+                q_len = query_len or length
+                q = torch.randn(batch, heads, q_len, head_dim, device="cuda", dtype=torch.bfloat16,
+                                requires_grad=query_len is None)
+                mask = torch.ones(batch, 1, q_len, length, dtype=torch.bool, device="cuda").tril(length - q_len)
+                mask[0, :, :, :8] = False  # left padding in one row, as in a mixed batch
+                with sdpa_kernel(backends) if backends else contextlib.nullcontext():
+                    out = F.scaled_dot_product_attention(q, kv[0][:, :, :length], kv[1][:, :, :length],
+                                                         attn_mask=mask)
+                    if query_len is None:
+                        out.sum().backward()
+            torch.cuda.synchronize()
+            results[f"{label}_{case}_ms"] = (time.perf_counter() - started) / len(lengths) * 1000
+    return results
+
+
 def gpu() -> bool:
     import torch
 
@@ -230,6 +267,13 @@ def render(results: dict, args) -> str:
             f"| {method}, batch {r['batch_size']}, {r['steps']} steps, FAQ CSV | {r['tokens_per_s_steady']:.0f} "
             f"| {r['tokens_per_s_whole_run']:.0f} | {mfu} | {memory} |"
         )
+    probe = results.get("attention")
+    if probe and "error" not in probe:
+        lines += ["", "| attention call, new shape each call (ms per call) | PyTorch's default backend "
+                  "| cuDNN backend off |", "|---|---|---|"]
+        for case in ("decode_masked", "train_masked_fwd_bwd"):
+            lines.append(f"| {case.replace('_', ' ')} | {probe[f'default_{case}_ms']:.2f} "
+                         f"| {probe[f'without_cudnn_{case}_ms']:.2f} |")
     s = results["serving"]
     if s.get("error"):
         lines += ["", f"Serving failed: {s['error'][:300]}"]
