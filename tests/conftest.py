@@ -27,3 +27,22 @@ def pytest_collection_modifyitems(config, items):
         for item in items:
             if "docker" in item.keywords:
                 item.add_marker(skip)
+
+
+# Wall time per test file (setup, call and teardown together, so module fixtures such as a `docker compose up`
+# count where they belong): CI's record of how long each step of the suite took, e.g. each Docker step.
+_seconds_per_file: dict[str, float] = {}
+
+
+def pytest_runtest_logreport(report):
+    path = report.nodeid.split("::", 1)[0]
+    _seconds_per_file[path] = _seconds_per_file.get(path, 0.0) + report.duration
+
+
+def pytest_terminal_summary(terminalreporter):
+    if not _seconds_per_file:
+        return
+    terminalreporter.section("time per test file")
+    for path, seconds in sorted(_seconds_per_file.items(), key=lambda kv: -kv[1]):
+        terminalreporter.write_line(f"{seconds:8.1f} s  {path}")
+    terminalreporter.write_line(f"{sum(_seconds_per_file.values()):8.1f} s  total")

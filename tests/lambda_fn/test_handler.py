@@ -73,7 +73,7 @@ def test_rest_v1_event_answers_with_variant_latency_and_cors(stubbed, context):
 
 def test_http_v2_event_with_base64_body(stubbed, context):
     handler, stubber = stubbed
-    expected_body = json.dumps({"inputs": QUESTION, "parameters": {}}).encode()
+    expected_body = json.dumps({"inputs": QUESTION, "parameters": {"max_new_tokens": 192}}).encode()
     stub_answer(stubber, expected_body=expected_body)
 
     response = handler.handler(load_event("http_v2_ask.json"), context)
@@ -172,6 +172,15 @@ def test_missing_endpoint_name_fails_the_cold_start(lambda_env, fresh_handler, c
 
     lambda_env.delenv("ENDPOINT_NAME")
     with pytest.raises(ConfigError, match="ENDPOINT_NAME is required"):
+        fresh_handler.handler(load_event("rest_v1_ask.json"), context)
+
+
+@pytest.mark.parametrize("value", ["0", "5000", "many"])
+def test_bad_default_answer_length_fails_the_cold_start(lambda_env, fresh_handler, context, value):
+    from qa_function.config import ConfigError
+
+    lambda_env.setenv("DEFAULT_MAX_NEW_TOKENS", value)
+    with pytest.raises(ConfigError, match="DEFAULT_MAX_NEW_TOKENS"):
         fresh_handler.handler(load_event("rest_v1_ask.json"), context)
 
 

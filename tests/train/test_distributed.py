@@ -71,3 +71,14 @@ def test_sigterm_reaches_every_worker_and_the_job_resumes(tmp_path, tiny_model_d
     assert rerun.returncode == 0, rerun.stdout[-4000:] + rerun.stderr[-4000:]
     assert f"resuming from {checkpoints[-1]}" in rerun.stdout
     assert json.loads((job / "model" / "manifest.json").read_text())["training"]["steps"] == 40
+
+
+def test_one_process_with_deepspeed_zero3(tmp_path, tiny_model_dir, faq_csv_small):
+    """A single-GPU DeepSpeed job: DeepSpeed needs a launcher's environment even for one process."""
+    hyperparameters = tiny_hyperparameters(tiny_model_dir, deepspeed="zero3", max_steps=2, eval_train_samples=2)
+    job = make_job(tmp_path, hyperparameters, {"train/faq.csv": faq_csv_small})
+    result = run_train(job, timeout=600, env={"SM_MASTER_PORT": str(free_port())})
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    assert "--nproc_per_node 1" in result.stdout
+    manifest = json.loads((job / "model" / "manifest.json").read_text())
+    assert manifest["hyperparameters"]["deepspeed"] == "zero3" and manifest["training"]["steps"] == 2

@@ -28,3 +28,28 @@ def test_latency_summary_nearest_rank():
     summary = latency_summary([0.1] * 98 + [1.0, 2.0])
     assert summary["p50_ms"] == pytest.approx(100) and summary["p99_ms"] == pytest.approx(1000)
     assert latency_summary([]) == {}
+
+
+def test_answer_loss_matches_full_logits_cross_entropy(tiny_model_dir):
+    """The answer-positions-only LM head gives the same mean loss as the plain full-logits computation."""
+    import torch
+    from trainer import prompts
+    from trainer.data import Example
+    from trainer.evaluation import answer_loss
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    prompts.prepare_tokenizer(tokenizer, prompts.choose_format("auto", tokenizer, str(tiny_model_dir)))
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    model.resize_token_embeddings(len(tokenizer))
+    examples = [Example(question=q, answer=a, context="", source=f"row {i}")
+                for i, (q, a) in enumerate([("What is LoRA?", "Low-rank adapters."), ("Why?", "Because it is small.")])]
+    encoded = [prompts.encode_example(tokenizer, e) for e in examples]
+    collator = prompts.CompletionCollator(tokenizer.pad_token_id)
+
+    batch = collator(encoded)
+    with torch.inference_mode():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    expected = torch.nn.functional.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.shape[-1]), batch["labels"][:, 1:].reshape(-1), ignore_index=-100)
+    assert answer_loss(model, encoded, collator, batch_size=1) == pytest.approx(expected.item(), rel=1e-5)

@@ -47,6 +47,9 @@ class FunctionConfig:
     """SAGEMAKER_CONNECT_TIMEOUT_S: TCP connect timeout to the runtime endpoint."""
     max_attempts: int = 2
     """SAGEMAKER_MAX_ATTEMPTS: total attempts (botocore standard retry mode), first try included."""
+    default_max_new_tokens: int = 192
+    """DEFAULT_MAX_NEW_TOKENS: answer length asked of the model when the caller sets none. The whole call must
+    end inside API Gateway's 29 s, so the function bounds it rather than leave it to the endpoint's default."""
 
     def __post_init__(self) -> None:
         if not self.endpoint_name:
@@ -67,6 +70,8 @@ class FunctionConfig:
             raise ConfigError("SAGEMAKER_READ_TIMEOUT_S and SAGEMAKER_CONNECT_TIMEOUT_S must be positive")
         if not 1 <= self.max_attempts <= 10:
             raise ConfigError("SAGEMAKER_MAX_ATTEMPTS must be between 1 and 10")
+        if not 1 <= self.default_max_new_tokens <= 1024:
+            raise ConfigError("DEFAULT_MAX_NEW_TOKENS must be between 1 and 1024")
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> FunctionConfig:
@@ -82,6 +87,7 @@ class FunctionConfig:
             read_timeout_s=_parse_number(env, "SAGEMAKER_READ_TIMEOUT_S", 25.0, float),
             connect_timeout_s=_parse_number(env, "SAGEMAKER_CONNECT_TIMEOUT_S", 2.0, float),
             max_attempts=_parse_number(env, "SAGEMAKER_MAX_ATTEMPTS", 2, int),
+            default_max_new_tokens=_parse_number(env, "DEFAULT_MAX_NEW_TOKENS", 192, int),
         )
 
 

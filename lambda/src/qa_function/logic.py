@@ -159,9 +159,10 @@ def _validate_target_variant(raw: Any, config: FunctionConfig) -> str | None:
     return raw
 
 
-def invoke_body(request: AskRequest) -> bytes:
+def invoke_body(request: AskRequest, config: FunctionConfig) -> bytes:
     """The serving container's TGI-style request: {"inputs": question, "parameters": {...}}."""
-    return json.dumps({"inputs": request.question, "parameters": dict(request.parameters)}).encode()
+    parameters = {"max_new_tokens": config.default_max_new_tokens, **request.parameters}
+    return json.dumps({"inputs": request.question, "parameters": parameters}).encode()
 
 
 def parse_model_output(body: bytes) -> str:

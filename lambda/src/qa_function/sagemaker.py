@@ -47,7 +47,7 @@ def make_client(config: FunctionConfig, read_timeout_s: float) -> Any:
 def invoke(client: Any, config: FunctionConfig, request: AskRequest) -> Answer:
     kwargs: dict[str, Any] = {
         "EndpointName": config.endpoint_name,
-        "Body": invoke_body(request),
+        "Body": invoke_body(request, config),
         "ContentType": "application/json",
         "Accept": "application/json",
     }

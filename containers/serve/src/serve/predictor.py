@@ -53,6 +53,10 @@ def load_artifact(model_dir: Path, config: ServeConfig) -> LoadedModel:
     _refuse_pickles(model_dir)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = _dtype(config.dtype, device)
+    if device == "cuda":
+        # cuDNN's attention backend builds an execution plan per new shape (hundreds of ms each, see
+        # pytorch/pytorch#155958); a decode's KV length changes every step. Flash / mem-efficient don't.
+        torch.backends.cuda.enable_cudnn_sdp(False)
     trust = config.trust_remote_code
     adapter_config = model_dir / "adapter_config.json"
     if adapter_config.exists() and not (model_dir / "config.json").exists():

@@ -37,7 +37,9 @@ def main(argv: list[str] | None = None) -> int:
         if not launch.inside_torchrun():
             sagemaker.clear_failure()
             nproc = launch.processes_per_host(config.nproc_per_node)
-            if nproc * job.cluster.num_hosts > 1:
+            # DeepSpeed sets up its process group from a launcher's environment (else it looks for MPI),
+            # so a DeepSpeed job runs under torchrun even as a single process.
+            if nproc * job.cluster.num_hosts > 1 or config.deepspeed != "none":
                 return _launch_workers(config, job, nproc, stop_requested)
         from .job import run
 

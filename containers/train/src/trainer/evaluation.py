@@ -111,7 +111,11 @@ def generate_answers(
 
 
 def answer_loss(model, encoded: Sequence[dict], collator, batch_size: int) -> float:
-    """Mean cross-entropy per answer token (teacher forcing); perplexity is exp of it."""
+    """Mean cross-entropy per answer token (teacher forcing); perplexity is exp of it.
+
+    The LM head runs on answer positions only, as in training: a batch's full logits (batch x length x
+    vocabulary floats) would be most of the job's peak memory.
+    """
     import torch
 
     total, tokens = 0.0, 0
@@ -119,15 +123,14 @@ def answer_loss(model, encoded: Sequence[dict], collator, batch_size: int) -> fl
     for start in range(0, len(encoded), batch_size):
         batch = collator(list(encoded[start:start + batch_size]))
         batch = {k: v.to(model.device) for k, v in batch.items()}
-        with torch.inference_mode():
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         labels = batch["labels"][:, 1:]
-        losses = torch.nn.functional.cross_entropy(
-            logits[:, :-1].float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100,
-            reduction="sum",
-        )
-        total += losses.item()
-        tokens += int((labels != -100).sum())
+        answer_positions = labels != -100
+        with torch.inference_mode():
+            hidden = model.get_decoder()(input_ids=batch["input_ids"],
+                                         attention_mask=batch["attention_mask"]).last_hidden_state
+            logits = model.get_output_embeddings()(hidden[:, :-1][answer_positions]).float()
+            total += torch.nn.functional.cross_entropy(logits, labels[answer_positions], reduction="sum").item()
+        tokens += int(answer_positions.sum())
     return total / max(tokens, 1)
 
 

@@ -111,6 +111,9 @@ def run(config: TrainConfig, job: Job, cache_dir: Path, stop_requested: threadin
         )
     log.info("training done: %d steps, %.0f s, %.1f tokens/s (non-padding)", outcome.global_step,
              outcome.train_runtime_s, outcome.tokens_per_second)
+    if torch.cuda.is_available():
+        log.info("peak GPU memory: %.2f GiB allocated, %.2f GiB reserved",
+                 torch.cuda.max_memory_allocated() / 2**30, torch.cuda.max_memory_reserved() / 2**30)
 
     final_model = _final_model(trainer, outcome, config, base, job, rank)
     if not rank.is_main:

@@ -74,6 +74,10 @@ def train(model, tokenizer, train_set: list[dict], config: TrainConfig, checkpoi
 
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
     bf16 = use_bf16(config)
+    if torch.cuda.is_available():
+        # cuDNN's attention backend builds an execution plan per new shape (hundreds of ms each, see
+        # pytorch/pytorch#155958), and length-grouped batches bring a new sequence length nearly every step.
+        torch.backends.cuda.enable_cudnn_sdp(False)
     args = TrainingArguments(
         output_dir=str(checkpoint_dir),
         num_train_epochs=config.epochs,
