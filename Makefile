@@ -40,6 +40,7 @@ train-demo: $(STAMP)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
+	infra/lint.sh
 
 bench-train: $(STAMP)
 	$(PY) benchmarks/train_vs_trl.py $(BENCH_ARGS)
