@@ -1,5 +1,8 @@
 """`docker compose up` brings up the whole path in containers; a real browser asks the page; `down` leaves nothing.
 
+It runs with the `ab` profile, so the endpoint has two production variants (the tuned model, 80 %, and the
+untouched base model, 20 %) and the A/B path is exercised too.
+
 The training job runs for real in the training image (short, via TRAIN_HYPERPARAMETERS), its model.tar.gz goes
 through the S3 stand-in to the serving container, and the question travels page -> API Gateway emulator ->
 Lambda -> endpoint emulator -> serving container, all in containers on one compose network."""
@@ -8,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import time
 import urllib.error
@@ -53,13 +57,18 @@ def get(url: str, timeout: float = 5) -> int:
 
 @pytest.fixture(scope="module")
 def stack(images):
-    env = {**os.environ, "TRAIN_HYPERPARAMETERS": json.dumps(SHORT_JOB)}
+    env = {**os.environ, "TRAIN_HYPERPARAMETERS": json.dumps(SHORT_JOB), "COMPOSE_PROFILES": "ab",
+           "ENDPOINTS_FILE": "endpoints-ab.yaml",
+           # Short answers: two model servers share this machine's cores and a question must end well
+           # inside the Lambda's read timeout.
+           "DEFAULT_MAX_NEW_TOKENS": "32"}
     base = os.environ.get("DOCKER_BASE_IMAGE") or STAND_IN_BASE
     env.update(LOCAL_BASE_IMAGE=base, TRAIN_BASE_IMAGE=base, SERVE_BASE_IMAGE=base)
     compose("down", "-v", "--remove-orphans", env=env, check=False)
     compose("build", "s3", env=env, timeout=900)  # the local stand-ins' image; train/serve come from `images`
-    compose("up", "-d", "--no-build", env=env, timeout=300)
     try:
+        # `up -d` itself waits for the training job and the health checks the start order depends on.
+        compose("up", "-d", "--no-build", env=env, timeout=1200)
         deadline = time.monotonic() + 900
         while get("http://127.0.0.1:8000/index.html") != 200 or get("http://127.0.0.1:3000/_emulator/health") != 200:
             lines = compose("ps", "-a", "--format", "json", env=env).stdout.splitlines()
@@ -74,13 +83,26 @@ def stack(images):
         compose("down", "-v", "--remove-orphans", env=env, check=False, timeout=180)
 
 
-def test_a_question_through_the_public_api(stack):
-    request = urllib.request.Request("http://127.0.0.1:3000/prod/ask", method="POST",
-                                     data=json.dumps({"question": "What does this toolkit do?"}).encode(),
+def ask_api(payload: dict) -> dict:
+    request = urllib.request.Request("http://127.0.0.1:3000/prod/ask", method="POST", data=json.dumps(payload).encode(),
                                      headers={"Content-Type": "application/json"})
     with urllib.request.urlopen(request, timeout=120) as response:
-        body = json.loads(response.read())
-    assert response.status == 200 and body["variant"] == "tuned" and isinstance(body["answer"], str)
+        assert response.status == 200
+        return json.loads(response.read())
+
+
+def test_a_question_through_the_public_api(stack):
+    body = ask_api({"question": "What does this toolkit do?", "target_variant": "tuned"})
+    assert body["variant"] == "tuned" and isinstance(body["answer"], str) and body["answer"]
+
+
+def test_ab_both_variants_answer_and_traffic_is_split(stack):
+    """TargetVariant reaches each model; without it the 80/20 weights send some traffic to each."""
+    assert ask_api({"question": "What is LoRA?", "target_variant": "base"})["variant"] == "base"
+    one_token = {"question": "What is LoRA?", "parameters": {"max_new_tokens": 1}}
+    variants = [ask_api(one_token)["variant"] for _ in range(40)]
+    # 40 draws at 80/20: P(no "base" at all) = 0.8**40 ~ 1e-4, P(no "tuned") ~ 1e-28.
+    assert set(variants) == {"tuned", "base"}, variants
 
 
 def test_a_person_uses_the_page(stack, browser):  # noqa: F811
@@ -89,7 +111,7 @@ def test_a_person_uses_the_page(stack, browser):  # noqa: F811
     browser.get("http://localhost:8000/")
     entry = ask_in_page(browser, "How do I run the tests?")
     assert not entry.find_elements(By.CSS_SELECTOR, ".error"), entry.text
-    assert "Variant: tuned" in entry.find_element(By.CSS_SELECTOR, ".meta").text
+    assert re.search(r"Variant: (tuned|base)", entry.find_element(By.CSS_SELECTOR, ".meta").text)
     screenshot(browser, "compose-answer.png")
 
 
