@@ -2,6 +2,8 @@
 
 Error mapping (runtime API errors per the service model; HTTP status the caller of our API sees):
     ModelError (424, container failed)          -> 502 ModelError
+    ModelError, container answered 429 / 503    -> 429 EndpointThrottled / 503 EndpointUnavailable (the
+                                                   server's own back-pressure stays retryable for the caller)
     ModelError whose message says it timed out  -> 504 EndpointTimeout
     ThrottlingException / ModelNotReadyException -> 429 EndpointThrottled
     ValidationError naming the requested variant -> 400 UnknownVariant
@@ -87,6 +89,12 @@ def _from_client_error(e: ClientError, request: AskRequest) -> Exception:
         if "timed out" in message.lower():
             return UpstreamError(504, "EndpointTimeout", "The model did not answer in time")
         original = e.response.get("OriginalStatusCode")
+        if original == 429:
+            return UpstreamError(429, "EndpointThrottled", "The model endpoint is busy; retry in a moment")
+        if original == 503:
+            return UpstreamError(
+                503, "EndpointUnavailable", "The model is loading or restarting; retry in a moment"
+            )
         detail = f" (the model container answered {original})" if original else ""
         return UpstreamError(502, "ModelError", f"The model failed to answer{detail}")
     if code in THROTTLING_CODES:
