@@ -42,7 +42,9 @@ def _float_in(lo: float, hi: float, lo_open: bool = False):
 
 
 def _stop_list(v: Any) -> bool:
-    return isinstance(v, list) and len(v) <= 4 and all(isinstance(s, str) and 0 < len(s) <= 64 for s in v)
+    return isinstance(v, list) and len(v) <= 4 and all(
+        isinstance(s, str) and 0 < len(s) <= 64 and _is_unicode_text(s) for s in v
+    )
 
 
 PARAMETER_RULES: dict[str, tuple[Any, str]] = {
@@ -102,6 +104,8 @@ def parse_ask_request(body: bytes, config: FunctionConfig) -> AskRequest:
         raise RequestError(400, "BadRequest", 'Request body is empty; send JSON like {"question": "..."}')
     try:
         payload = json.loads(body)
+    except RecursionError as e:  # json.loads recurses once per nesting level
+        raise RequestError(400, "InvalidJSON", "Request body is JSON nested too deeply") from e
     except (UnicodeDecodeError, ValueError) as e:
         raise RequestError(400, "InvalidJSON", f"Request body is not valid JSON: {e}") from e
     if not isinstance(payload, dict):
@@ -118,6 +122,10 @@ def parse_ask_request(body: bytes, config: FunctionConfig) -> AskRequest:
     if not isinstance(question, str):
         raise RequestError(400, "BadRequest", 'Field "question" must be a string')
     question = question.strip()
+    if not _is_unicode_text(question):
+        raise RequestError(
+            400, "BadRequest", 'Field "question" holds a lone UTF-16 surrogate; send valid Unicode text'
+        )
     if not question:
         raise RequestError(400, "BadRequest", 'Field "question" must not be empty')
     if len(question) > config.max_question_chars:
@@ -130,6 +138,15 @@ def parse_ask_request(body: bytes, config: FunctionConfig) -> AskRequest:
     parameters = _validate_parameters(payload.get("parameters"))
     target_variant = _validate_target_variant(payload.get("target_variant"), config)
     return AskRequest(question=question, parameters=parameters, target_variant=target_variant)
+
+
+def _is_unicode_text(text: str) -> bool:
+    """False for strings with lone surrogates (JSON's "\\ud800" escapes): no model tokenizer accepts them."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _validate_parameters(raw: Any) -> dict[str, Any]:
