@@ -201,3 +201,26 @@ def test_base64_wrapped_text(function):
     raw = json.dumps({"question": "base64 works"}).encode()
     response = call(handler, ask_event(base64.b64encode(raw), base64_body=False))
     assert response["statusCode"] == 400
+
+
+def test_a_request_the_model_refuses_is_the_callers_400_with_its_reason(function):
+    handler, fake = function
+    reason = "inputs: the prompt is 900 tokens but the model's context is 512 tokens"
+    fake.error = ClientError(
+        {
+            "Error": {"Code": "ModelError", "Message": "Received client error (422) from primary"},
+            "OriginalStatusCode": 422,
+            "OriginalMessage": json.dumps({"error": reason, "error_type": "validation"}),
+        },
+        "InvokeEndpoint",
+    )
+    response = call(handler, ask_event({"question": "q " * 1000}))
+    assert response["statusCode"] == 400
+    body = assert_clean(response)
+    assert body["error_type"] == "ModelRejectedRequest" and reason in body["error"]
+
+
+def test_repetition_penalty_under_the_servers_floor_is_refused_here(function):
+    handler, fake = function
+    response = call(handler, ask_event({"question": "q", "parameters": {"repetition_penalty": 0.001}}))
+    assert response["statusCode"] == 400 and not fake.calls

@@ -52,7 +52,8 @@ PARAMETER_RULES: dict[str, tuple[Any, str]] = {
     "temperature": _float_in(0.0, 2.0),
     "top_p": _float_in(0.0, 1.0, lo_open=True),
     "top_k": _int_in(1, 1000),
-    "repetition_penalty": _float_in(0.0, 10.0, lo_open=True),
+    # The model server refuses penalties under 0.01 (they overflow the logits); refuse them here, as a 400.
+    "repetition_penalty": _float_in(0.01, 10.0),
     "do_sample": (lambda v: isinstance(v, bool), "true or false"),
     "seed": _int_in(0, 2**32 - 1),
     "stop": (_stop_list, "a list of at most 4 non-empty strings"),

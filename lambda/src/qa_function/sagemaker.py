@@ -4,6 +4,7 @@ Error mapping (runtime API errors per the service model; HTTP status the caller 
     ModelError (424, container failed)          -> 502 ModelError
     ModelError, container answered 429 / 503    -> 429 EndpointThrottled / 503 EndpointUnavailable (the
                                                    server's own back-pressure stays retryable for the caller)
+    ModelError, container answered 413 / 422    -> 400 ModelRejectedRequest, quoting the server's reason
     ModelError whose message says it timed out  -> 504 EndpointTimeout
     ThrottlingException / ModelNotReadyException -> 429 EndpointThrottled
     ValidationError naming the requested variant -> 400 UnknownVariant
@@ -15,6 +16,7 @@ Error mapping (runtime API errors per the service model; HTTP status the caller 
 
 from __future__ import annotations
 
+import json
 import time
 from typing import Any
 
@@ -95,6 +97,10 @@ def _from_client_error(e: ClientError, request: AskRequest) -> Exception:
             return UpstreamError(
                 503, "EndpointUnavailable", "The model is loading or restarting; retry in a moment"
             )
+        # 422/413: the request was well-formed but too long or out of range for this model (the caller can fix it);
+        # a 400 means our own request was malformed, which stays a 502.
+        if original in (413, 422):
+            return RequestError(400, "ModelRejectedRequest", f"The model refused the request: {_reason(e)}")
         detail = f" (the model container answered {original})" if original else ""
         return UpstreamError(502, "ModelError", f"The model failed to answer{detail}")
     if code in THROTTLING_CODES:
@@ -110,3 +116,14 @@ def _from_client_error(e: ClientError, request: AskRequest) -> Exception:
     if code == "ServiceUnavailable":
         return UpstreamError(503, "EndpointUnavailable", "The model endpoint is temporarily unavailable")
     return UpstreamError(502, "EndpointUnavailable", f"The model endpoint failed ({code or 'unknown error'})")
+
+
+def _reason(e: ClientError, limit: int = 300) -> str:
+    """The model server's own error text (`{"error": ...}`, written for callers), cut short."""
+    original = e.response.get("OriginalMessage") or ""
+    try:
+        text = json.loads(original)["error"]
+    except (ValueError, TypeError, KeyError):
+        text = "it did not say why"
+    text = str(text)
+    return text if len(text) <= limit else text[:limit] + "..."
