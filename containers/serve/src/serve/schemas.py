@@ -22,6 +22,9 @@ MAX_SEED = 2**63 - 1
 # probabilities become NaN, and the failed step would fail every request batched with this one. vLLM
 # raises temperatures below 0.01 to 0.01 for the same reason; we do the same, and bound the penalty.
 MIN_TEMPERATURE = 0.01
+# top_p under float32's smallest number compares as 0 and would drop every token; any top_p this small
+# means "keep only the most likely token", so it is raised to this floor with the same effect.
+MIN_TOP_P = 1e-6
 MIN_REPETITION_PENALTY, MAX_REPETITION_PENALTY = 0.01, 100.0
 
 NonEmptyStr = Annotated[str, Field(min_length=1)]
@@ -74,7 +77,7 @@ class GenerateParameters(_Strict):
             max_new_tokens=self.max_new_tokens or default_max_new_tokens,
             do_sample=self.do_sample,
             temperature=_floored(self.temperature),
-            top_p=self.top_p,
+            top_p=None if self.top_p is None else max(self.top_p, MIN_TOP_P),
             top_k=self.top_k,
             repetition_penalty=self.repetition_penalty,
             seed=self.seed,
@@ -143,7 +146,7 @@ class ChatRequest(_Strict):
             max_new_tokens=self.max_completion_tokens or self.max_tokens or default_max_new_tokens,
             do_sample=temperature > 0,
             temperature=_floored(temperature),
-            top_p=self.top_p,
+            top_p=None if self.top_p is None else max(self.top_p, MIN_TOP_P),
             top_k=self.top_k,
             repetition_penalty=self.repetition_penalty,
             seed=self.seed,
