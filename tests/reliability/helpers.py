@@ -110,9 +110,9 @@ class RunningStack:
             "SAGEMAKER_BIND_TO_PORT": str(self.ports.serve),
             "SERVE_HOST": "127.0.0.1",
             "SERVE_TORCH_THREADS": "1",
-            "SERVE_MAX_NEW_TOKENS": "16",
-            "SERVE_DEFAULT_MAX_NEW_TOKENS": "4",
-            "SERVE_MAX_INPUT_TOKENS": "512",
+            # The caps stay the defaults the Lambda validates against; a small context keeps every answer short.
+            "SERVE_DEFAULT_MAX_NEW_TOKENS": "8",
+            "SERVE_MAX_INPUT_TOKENS": "128",
             "PYTHONUNBUFFERED": "1",
             **env,
         }
