@@ -12,6 +12,7 @@ This module imports torch and transformers at the top: import it inside function
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -20,7 +21,6 @@ from pathlib import Path
 
 import torch
 from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments
-from transformers.trainer_utils import get_last_checkpoint
 
 from .config import TrainConfig
 from .prompts import IGNORE_INDEX
@@ -111,7 +111,7 @@ def train(model, tokenizer, train_set: list[dict], config: TrainConfig, checkpoi
         processing_class=tokenizer, callbacks=[timing, stop],
     )
     trainer.remove_callback(PrinterCallback)  # ProgressLogger prints one readable line per log instead
-    resume = get_last_checkpoint(str(checkpoint_dir)) if any(checkpoint_dir.iterdir()) else None
+    resume = last_complete_checkpoint(checkpoint_dir)
     if resume:
         log.info("resuming from %s (a previous run of this job left it)", resume)
     result = trainer.train(resume_from_checkpoint=resume)
@@ -125,6 +125,20 @@ def train(model, tokenizer, train_set: list[dict], config: TrainConfig, checkpoi
         tokens_seen=timing.tokens_this_run,
         log_history=list(state.log_history),
     ), trainer
+
+
+def last_complete_checkpoint(checkpoint_dir: Path) -> str | None:
+    """The newest checkpoint the Trainer finished saving. It writes trainer_state.json last, so a directory
+    without a readable one was cut off mid-save (SIGKILL, full disk) and is skipped, never loaded.
+    (transformers' get_last_checkpoint takes the highest step number, complete or not.)"""
+    candidates = [p for p in checkpoint_dir.glob("checkpoint-*") if p.is_dir() and p.name[11:].isdigit()]
+    for path in sorted(candidates, key=lambda p: int(p.name[11:]), reverse=True):
+        try:
+            json.loads((path / "trainer_state.json").read_text())
+            return str(path)
+        except (OSError, ValueError):
+            log.warning("skipping incomplete checkpoint %s (cut off while it was being saved)", path)
+    return None
 
 
 def _unwrap(model):
