@@ -80,6 +80,7 @@ def test_a_worker_killed_mid_request_fails_only_that_request(fault_stack):
         conn.getresponse().read()
     conn.close()
     thread.join(timeout=120)
+    print(f"requests sent while a worker was killed and replaced: {others}")
     # The surviving worker answers; a request that reached the new worker while it loaded gets 503, not a hang.
     assert set(others) <= {200, 503} and others.count(200) >= 1, others
     # gunicorn's master replaced the worker, and the replacement loads the model and serves.

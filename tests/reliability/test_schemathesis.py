@@ -4,6 +4,7 @@ Lambda emulator -> endpoint emulator -> that server). Bounded: a few dozen examp
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -36,7 +37,10 @@ def schemathesis(schema, url: str, tmp_path, *extra: str, max_examples: int = 40
         "--request-timeout", "30", "--max-time", "40", "--phases", "examples,fuzzing",
         "--report", "junit", "--report-dir", str(tmp_path), "--no-color", *extra,
     ]  # fmt: skip
-    return subprocess.run(command, capture_output=True, text=True, timeout=240, cwd=REPO)
+    result = subprocess.run(command, capture_output=True, text=True, timeout=240, cwd=REPO)
+    summary = re.search(r"\d+ generated[^\n]*", result.stdout)
+    print(f"schemathesis {schema.relative_to(REPO)}: {summary.group(0) if summary else result.stdout[-500:]}")
+    return result
 
 
 def test_model_server_invocations(stack, tmp_path):
