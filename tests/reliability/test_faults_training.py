@@ -21,11 +21,21 @@ from train.conftest import TRAIN_EXECUTABLE, csv_text, faq_rows, job_env, make_j
 
 pytestmark = pytest.mark.slow
 
-MAX_STEPS, SAVE_STEPS = 12, 3
+MAX_STEPS, SAVE_STEPS = 9, 3
 
 
 def small_job(root: Path, model_dir: Path, **overrides) -> Path:
-    settings = {"max_steps": MAX_STEPS, "save_steps": SAVE_STEPS, "per_device_batch_size": 1, **overrides}
+    # Evaluation is not what these tests are about: skip the base model's and keep the rest to one question.
+    settings = {
+        "max_steps": MAX_STEPS,
+        "save_steps": SAVE_STEPS,
+        "per_device_batch_size": 1,
+        "eval_base_model": False,
+        "eval_max_samples": 1,
+        "eval_train_samples": 0,
+        "eval_max_new_tokens": 2,
+        **overrides,
+    }
     hyperparameters = tiny_hyperparameters(model_dir, **settings)
     return make_job(root, hyperparameters, {"train/faq.csv": csv_text(faq_rows(12), header=["question", "answer"])})
 
@@ -97,12 +107,19 @@ def test_a_checkpoint_cut_off_mid_save_is_never_loaded(tmp_path, tiny_model_dir)
     torn.mkdir()
     shutil.copy(job / "checkpoints" / f"checkpoint-{last}" / "adapter_config.json", torn)
     (torn / "adapter_model.safetensors").write_bytes(b"\x00" * 100)  # truncated
-    shutil.rmtree(job / "model")
+    weights = (job / "model" / "model.safetensors").read_bytes()
+    shutil.rmtree(job / "model")  # as if the job had been killed while it evaluated or wrote the artifact
 
     rerun = run_train(job, env=None)
     assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
     assert f"resuming from {job / 'checkpoints' / f'checkpoint-{last}'}" in rerun.stdout
     assert f"skipping incomplete checkpoint {torn}" in rerun.stdout + rerun.stderr
+    # checkpoint-9 is at max_steps, in the middle of an epoch: transformers would train a 10th step; the job
+    # loads the finished state instead, and writes the same model as the first run.
+    assert last == MAX_STEPS
+    assert "training is complete, loading it" in rerun.stdout + rerun.stderr
+    assert json.loads((job / "model" / "manifest.json").read_text())["training"]["steps"] == MAX_STEPS
+    assert (job / "model" / "model.safetensors").read_bytes() == weights
 
 
 def _can_mount_tmpfs() -> bool:

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments
+from transformers import PrinterCallback, Trainer, TrainerCallback, TrainerState, TrainingArguments
 
 from .config import TrainConfig
 from .prompts import IGNORE_INDEX
@@ -114,14 +114,22 @@ def train(model, tokenizer, train_set: list[dict], config: TrainConfig, checkpoi
     resume = last_complete_checkpoint(checkpoint_dir)
     if resume:
         log.info("resuming from %s (a previous run of this job left it)", resume)
-    result = trainer.train(resume_from_checkpoint=resume)
+    if resume and config.deepspeed == "none" and _finished(resume, args.max_steps):
+        # transformers runs one more step when it resumes at max_steps in the middle of an epoch (a job stopped
+        # or killed after its last step): the training is done, so load that state instead of training on.
+        log.info("the checkpoint is at max_steps=%d: training is complete, loading it", args.max_steps)
+        trainer._load_from_checkpoint(resume)
+        trainer.state = TrainerState.load_from_json(str(Path(resume) / "trainer_state.json"))
+        result = None
+    else:
+        result = trainer.train(resume_from_checkpoint=resume)
     state = trainer.state
     return TrainOutcome(
         model=trainer.model if config.deepspeed == "none" else trainer.accelerator.unwrap_model(trainer.model_wrapped),
         interrupted=stop.stopped,
         global_step=state.global_step,
         resumed_from=resume,
-        train_runtime_s=timing.train_seconds or result.metrics.get("train_runtime", 0.0),
+        train_runtime_s=timing.train_seconds or (result.metrics.get("train_runtime", 0.0) if result else 0.0),
         tokens_seen=timing.tokens_this_run,
         log_history=list(state.log_history),
     ), trainer
@@ -139,6 +147,11 @@ def last_complete_checkpoint(checkpoint_dir: Path) -> str | None:
         except (OSError, ValueError):
             log.warning("skipping incomplete checkpoint %s (cut off while it was being saved)", path)
     return None
+
+
+def _finished(checkpoint: str, max_steps: int) -> bool:
+    state = json.loads((Path(checkpoint) / "trainer_state.json").read_text())
+    return max_steps > 0 and state.get("global_step", 0) >= max_steps
 
 
 def _unwrap(model):
