@@ -224,3 +224,20 @@ def test_repetition_penalty_under_the_servers_floor_is_refused_here(function):
     handler, fake = function
     response = call(handler, ask_event({"question": "q", "parameters": {"repetition_penalty": 0.001}}))
     assert response["statusCode"] == 400 and not fake.calls
+
+
+def test_a_read_timeout_is_not_retried_but_throttling_is(function, monkeypatch):
+    """Under load a retried read timeout sent the same generation twice to an endpoint still busy with the
+    first one (benchmarks/load.py: 24 timeouts, 32 extra invocations). Fast failures are still retried."""
+    from botocore.exceptions import ReadTimeoutError
+
+    handler, fake = function
+    monkeypatch.setattr("qa_function.sagemaker.time.sleep", lambda s: None)
+    fake.meta = type("Meta", (), {"config": type("Config", (), {"read_timeout": 24.0})()})()
+    fake.error = ReadTimeoutError(endpoint_url="http://127.0.0.1/endpoints/qa-endpoint/invocations")
+    response = call(handler, ask_event({"question": "q"}))
+    assert response["statusCode"] == 504 and len(fake.calls) == 1
+    fake.calls.clear()
+    fake.error = ClientError({"Error": {"Code": "ThrottlingException", "Message": "Rate exceeded"}}, "InvokeEndpoint")
+    response = call(handler, ask_event({"question": "q"}))
+    assert response["statusCode"] == 429 and len(fake.calls) == 2

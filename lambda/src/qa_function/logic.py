@@ -232,10 +232,10 @@ def cors_headers(origin: str | None, config: FunctionConfig, *, preflight: bool 
 
 
 def attempt_read_timeout(remaining_s: float, config: FunctionConfig) -> float:
-    """Read timeout per InvokeEndpoint attempt so that all attempts end before the function times out.
+    """Read timeout for InvokeEndpoint, so that the call ends before the function times out.
 
-    Each attempt may spend connect + read time; one second is kept back to build and return the response.
+    Only fast failures (throttling, no connection) are retried, never a read timeout, so one attempt may use
+    the whole budget: every attempt's connect time and one second to build the response are kept back.
     """
-    budget = remaining_s - 1.0
-    per_attempt = budget / config.max_attempts - config.connect_timeout_s
-    return max(1.0, min(config.read_timeout_s, per_attempt))
+    budget = remaining_s - 1.0 - config.connect_timeout_s * config.max_attempts
+    return max(1.0, min(config.read_timeout_s, budget))

@@ -17,6 +17,7 @@ Error mapping (runtime API errors per the service model; HTTP status the caller 
 from __future__ import annotations
 
 import json
+import random
 import time
 from typing import Any
 
@@ -34,13 +35,17 @@ from qa_function.config import FunctionConfig
 from qa_function.logic import Answer, AskRequest, RequestError, UpstreamError, invoke_body, parse_model_output
 
 THROTTLING_CODES = {"ThrottlingException", "ModelNotReadyException", "TooManyRequestsException"}
+# Failures that happen before any generation starts, so another attempt costs the endpoint nothing.
+RETRYABLE_CODES = THROTTLING_CODES | {"ServiceUnavailable", "InternalFailure"}
 
 
 def make_client(config: FunctionConfig, read_timeout_s: float) -> Any:
     """A sagemaker-runtime client; the endpoint URL comes from the usual AWS settings, so
     AWS_ENDPOINT_URL_SAGEMAKER_RUNTIME points it at a local emulator with no code change."""
     botocore_config = Config(
-        retries={"mode": "standard", "total_max_attempts": config.max_attempts},
+        # One attempt per call: invoke() retries what is worth retrying itself (throttling, connection
+        # failures) and never a read timeout, whose generation is still running on the endpoint.
+        retries={"mode": "standard", "total_max_attempts": 1},
         connect_timeout=config.connect_timeout_s,
         read_timeout=read_timeout_s,
         tcp_keepalive=True,
@@ -58,10 +63,33 @@ def invoke(client: Any, config: FunctionConfig, request: AskRequest) -> Answer:
     if request.target_variant:
         kwargs["TargetVariant"] = request.target_variant
     started = time.perf_counter()
+    for attempt in range(1, config.max_attempts + 1):
+        try:
+            response, body = _invoke_once(client, kwargs, request, retry=attempt < config.max_attempts)
+            break
+        except _Retry:
+            time.sleep(random.uniform(0, min(1.0, 0.1 * 2**attempt)))  # full jitter, as AWS SDKs back off
+    latency_ms = (time.perf_counter() - started) * 1000
+    return Answer(
+        text=parse_model_output(body),
+        variant=response.get("InvokedProductionVariant"),
+        latency_ms=latency_ms,
+    )
+
+
+class _Retry(Exception):
+    """This attempt failed fast in a way another attempt may not (throttled, no connection)."""
+
+
+def _invoke_once(client: Any, kwargs: dict[str, Any], request: AskRequest, *, retry: bool):
+    """One InvokeEndpoint call. A read timeout is never retried: the endpoint is still generating the
+    answer, and a second request would double the work of an endpoint that is already too slow."""
     try:
         response = client.invoke_endpoint(**kwargs)
-        body = response["Body"].read()
+        return response, response["Body"].read()
     except ClientError as e:
+        if retry and e.response.get("Error", {}).get("Code") in RETRYABLE_CODES:
+            raise _Retry() from e
         raise _from_client_error(e, request) from e
     except ReadTimeoutError as e:
         raise UpstreamError(
@@ -70,17 +98,13 @@ def invoke(client: Any, config: FunctionConfig, request: AskRequest) -> Answer:
             f"The model endpoint did not answer within {client.meta.config.read_timeout:g} s",
         ) from e
     except (EndpointConnectionError, ConnectTimeoutError) as e:
+        if retry:
+            raise _Retry() from e
         raise UpstreamError(502, "EndpointUnavailable", "The model endpoint could not be reached") from e
     except BotoCoreError as e:
         raise UpstreamError(
             502, "EndpointUnavailable", f"Calling the model endpoint failed: {type(e).__name__}"
         ) from e
-    latency_ms = (time.perf_counter() - started) * 1000
-    return Answer(
-        text=parse_model_output(body),
-        variant=response.get("InvokedProductionVariant"),
-        latency_ms=latency_ms,
-    )
 
 
 def _from_client_error(e: ClientError, request: AskRequest) -> Exception:
