@@ -166,7 +166,7 @@ def start_front(stack: Stack, ports: Ports, ab: bool, api_key: str | None) -> No
     web_origin = f"http://127.0.0.1:{ports.web}"
     stack.start("lambda", [sys.executable, "-m", "lambda_runtime_emulator", "--port", str(ports.lambda_runtime),
                            "--handler", "qa_function.handler.handler", "--task-root", "lambda/src",
-                           "--timeout", "29", "--prewarm"],
+                           "--timeout", "29", "--max-concurrency", "8", "--prewarm"],
                 python_env(ENDPOINT_NAME=ENDPOINT_NAME, CORS_ALLOW_ORIGINS=web_origin,
                            AWS_ENDPOINT_URL_SAGEMAKER_RUNTIME=f"http://127.0.0.1:{ports.runtime_emulator}"))
     apigw = [sys.executable, "-m", "apigw_emulator", "--port", str(ports.apigw),

@@ -158,24 +158,25 @@ def parse_event(event: dict[str, Any]) -> HttpRequest:
     """API Gateway proxy event (REST v1 or HTTP API v2) -> HttpRequest; base64 bodies are decoded."""
     if not isinstance(event, dict):
         raise RequestError(400, "BadRequest", "The function expects an API Gateway proxy event")
-    context = event.get("requestContext") or {}
+    context = _mapping(event.get("requestContext"))
+    headers = {k.lower(): v for k, v in _mapping(event.get("headers")).items() if isinstance(v, str)}
     if event.get("version") == "2.0":
-        http = context.get("http") or {}
+        http = _mapping(context.get("http"))
         method, path = http.get("method"), event.get("rawPath") or http.get("path")
-        headers = {k.lower(): v for k, v in (event.get("headers") or {}).items()}
         version = "2.0"
     else:
         method, path = event.get("httpMethod"), event.get("path")
         # multiValueHeaders holds every value; headers only the last. Join like HTTP does.
-        headers = {k.lower(): v for k, v in (event.get("headers") or {}).items()}
-        for k, values in (event.get("multiValueHeaders") or {}).items():
-            if values:
+        for k, values in _mapping(event.get("multiValueHeaders")).items():
+            if isinstance(values, list) and values and all(isinstance(v, str) for v in values):
                 headers[k.lower()] = ", ".join(values)
         version = "1.0"
-    if not method or not path:
+    if not isinstance(method, str) or not isinstance(path, str) or not method or not path:
         raise RequestError(400, "BadRequest", "The function expects an API Gateway proxy event")
 
     raw_body = event.get("body") or ""
+    if not isinstance(raw_body, str):
+        raise RequestError(400, "BadRequest", "The function expects an API Gateway proxy event")
     if event.get("isBase64Encoded"):
         try:
             body = base64.b64decode(raw_body, validate=True)
@@ -191,6 +192,11 @@ def parse_event(event: dict[str, Any]) -> HttpRequest:
         api_request_id=context.get("requestId"),
         payload_version=version,
     )
+
+
+def _mapping(value: Any) -> dict[str, Any]:
+    """A proxy-event member that should be an object; anything else (null, a list, a string) counts as empty."""
+    return {str(k): v for k, v in value.items()} if isinstance(value, dict) else {}
 
 
 def _preflight(origin: str | None, config: FunctionConfig, request_id: str | None) -> dict[str, Any]:

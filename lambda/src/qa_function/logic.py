@@ -42,7 +42,9 @@ def _float_in(lo: float, hi: float, lo_open: bool = False):
 
 
 def _stop_list(v: Any) -> bool:
-    return isinstance(v, list) and len(v) <= 4 and all(isinstance(s, str) and 0 < len(s) <= 64 for s in v)
+    return isinstance(v, list) and len(v) <= 4 and all(
+        isinstance(s, str) and 0 < len(s) <= 64 and _is_unicode_text(s) for s in v
+    )
 
 
 PARAMETER_RULES: dict[str, tuple[Any, str]] = {
@@ -50,7 +52,8 @@ PARAMETER_RULES: dict[str, tuple[Any, str]] = {
     "temperature": _float_in(0.0, 2.0),
     "top_p": _float_in(0.0, 1.0, lo_open=True),
     "top_k": _int_in(1, 1000),
-    "repetition_penalty": _float_in(0.0, 10.0, lo_open=True),
+    # The model server refuses penalties under 0.01 (they overflow the logits); refuse them here, as a 400.
+    "repetition_penalty": _float_in(0.01, 10.0),
     "do_sample": (lambda v: isinstance(v, bool), "true or false"),
     "seed": _int_in(0, 2**32 - 1),
     "stop": (_stop_list, "a list of at most 4 non-empty strings"),
@@ -102,6 +105,8 @@ def parse_ask_request(body: bytes, config: FunctionConfig) -> AskRequest:
         raise RequestError(400, "BadRequest", 'Request body is empty; send JSON like {"question": "..."}')
     try:
         payload = json.loads(body)
+    except RecursionError as e:  # json.loads recurses once per nesting level
+        raise RequestError(400, "InvalidJSON", "Request body is JSON nested too deeply") from e
     except (UnicodeDecodeError, ValueError) as e:
         raise RequestError(400, "InvalidJSON", f"Request body is not valid JSON: {e}") from e
     if not isinstance(payload, dict):
@@ -118,6 +123,10 @@ def parse_ask_request(body: bytes, config: FunctionConfig) -> AskRequest:
     if not isinstance(question, str):
         raise RequestError(400, "BadRequest", 'Field "question" must be a string')
     question = question.strip()
+    if not _is_unicode_text(question):
+        raise RequestError(
+            400, "BadRequest", 'Field "question" holds a lone UTF-16 surrogate; send valid Unicode text'
+        )
     if not question:
         raise RequestError(400, "BadRequest", 'Field "question" must not be empty')
     if len(question) > config.max_question_chars:
@@ -130,6 +139,15 @@ def parse_ask_request(body: bytes, config: FunctionConfig) -> AskRequest:
     parameters = _validate_parameters(payload.get("parameters"))
     target_variant = _validate_target_variant(payload.get("target_variant"), config)
     return AskRequest(question=question, parameters=parameters, target_variant=target_variant)
+
+
+def _is_unicode_text(text: str) -> bool:
+    """False for strings with lone surrogates (JSON's "\\ud800" escapes): no model tokenizer accepts them."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _validate_parameters(raw: Any) -> dict[str, Any]:
@@ -215,10 +233,10 @@ def cors_headers(origin: str | None, config: FunctionConfig, *, preflight: bool 
 
 
 def attempt_read_timeout(remaining_s: float, config: FunctionConfig) -> float:
-    """Read timeout per InvokeEndpoint attempt so that all attempts end before the function times out.
+    """Read timeout for InvokeEndpoint, so that the call ends before the function times out.
 
-    Each attempt may spend connect + read time; one second is kept back to build and return the response.
+    Only fast failures (throttling, no connection) are retried, never a read timeout, so one attempt may use
+    the whole budget: every attempt's connect time and one second to build the response are kept back.
     """
-    budget = remaining_s - 1.0
-    per_attempt = budget / config.max_attempts - config.connect_timeout_s
-    return max(1.0, min(config.read_timeout_s, per_attempt))
+    budget = remaining_s - 1.0 - config.connect_timeout_s * config.max_attempts
+    return max(1.0, min(config.read_timeout_s, budget))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import time
 from collections.abc import Iterator
 
@@ -72,7 +73,7 @@ def invocations() -> Response:
     content_type = request.mimetype or "application/json"  # SageMaker callers often omit it
     if content_type not in JSON_TYPES | JSONLINES_TYPES:
         raise UnsupportedMediaType(
-            f"Content-Type {content_type!r} is not supported; send application/json "
+            f"Content-Type {_quoted(content_type)} is not supported; send application/json "
             "(one request) or application/jsonlines (one request per line)"
         )
     predictor = _ready_predictor()
@@ -167,10 +168,16 @@ def _negotiate(offers: list[str], produce: str | None = None) -> str:
     best = request.accept_mimetypes.best_match(offers)
     if best is None:
         raise NotAcceptable(
-            f"cannot produce any of Accept: {request.headers.get('Accept')!r}; this request "
+            f"cannot produce any of Accept: {_quoted(request.headers.get('Accept'))}; this request "
             f"is answered as {produce or offers[0]}"
         )
     return best
+
+
+def _quoted(header: str | None, limit: int = 100) -> str:
+    """A caller's header value for an error message, cut short: errors must not echo kilobytes back."""
+    text = repr(header)
+    return text if len(text) <= limit else text[:limit] + "...(cut)"
 
 
 def _decode(body: bytes) -> str:
@@ -181,10 +188,32 @@ def _decode(body: bytes) -> str:
 
 
 def _load_json(body: bytes, *, where: str) -> object:
+    text = _decode(body)
     try:
-        return json.loads(_decode(body))
+        value = json.loads(text)
     except json.JSONDecodeError as e:
         raise BadRequest(f"{where} is not valid JSON: {e}") from None
+    except RecursionError:  # json.loads recurses per nesting level; a request is never this deep
+        raise BadRequest(f"{where}: JSON is nested too deeply") from None
+    except ValueError:  # an integer over Python's 4300-digit conversion limit
+        raise BadRequest(f"{where}: a number in the JSON has too many digits") from None
+    if _LONE_SURROGATE_ESCAPE.search(text):
+        _reject_lone_surrogates(value, where)
+    return value
+
+
+# `\ud800`-style escapes decode to lone UTF-16 surrogates: valid JSON, but not text a tokenizer accepts.
+_LONE_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+def _reject_lone_surrogates(value: object, where: str) -> None:
+    """Escaped surrogate *pairs* decode to one character and pass; a lone one cannot be encoded as UTF-8."""
+    try:
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise BadRequest(
+            f"{where} holds a lone UTF-16 surrogate escape (\\uD800-\\uDFFF without its pair); send valid Unicode text"
+        ) from None
 
 
 def log_access(

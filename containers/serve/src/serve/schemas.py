@@ -18,13 +18,29 @@ from serve.errors import ValidationError
 MAX_STOP_SEQUENCES = 4
 MAX_INPUTS_PER_REQUEST = 32
 MAX_SEED = 2**63 - 1
+# Sampling divides the float32 logits by these: a temperature or penalty near 0 overflows them to inf, the
+# probabilities become NaN, and the failed step would fail every request batched with this one. vLLM
+# raises temperatures below 0.01 to 0.01 for the same reason; we do the same, and bound the penalty.
+MIN_TEMPERATURE = 0.01
+# top_p under float32's smallest number compares as 0 and would drop every token; any top_p this small
+# means "keep only the most likely token", so it is raised to this floor with the same effect.
+MIN_TOP_P = 1e-6
+MIN_REPETITION_PENALTY, MAX_REPETITION_PENALTY = 0.01, 100.0
 
 NonEmptyStr = Annotated[str, Field(min_length=1)]
 
 
 class _Strict(BaseModel):
     # Unknown fields are an error naming the field: a typo like "max_token" must not be silently ignored.
-    model_config = ConfigDict(extra="forbid", strict=True)
+    # NaN and Infinity are valid to Python's json module but not numbers any sampler can use.
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+
+
+def _floored(temperature: float | None) -> float | None:
+    """0 stays 0 (greedy); anything between 0 and MIN_TEMPERATURE becomes MIN_TEMPERATURE."""
+    if temperature is None or temperature == 0:
+        return temperature
+    return max(temperature, MIN_TEMPERATURE)
 
 
 def _check_cap(max_new_tokens: int | None, info: ValidationInfo) -> None:
@@ -39,7 +55,7 @@ class GenerateParameters(_Strict):
     top_p: Annotated[float, Field(gt=0, le=1)] | None = None
     top_k: Annotated[int, Field(ge=0)] | None = None
     do_sample: bool | None = None
-    repetition_penalty: Annotated[float, Field(gt=0)] | None = None
+    repetition_penalty: Annotated[float, Field(ge=MIN_REPETITION_PENALTY, le=MAX_REPETITION_PENALTY)] | None = None
     stop: Annotated[list[NonEmptyStr], Field(max_length=MAX_STOP_SEQUENCES)] = []
     seed: Annotated[int, Field(ge=0, le=MAX_SEED)] | None = None
     return_full_text: bool = False
@@ -60,8 +76,8 @@ class GenerateParameters(_Strict):
         return SamplingParams.build(
             max_new_tokens=self.max_new_tokens or default_max_new_tokens,
             do_sample=self.do_sample,
-            temperature=self.temperature,
-            top_p=self.top_p,
+            temperature=_floored(self.temperature),
+            top_p=None if self.top_p is None else max(self.top_p, MIN_TOP_P),
             top_k=self.top_k,
             repetition_penalty=self.repetition_penalty,
             seed=self.seed,
@@ -107,7 +123,9 @@ class ChatRequest(_Strict):
     temperature: Annotated[float, Field(ge=0, le=2)] | None = None
     top_p: Annotated[float, Field(gt=0, le=1)] | None = None
     top_k: Annotated[int, Field(ge=0)] | None = None  # vLLM extra
-    repetition_penalty: Annotated[float, Field(gt=0)] | None = None  # vLLM extra
+    repetition_penalty: Annotated[float, Field(ge=MIN_REPETITION_PENALTY, le=MAX_REPETITION_PENALTY)] | None = (
+        None  # vLLM extra
+    )
     seed: Annotated[int, Field(ge=0, le=MAX_SEED)] | None = None
     stop: NonEmptyStr | Annotated[list[NonEmptyStr], Field(max_length=MAX_STOP_SEQUENCES)] | None = None
     stream: bool = False
@@ -127,8 +145,8 @@ class ChatRequest(_Strict):
         return SamplingParams.build(
             max_new_tokens=self.max_completion_tokens or self.max_tokens or default_max_new_tokens,
             do_sample=temperature > 0,
-            temperature=temperature,
-            top_p=self.top_p,
+            temperature=_floored(temperature),
+            top_p=None if self.top_p is None else max(self.top_p, MIN_TOP_P),
             top_k=self.top_k,
             repetition_penalty=self.repetition_penalty,
             seed=self.seed,

@@ -12,6 +12,7 @@ This module imports torch and transformers at the top: import it inside function
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -19,8 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments
-from transformers.trainer_utils import get_last_checkpoint
+from transformers import PrinterCallback, Trainer, TrainerCallback, TrainerState, TrainingArguments
 
 from .config import TrainConfig
 from .prompts import IGNORE_INDEX
@@ -115,20 +115,47 @@ def train(model, tokenizer, train_set: list[dict], config: TrainConfig, checkpoi
         processing_class=tokenizer, callbacks=[timing, stop],
     )
     trainer.remove_callback(PrinterCallback)  # ProgressLogger prints one readable line per log instead
-    resume = get_last_checkpoint(str(checkpoint_dir)) if any(checkpoint_dir.iterdir()) else None
+    resume = last_complete_checkpoint(checkpoint_dir)
     if resume:
         log.info("resuming from %s (a previous run of this job left it)", resume)
-    result = trainer.train(resume_from_checkpoint=resume)
+    if resume and config.deepspeed == "none" and _finished(resume, args.max_steps):
+        # transformers runs one more step when it resumes at max_steps in the middle of an epoch (a job stopped
+        # or killed after its last step): the training is done, so load that state instead of training on.
+        log.info("the checkpoint is at max_steps=%d: training is complete, loading it", args.max_steps)
+        trainer._load_from_checkpoint(resume)
+        trainer.state = TrainerState.load_from_json(str(Path(resume) / "trainer_state.json"))
+        result = None
+    else:
+        result = trainer.train(resume_from_checkpoint=resume)
     state = trainer.state
     return TrainOutcome(
         model=trainer.model if config.deepspeed == "none" else trainer.accelerator.unwrap_model(trainer.model_wrapped),
         interrupted=stop.stopped,
         global_step=state.global_step,
         resumed_from=resume,
-        train_runtime_s=timing.train_seconds or result.metrics.get("train_runtime", 0.0),
+        train_runtime_s=timing.train_seconds or (result.metrics.get("train_runtime", 0.0) if result else 0.0),
         tokens_seen=timing.tokens_this_run,
         log_history=list(state.log_history),
     ), trainer
+
+
+def last_complete_checkpoint(checkpoint_dir: Path) -> str | None:
+    """The newest checkpoint the Trainer finished saving. It writes trainer_state.json last, so a directory
+    without a readable one was cut off mid-save (SIGKILL, full disk) and is skipped, never loaded.
+    (transformers' get_last_checkpoint takes the highest step number, complete or not.)"""
+    candidates = [p for p in checkpoint_dir.glob("checkpoint-*") if p.is_dir() and p.name[11:].isdigit()]
+    for path in sorted(candidates, key=lambda p: int(p.name[11:]), reverse=True):
+        try:
+            json.loads((path / "trainer_state.json").read_text())
+            return str(path)
+        except (OSError, ValueError):
+            log.warning("skipping incomplete checkpoint %s (cut off while it was being saved)", path)
+    return None
+
+
+def _finished(checkpoint: str, max_steps: int) -> bool:
+    state = json.loads((Path(checkpoint) / "trainer_state.json").read_text())
+    return max_steps > 0 and state.get("global_step", 0) >= max_steps
 
 
 def _unwrap(model):

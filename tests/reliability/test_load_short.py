@@ -1,0 +1,60 @@
+"""A short version of benchmarks/load.py against the stack (tiny model): a few seconds per level, a 429 burst
+straight at /invocations, and a mini soak. The 5-minute soak is the script's job; its result is in
+docs/reliability.md."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+
+import pytest
+from reliability.helpers import REPO
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def load():
+    spec = importlib.util.spec_from_file_location("load_benchmark", REPO / "benchmarks" / "load.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+QUESTIONS = ["What does this toolkit do?", "How do I run the main job?", "Which base model is the default?"]
+
+
+def test_levels_through_the_api_and_direct_hold(stack, load):
+    api = load.Target.api(f"http://127.0.0.1:{stack.ports.apigw}/prod", new_tokens=4)
+    direct = load.Target.direct(f"http://127.0.0.1:{stack.ports.serve}", new_tokens=4)
+    workers = load.gunicorn_workers(stack.stack)
+    reports = [load.drive(target, clients, 2.0, 200, QUESTIONS, 30) for target in (direct, api) for clients in (1, 4)]
+    for report in reports:
+        assert not report.violations, report.mix
+        assert report.answered, report.mix
+    assert load.gunicorn_workers(stack.stack) == workers
+    assert "| /invocations (direct) | 4 |" in load.level_table(reports)
+
+
+def test_a_burst_over_the_queue_is_answered_with_429s_not_errors(tmp_path, tiny_model_dir, load):
+    from reliability.helpers import RunningStack, free_ports
+
+    small = RunningStack(tmp_path, free_ports())
+    try:
+        small.start_serving(tiny_model_dir, SERVE_MAX_BATCH_SIZE="2", SERVE_MAX_QUEUE="4", SERVE_MAX_INPUT_TOKENS="512")
+        direct = load.Target.direct(f"http://127.0.0.1:{small.ports.serve}", new_tokens=64)
+        report = load.drive(direct, 12, 3.0, 300, QUESTIONS, 30)
+    finally:
+        small.stop()
+    assert not report.violations, report.mix
+    assert report.mix.get("429") and report.mix.get("200"), report.mix
+    assert set(report.mix) <= {"200", "429"}, report.mix
+
+
+def test_mini_soak_memory_and_answers(stack, load):
+    api = load.Target.api(f"http://127.0.0.1:{stack.ports.apigw}/prod", new_tokens=4)
+    soaked = load.soak(api, stack.stack, 8.0, 2, QUESTIONS, 30)
+    assert len(soaked.samples) >= 2
+    assert not soaked.level.violations, soaked.level.mix
+    assert set(soaked.drift()) >= {"serve", "runtime-emulator", "lambda", "apigw"}
