@@ -73,8 +73,12 @@ def clean_env(**extra: str) -> dict[str, str]:
 
 @pytest.fixture(scope="session")
 def cli_venv() -> Path:
-    """The CLI's venv, made (once) by the wrapper itself: the same path a user's first run takes."""
-    proc = subprocess.run([str(CLI), "--help"], capture_output=True, text=True, timeout=900, env=clean_env())
+    """The CLI's venv, made (once) by the wrapper itself: the same path a user's first run takes.
+
+    Made with the machine's own network settings (pip needs the package index); `--help` calls no AWS API.
+    Every later CLI call in these tests runs in clean_env(), where any call leaving the machine fails."""
+    install_env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "SAGEMAKER_"))}
+    proc = subprocess.run([str(CLI), "--help"], capture_output=True, text=True, timeout=900, env=install_env)
     if proc.returncode != 0:
         pytest.fail(f"scripts/llmft-aws --help failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
     return REPO / ".local" / "venv-aws"
