@@ -67,7 +67,7 @@ class TrainConfig:
     # > Optimisation
     epochs: float = _hp(3.0, "Passes over the training data.", minimum=0.0)
     max_steps: int = _hp(-1, "Stop after this many optimizer steps (overrides epochs when > 0).")
-    learning_rate: float = _hp(2e-3, "Peak learning rate (after warm-up).", minimum=0.0)
+    learning_rate: float = _hp(3e-3, "Peak learning rate (after warm-up).", minimum=0.0)
     lr_scheduler: str = _hp("cosine", "Learning-rate schedule.", choices=("cosine", "linear", "constant"))
     warmup_ratio: float = _hp(0.05, "Share of steps spent warming the learning rate up.", minimum=0.0)
     weight_decay: float = _hp(0.0, "AdamW weight decay.", minimum=0.0)
@@ -78,8 +78,8 @@ class TrainConfig:
 
     # > LoRA
     lora_r: int = _hp(16, "LoRA rank.", minimum=1)
-    lora_alpha: int = _hp(32, "LoRA scaling numerator (scale = alpha / r).", minimum=1)
-    lora_dropout: float = _hp(0.05, "Dropout on the LoRA input.", minimum=0.0)
+    lora_alpha: int = _hp(64, "LoRA scaling numerator (scale = alpha / r).", minimum=1)
+    lora_dropout: float = _hp(0.0, "Dropout on the LoRA input.", minimum=0.0)
     lora_target_modules: str = _hp(
         "all-linear", "Comma-separated module names to adapt, or `all-linear` for every linear layer but the head."
     )
@@ -104,7 +104,7 @@ class TrainConfig:
     eval_max_samples: int = _hp(64, "Validation questions answered by each model (0 = none).", minimum=0)
     eval_train_samples: int = _hp(32, "Training questions answered by each model, to see what it learned.",
                                   minimum=0)
-    eval_max_new_tokens: int = _hp(128, "Longest generated answer during evaluation.", minimum=1)
+    eval_max_new_tokens: int = _hp(256, "Longest generated answer during evaluation.", minimum=1)
     eval_batch_size: int = _hp(8, "Questions answered at once during evaluation.", minimum=1)
 
     def __post_init__(self) -> None:
