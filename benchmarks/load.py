@@ -396,8 +396,8 @@ def main(argv=None) -> int:
 def render(args, model, direct_reports, api_reports, soaked, violations) -> str:
     cpu = f"{platform.machine()}, {os.cpu_count()} CPUs"
     parts = [
-        f"Measured {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} on {cpu} (a machine shared with other "
-        f"work while it ran, so the numbers are noisy), model `{model}`, {args.new_tokens} new tokens per "
+        f"Measured {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} on {cpu} (load average "
+        f"{os.getloadavg()[0]:.1f} at the end, this run included), model `{model}`, {args.new_tokens} new tokens per "
         f"question, {args.level_seconds:.0f} s per level, closed-loop clients. Command: "
         f"`python benchmarks/load.py {' '.join(sys.argv[1:])}`.",
         "",
