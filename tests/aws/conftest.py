@@ -24,6 +24,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from lambda_fn.local_stack import FAKE_CREDS
 
 REPO = Path(__file__).resolve().parents[2]
 CLI = REPO / "scripts" / "llmft-aws"
@@ -33,13 +34,7 @@ if str(SCRIPTS) not in sys.path:  # llmft_aws lives in scripts/, which pyproject
 
 CLOSED_PORT_URL = "http://127.0.0.1:9"  # discard port: nothing listens, a stray call fails at once
 FAKE_AWS = {
-    "AWS_ACCESS_KEY_ID": "testing",
-    "AWS_SECRET_ACCESS_KEY": "testing",
-    "AWS_SESSION_TOKEN": "testing",
-    "AWS_REGION": "us-east-1",
-    "AWS_DEFAULT_REGION": "us-east-1",
-    "AWS_CONFIG_FILE": "/dev/null",
-    "AWS_SHARED_CREDENTIALS_FILE": "/dev/null",
+    **FAKE_CREDS,  # the Lambda tier's fake credentials and region, with every AWS call blocked on top
     "AWS_EC2_METADATA_DISABLED": "true",
     "AWS_ENDPOINT_URL": CLOSED_PORT_URL,
     "HTTP_PROXY": CLOSED_PORT_URL,
