@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -24,6 +23,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from fixtures.processes import stop_processes
 from lambda_fn.local_stack import FAKE_CREDS
 
 REPO = Path(__file__).resolve().parents[2]
@@ -123,15 +123,7 @@ class Servers:
         return proc
 
     def stop_all(self) -> None:
-        for proc in self.procs:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for proc in self.procs:
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop_processes(self.procs)
 
 
 @pytest.fixture(scope="session")

@@ -15,6 +15,8 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from fixtures.processes import stop_processes
+
 REPO = Path(__file__).resolve().parents[2]
 FUNCTIONS_DIR = Path(__file__).parent / "functions"
 FAKE_CREDS = {
@@ -73,15 +75,7 @@ class Processes:
         return proc
 
     def stop(self) -> None:
-        for proc in reversed(self.procs):
-            if proc.popen.poll() is None:
-                proc.popen.terminate()
-        for proc in reversed(self.procs):
-            try:
-                proc.popen.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.popen.kill()
-                proc.popen.wait(timeout=10)
+        stop_processes(proc.popen for proc in reversed(self.procs))
         self.procs.clear()
 
     def fake_sagemaker(self, variant: str = "AllTraffic") -> Proc:
