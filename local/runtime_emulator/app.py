@@ -161,29 +161,24 @@ async def ping(request: web.Request) -> web.Response:
 
 
 async def invoke_endpoint(request: web.Request) -> web.StreamResponse:
-    call = _start(request, "InvokeEndpoint")
-    try:
-        endpoint, body = await _validated_request(request, call)
-        variant = pick_variant(
-            endpoint, request.app[RNG_KEY], request.headers.get("X-Amzn-SageMaker-Target-Variant")
-        )
-        call.variant = variant.name
-        return await _forward(request, call, endpoint, variant, body)
-    except RuntimeApiError as exc:
-        return _error_response(call, exc)
-    finally:
-        call.log()
+    return await _invoke(request, "InvokeEndpoint", _forward)
 
 
 async def invoke_endpoint_stream(request: web.Request) -> web.StreamResponse:
-    call = _start(request, "InvokeEndpointWithResponseStream")
+    return await _invoke(request, "InvokeEndpointWithResponseStream", _forward_stream)
+
+
+async def _invoke(request: web.Request, api: str, forward) -> web.StreamResponse:
+    """Validate, pick the variant (TargetVariant or weighted), forward; the two invoke APIs differ only in
+    how the container's answer travels back."""
+    call = _start(request, api)
     try:
         endpoint, body = await _validated_request(request, call)
         variant = pick_variant(
             endpoint, request.app[RNG_KEY], request.headers.get("X-Amzn-SageMaker-Target-Variant")
         )
         call.variant = variant.name
-        return await _forward_stream(request, call, endpoint, variant, body)
+        return await forward(request, call, endpoint, variant, body)
     except RuntimeApiError as exc:
         return _error_response(call, exc)
     finally:
