@@ -40,6 +40,7 @@ def test_sagemaker_env_is_honoured():
         ({"SERVE_TRUST_REMOTE_CODE": "maybe"}, "SERVE_TRUST_REMOTE_CODE"),
         ({"SERVE_MAX_QUEUE": "2", "SERVE_MAX_BATCH_SIZE": "8"}, "SERVE_MAX_QUEUE"),
         ({"SERVE_GRACEFUL_TIMEOUT": "40"}, "SERVE_GRACEFUL_TIMEOUT"),
+        ({"SERVE_CPU_MATMUL": "fast"}, "SERVE_CPU_MATMUL must be auto, packed or stock"),
     ],
 )
 def test_bad_settings_fail_with_the_env_name(env, message):

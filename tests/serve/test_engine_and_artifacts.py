@@ -98,3 +98,23 @@ def test_pickle_weights_are_refused(tmp_path, make_config_for):
 def test_missing_model_dir_names_the_setting(tmp_path, make_config_for):
     with pytest.raises(ArtifactError, match="SAGEMAKER_BASE_DIR"):
         load_artifact(tmp_path / "nope", make_config_for(tmp_path / "nope"))
+
+
+@pytest.mark.parametrize("setting", ["auto", "packed", "stock"])
+def test_cpu_matmul_setting_packs_linears_and_keeps_the_logits(tiny_model_dir, make_config_for, setting):
+    """oneDNN-packed linears (SERVE_CPU_MATMUL) give the stock kernels' logits, for one row and for many."""
+    import torch
+    from serve.cpu_kernels import PackedLinear
+    from transformers import AutoModelForCausalLM
+
+    loaded = load_artifact(tiny_model_dir, make_config_for(tiny_model_dir, cpu_matmul=setting))
+    packed = [m for m in loaded.model.modules() if isinstance(m, PackedLinear)]
+    assert bool(packed) == (setting != "stock")
+    reference = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    assert loaded.model.get_output_embeddings().weight is loaded.model.get_input_embeddings().weight or not \
+        reference.config.tie_word_embeddings  # packing keeps tied weights tied
+    with torch.inference_mode():
+        for batch, length in [(1, 1), (1, 9), (4, 1), (3, 7)]:
+            ids = torch.randint(0, reference.config.vocab_size, (batch, length))
+            torch.testing.assert_close(loaded.model(input_ids=ids).logits, reference(input_ids=ids).logits,
+                                       atol=1e-4, rtol=1e-4)

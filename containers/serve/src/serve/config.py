@@ -36,6 +36,7 @@ class ServeConfig:
     trust_remote_code: bool = field(default=False, metadata={"env": "SERVE_TRUST_REMOTE_CODE"})
     torch_threads: int | None = field(default=None, metadata={"env": "SERVE_TORCH_THREADS"})
     dtype: str = field(default="auto", metadata={"env": "SERVE_DTYPE"})
+    cpu_matmul: str = field(default="auto", metadata={"env": "SERVE_CPU_MATMUL"})
     graceful_timeout_s: int = field(default=25, metadata={"env": "SERVE_GRACEFUL_TIMEOUT"})
     # Test hook: sleep this long before loading, so tests can watch /ping say 503 during a slow load.
     load_delay_s: float = field(default=0.0, metadata={"env": "SERVE_LOAD_DELAY_S"})
@@ -64,6 +65,8 @@ class ServeConfig:
             object.__setattr__(self, "default_max_new_tokens", self.max_new_tokens_cap)
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ConfigError(f"SERVE_DTYPE must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
+        if self.cpu_matmul not in ("auto", "packed", "stock"):
+            raise ConfigError(f"SERVE_CPU_MATMUL must be auto, packed or stock, got {self.cpu_matmul!r}")
         if self.graceful_timeout_s > 28:
             # SageMaker sends SIGKILL 30 s after SIGTERM; leave room to exit.
             raise ConfigError("SERVE_GRACEFUL_TIMEOUT must be <= 28 (SageMaker kills 30 s after SIGTERM)")

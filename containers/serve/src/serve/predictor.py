@@ -83,8 +83,30 @@ def load_artifact(model_dir: Path, config: ServeConfig) -> LoadedModel:
         tokenizer_source = model_dir
         name = _manifest_name(model_dir)
     model.to(device).eval()
+    if device == "cpu":
+        _choose_cpu_matmul(model, config.cpu_matmul)
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_source, trust_remote_code=trust)
     return LoadedModel(model, tokenizer, _eos_ids(model, tokenizer), _context_length(model, tokenizer, config), name)
+
+
+def _choose_cpu_matmul(model: Any, setting: str) -> None:
+    """`auto`/`packed`: oneDNN-packed fp32 linears (much faster batched steps, see serve.cpu_kernels)."""
+    import torch
+
+    from serve import cpu_kernels
+
+    if setting == "stock":
+        return
+    if model.dtype != torch.float32 or not cpu_kernels.available():
+        if setting == "packed":
+            raise ArtifactError(
+                f"SERVE_CPU_MATMUL=packed needs an fp32 model and a PyTorch built with oneDNN (model dtype "
+                f"{model.dtype}, oneDNN available: {cpu_kernels.available()}); use auto or stock"
+            )
+        return
+    count = cpu_kernels.pack_linears(model)
+    log.info("packed %d linear layers for oneDNN (SERVE_CPU_MATMUL=%s); batches of %d+ rows use them",
+             count, setting, cpu_kernels.DEFAULT_MIN_ROWS)
 
 
 def _refuse_pickles(directory: Path) -> None:
