@@ -4,6 +4,8 @@ What we add to the stock Trainer, and why:
 - the loss runs the LM head on answer tokens only: the prompt's logits (a third of the sequence, each a
   vocabulary-sized row) are never computed, which is most of the speed-up over TRL's defaults on CPU;
 - length-grouped batches, so little compute goes to padding;
+- LoRA+ learning rates (B matrices faster than A), which teach the model the data in the same 3 epochs far
+  better than one learning rate for both;
 - a SIGTERM callback that checkpoints and stops every rank at the same step (SageMaker stop / spot);
 - metric lines CloudWatch's MetricDefinitions regexes can read.
 
@@ -113,6 +115,7 @@ def train(model, tokenizer, train_set: list[dict], config: TrainConfig, checkpoi
     trainer = AnswerOnlyLossTrainer(
         model=model, args=args, train_dataset=dataset, data_collator=collator,
         processing_class=tokenizer, callbacks=[timing, stop],
+        loraplus_lr_ratio=config.loraplus_lr_ratio,
     )
     trainer.remove_callback(PrinterCallback)  # ProgressLogger prints one readable line per log instead
     resume = last_complete_checkpoint(checkpoint_dir)
@@ -167,7 +170,25 @@ def _unwrap(model):
 
 
 class AnswerOnlyLossTrainer(Trainer):
-    """Cross-entropy on answer tokens, with the LM head applied to those positions only."""
+    """Cross-entropy on answer tokens, with the LM head applied to those positions only; LoRA+ learning rates
+    for LoRA runs (PEFT's optimizer builder, so checkpoints resume with the same parameter groups)."""
+
+    def __init__(self, *args, loraplus_lr_ratio: float = 1.0, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.loraplus_lr_ratio = loraplus_lr_ratio
+
+    def create_optimizer(self, model=None):
+        if self.optimizer is None and self.loraplus_lr_ratio > 1.0 and hasattr(self.model, "peft_config"):
+            from peft.optimizers import create_loraplus_optimizer
+
+            optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, self.model)
+            optimizer_kwargs.pop("lr", None)
+            self.optimizer = create_loraplus_optimizer(
+                self.model, optimizer_cls, lr=self.args.learning_rate, loraplus_lr_ratio=self.loraplus_lr_ratio,
+                loraplus_weight_decay=self.args.weight_decay, **optimizer_kwargs,
+            )
+            return self.optimizer
+        return super().create_optimizer(model)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         inner = _unwrap(model)
