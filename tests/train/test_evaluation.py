@@ -53,3 +53,31 @@ def test_answer_loss_matches_full_logits_cross_entropy(tiny_model_dir):
     expected = torch.nn.functional.cross_entropy(
         logits[:, :-1].reshape(-1, logits.shape[-1]), batch["labels"][:, 1:].reshape(-1), ignore_index=-100)
     assert answer_loss(model, encoded, collator, batch_size=1) == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_a_stop_request_ends_evaluation_within_a_decoding_step(tiny_model_dir):
+    """SIGTERM during a long evaluation: generation stops at the next decoding step, not after the batch."""
+    from trainer import prompts
+    from trainer.data import Example
+    from trainer.evaluation import EvaluationStopped, answer_loss, generate_answers
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    prompts.prepare_tokenizer(tokenizer, prompts.choose_format("auto", tokenizer, str(tiny_model_dir)))
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    model.resize_token_embeddings(len(tokenizer))
+    polls = []
+
+    def stop_after_five_polls() -> bool:
+        polls.append(1)
+        return len(polls) > 5
+
+    with pytest.raises(EvaluationStopped, match="stopped after 0 of 2 answers"):
+        generate_answers(model, tokenizer, ["What is LoRA?", "Why?"], max_new_tokens=10_000, batch_size=2,
+                         stop_token_ids=[], should_stop=stop_after_five_polls)
+    assert len(polls) < 10  # polled per step: it did not run on towards 10,000 tokens
+
+    encoded = [prompts.encode_example(tokenizer, Example("Why?", "Because.", "", "row 1"))]
+    collator = prompts.CompletionCollator(tokenizer.pad_token_id)
+    with pytest.raises(EvaluationStopped):
+        answer_loss(model, encoded, collator, batch_size=1, should_stop=lambda: True)

@@ -21,6 +21,14 @@ _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _PUNCTUATION = str.maketrans("", "", string.punctuation)
 
 
+class EvaluationStopped(Exception):
+    """A stop was requested (SIGTERM) while the model was being evaluated."""
+
+
+def _never() -> bool:
+    return False
+
+
 @dataclass(frozen=True)
 class EvalSet:
     questions: list[str]
@@ -84,9 +92,19 @@ def generate_answers(
     batch_size: int,
     stop_token_ids: Sequence[int],
     progress: Callable[[int, int], None] | None = None,
+    should_stop: Callable[[], bool] = _never,
 ) -> list[str]:
-    """Greedy answers, batched with left padding (prompts are already rendered with the chat template)."""
+    """Greedy answers, batched with left padding (prompts are already rendered with the chat template).
+
+    `should_stop` is polled at every decoding step: a batch of long answers on a CPU takes minutes, longer
+    than SageMaker waits between SIGTERM and SIGKILL. When it turns true, EvaluationStopped is raised.
+    """
     import torch
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    class StopRequested(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            return torch.full((input_ids.shape[0],), should_stop(), dtype=torch.bool, device=input_ids.device)
 
     answers: list[str] = []
     padding_side = tokenizer.padding_side
@@ -100,7 +118,10 @@ def generate_answers(
                 output = model.generate(
                     **batch, max_new_tokens=max_new_tokens, do_sample=False,
                     eos_token_id=list(stop_token_ids), pad_token_id=tokenizer.pad_token_id,
+                    stopping_criteria=StoppingCriteriaList([StopRequested()]),
                 )
+            if should_stop():
+                raise EvaluationStopped(f"stopped after {len(answers)} of {len(prompts)} answers")
             new_tokens = output[:, batch["input_ids"].shape[1]:]
             answers.extend(t.strip() for t in tokenizer.batch_decode(new_tokens, skip_special_tokens=True))
             if progress:
@@ -110,7 +131,8 @@ def generate_answers(
     return answers
 
 
-def answer_loss(model, encoded: Sequence[dict], collator, batch_size: int) -> float:
+def answer_loss(model, encoded: Sequence[dict], collator, batch_size: int,
+                should_stop: Callable[[], bool] = _never) -> float:
     """Mean cross-entropy per answer token (teacher forcing); perplexity is exp of it.
 
     The LM head runs on answer positions only, as in training: a batch's full logits (batch x length x
@@ -121,6 +143,8 @@ def answer_loss(model, encoded: Sequence[dict], collator, batch_size: int) -> fl
     total, tokens = 0.0, 0
     model.eval()
     for start in range(0, len(encoded), batch_size):
+        if should_stop():
+            raise EvaluationStopped(f"stopped after {start} of {len(encoded)} loss examples")
         batch = collator(list(encoded[start:start + batch_size]))
         batch = {k: v.to(model.device) for k, v in batch.items()}
         labels = batch["labels"][:, 1:]
@@ -135,17 +159,18 @@ def answer_loss(model, encoded: Sequence[dict], collator, batch_size: int) -> fl
 
 
 def evaluate_model(model, tokenizer, *, label: str, sets: dict[str, EvalSet], collator, stop_token_ids,
-                   max_new_tokens: int, batch_size: int) -> dict:
-    """Loss/perplexity and answer quality on each named EvalSet."""
+                   max_new_tokens: int, batch_size: int, should_stop: Callable[[], bool] = _never) -> dict:
+    """Loss/perplexity and answer quality on each named EvalSet; EvaluationStopped when should_stop()."""
     results: dict[str, dict] = {}
     for set_name, eval_set in sets.items():
-        loss = answer_loss(model, eval_set.encoded, collator, batch_size)
+        loss = answer_loss(model, eval_set.encoded, collator, batch_size, should_stop)
 
         def progress(done: int, total: int, set_name=set_name) -> None:
             log.info("eval %s/%s: answered %d/%d questions", label, set_name, done, total)
 
         answers = generate_answers(model, tokenizer, eval_set.prompts, max_new_tokens=max_new_tokens,
-                                   batch_size=batch_size, stop_token_ids=stop_token_ids, progress=progress)
+                                   batch_size=batch_size, stop_token_ids=stop_token_ids, progress=progress,
+                                   should_stop=should_stop)
         results[set_name] = {
             "loss": loss,
             "perplexity": math.exp(min(loss, 50.0)),

@@ -91,10 +91,18 @@ def run(config: TrainConfig, job: Job, cache_dir: Path, stop_requested: threadin
 
     def evaluate(m, label: str) -> dict:
         m.to(device)
-        return evaluation.evaluate_model(
-            m, tokenizer, label=label, sets=eval_sets, collator=collator, stop_token_ids=setup.stop_token_ids,
-            max_new_tokens=config.eval_max_new_tokens, batch_size=config.eval_batch_size,
-        )
+        try:
+            return evaluation.evaluate_model(
+                m, tokenizer, label=label, sets=eval_sets, collator=collator, stop_token_ids=setup.stop_token_ids,
+                max_new_tokens=config.eval_max_new_tokens, batch_size=config.eval_batch_size,
+                should_stop=stop_requested.is_set,
+            )
+        except evaluation.EvaluationStopped as e:
+            done = "the trained weights are in the last checkpoint" if label == "tuned" else "nothing was trained yet"
+            raise TrainingInterrupted(
+                f"stopped by SIGTERM while evaluating the {label} model ({e}); {done}. Run the job again with the "
+                "same checkpoint location to resume."
+            ) from e
 
     base_results: dict = {}
     if config.eval_base_model and rank.is_main and eval_sets:
