@@ -178,8 +178,9 @@ def main(argv=None) -> int:
         f"`benchmarks/train_vs_trl.py`{' --max-steps ' + str(args.max_steps) if args.max_steps > 0 else ''}"
         f"{' --epochs ' + format(args.epochs, 'g') if args.epochs is not None else ''}. "
         f"SmolLM2-135M-Instruct (embedded), LoRA r{hyperparameters['lora_r']} alpha {hyperparameters['lora_alpha']}"
-        f" all-linear, lr {hyperparameters['learning_rate']} (ours with LoRA+ ratio {defaults.loraplus_lr_ratio:g}: "
-        f"its optimizer choice, TRL keeps its own), batch {hyperparameters['per_device_batch_size']}, "
+        f" all-linear, lr {hyperparameters['learning_rate']}"
+        f"{f' (ours with LoRA+ ratio {defaults.loraplus_lr_ratio:g})' if defaults.loraplus_lr_ratio > 1 else ''}, "
+        f"batch {hyperparameters['per_device_batch_size']}, "
         f"{hyperparameters['epochs']:g} epochs on {len(train_rows)} FAQ rows ({len(held_out)} held out), fp32.",
         "",
         "| | ours (containers/train) | TRL SFTTrainer (defaults) | ratio |",

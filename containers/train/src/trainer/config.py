@@ -67,7 +67,7 @@ class TrainConfig:
     # > Optimisation
     epochs: float = _hp(3.0, "Passes over the training data.", minimum=0.0)
     max_steps: int = _hp(-1, "Stop after this many optimizer steps (overrides epochs when > 0).")
-    learning_rate: float = _hp(1e-3, "Peak learning rate (after warm-up).", minimum=0.0)
+    learning_rate: float = _hp(2e-3, "Peak learning rate (after warm-up).", minimum=0.0)
     lr_scheduler: str = _hp("cosine", "Learning-rate schedule.", choices=("cosine", "linear", "constant"))
     warmup_ratio: float = _hp(0.05, "Share of steps spent warming the learning rate up.", minimum=0.0)
     weight_decay: float = _hp(0.0, "AdamW weight decay.", minimum=0.0)
@@ -84,8 +84,8 @@ class TrainConfig:
         "all-linear", "Comma-separated module names to adapt, or `all-linear` for every linear layer but the head."
     )
     loraplus_lr_ratio: float = _hp(
-        16.0, "LoRA+: the B matrices learn this many times faster than the A matrices, which learns a new task "
-        "in fewer steps at the same learning rate (arXiv:2402.12354). 1 = plain LoRA.", minimum=1.0)
+        1.0, "LoRA+ (arXiv:2402.12354): the B matrices learn this many times faster than the A matrices, e.g. 16. "
+        "1 = plain LoRA.", minimum=1.0)
 
     # > Hardware and distribution
     deepspeed: str = _hp(

@@ -4,8 +4,7 @@ What we add to the stock Trainer, and why:
 - the loss runs the LM head on answer tokens only: the prompt's logits (a third of the sequence, each a
   vocabulary-sized row) are never computed, which is most of the speed-up over TRL's defaults on CPU;
 - length-grouped batches, so little compute goes to padding;
-- LoRA+ learning rates (B matrices faster than A), which teach the model the data in the same 3 epochs far
-  better than one learning rate for both;
+- optional LoRA+ learning rates (B matrices faster than A; `loraplus_lr_ratio`);
 - a SIGTERM callback that checkpoints and stops every rank at the same step (SageMaker stop / spot);
 - metric lines CloudWatch's MetricDefinitions regexes can read.
 
