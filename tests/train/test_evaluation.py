@@ -30,18 +30,28 @@ def test_latency_summary_nearest_rank():
     assert latency_summary([]) == {}
 
 
-def test_answer_loss_matches_full_logits_cross_entropy(tiny_model_dir):
-    """The answer-positions-only LM head gives the same mean loss as the plain full-logits computation."""
+@pytest.fixture(scope="module")
+def prepared_tiny(tiny_model_dir):
+    """The tiny chat model and its tokenizer, prepared as a training job prepares them (pad token added)."""
     import torch
     from trainer import prompts
-    from trainer.data import Example
-    from trainer.evaluation import answer_loss
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     prompts.prepare_tokenizer(tokenizer, prompts.choose_format("auto", tokenizer, str(tiny_model_dir)))
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
     model.resize_token_embeddings(len(tokenizer))
+    return model, tokenizer
+
+
+def test_answer_loss_matches_full_logits_cross_entropy(prepared_tiny):
+    """The answer-positions-only LM head gives the same mean loss as the plain full-logits computation."""
+    import torch
+    from trainer import prompts
+    from trainer.data import Example
+    from trainer.evaluation import answer_loss
+
+    model, tokenizer = prepared_tiny
     examples = [Example(question=q, answer=a, context="", source=f"row {i}")
                 for i, (q, a) in enumerate([("What is LoRA?", "Low-rank adapters."), ("Why?", "Because it is small.")])]
     encoded = [prompts.encode_example(tokenizer, e) for e in examples]
@@ -55,17 +65,13 @@ def test_answer_loss_matches_full_logits_cross_entropy(tiny_model_dir):
     assert answer_loss(model, encoded, collator, batch_size=1) == pytest.approx(expected.item(), rel=1e-5)
 
 
-def test_a_stop_request_ends_evaluation_within_a_decoding_step(tiny_model_dir):
+def test_a_stop_request_ends_evaluation_within_a_decoding_step(prepared_tiny):
     """SIGTERM during a long evaluation: generation stops at the next decoding step, not after the batch."""
     from trainer import prompts
     from trainer.data import Example
     from trainer.evaluation import EvaluationStopped, answer_loss, generate_answers
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
-    prompts.prepare_tokenizer(tokenizer, prompts.choose_format("auto", tokenizer, str(tiny_model_dir)))
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
-    model.resize_token_embeddings(len(tokenizer))
+    model, tokenizer = prepared_tiny
     polls = []
 
     def stop_after_five_polls() -> bool:

@@ -97,11 +97,12 @@ def _choose_cpu_matmul(model: Any, setting: str) -> None:
 
     if setting == "stock":
         return
-    if model.dtype != torch.float32 or not cpu_kernels.available():
+    onednn = cpu_kernels.available()
+    if model.dtype != torch.float32 or not onednn:
         if setting == "packed":
             raise ArtifactError(
                 f"SERVE_CPU_MATMUL=packed needs an fp32 model and a PyTorch built with oneDNN (model dtype "
-                f"{model.dtype}, oneDNN available: {cpu_kernels.available()}); use auto or stock"
+                f"{model.dtype}, oneDNN available: {onednn}); use auto or stock"
             )
         return
     count = cpu_kernels.pack_linears(model)
