@@ -48,12 +48,13 @@ def create_app(config=None, predictor=None) -> Flask:
 
 
 def _configure_logging() -> None:
-    """Our loggers write to stderr (gunicorn's error log); access lines are bare JSON."""
+    """Our loggers write to stderr (gunicorn's error log); access lines are bare JSON. Lines carry the
+    worker's pid, as gunicorn's own do, so several workers' loads and failures can be told apart."""
     root = logging.getLogger("serve")
     if root.handlers:
         return
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s [%(levelname)s] %(name)s: %(message)s"))
+    handler.setFormatter(logging.Formatter("%(asctime)s [%(process)d] [%(levelname)s] %(name)s: %(message)s"))
     root.addHandler(handler)
     root.setLevel(logging.INFO)
     root.propagate = False
