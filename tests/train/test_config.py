@@ -42,6 +42,7 @@ def test_unknown_hyperparameter_is_named():
     ("lora_r", "0", r"'lora_r': 0 must be at least 1"),
     ("method", "qlora", r"'method': 'qlora' is not one of lora, full"),
     ("validation_fraction", "1.5", r"'validation_fraction'"),
+    ("lr_decay_ratio", "1.5", r"'lr_decay_ratio': must be in \[0, 1\]"),
     ("model_id", "[1, 2]", r"'model_id': expected a string"),
 ])
 def test_bad_values_name_the_key(key, value, message):

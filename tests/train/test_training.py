@@ -12,11 +12,10 @@ def _trainer(model_dir, tmp_path, **hyperparameters):
     model = AutoModelForCausalLM.from_pretrained(model_dir)
     if config.method == "lora":
         model = training.apply_lora(model, config)
-    args = training.TrainingArguments(output_dir=str(tmp_path), learning_rate=config.learning_rate,
-                                      weight_decay=config.weight_decay, use_cpu=True, report_to="none")
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    return training.AnswerOnlyLossTrainer(model=model, args=args, processing_class=tokenizer,
-                                          loraplus_lr_ratio=config.loraplus_lr_ratio)
+    return training.AnswerOnlyLossTrainer(model=model, args=training.training_arguments(config, tmp_path),
+                                          processing_class=tokenizer, loraplus_lr_ratio=config.loraplus_lr_ratio,
+                                          lr_decay_ratio=config.lr_decay_ratio)
 
 
 @pytest.mark.parametrize("ratio", ["16", "1"])
@@ -37,3 +36,32 @@ def test_full_fine_tuning_ignores_the_loraplus_ratio(tiny_model_dir, tmp_path):
     optimizer = trainer.create_optimizer()
     assert {group["lr"] for group in optimizer.param_groups} == {0.001}
 
+
+
+def _learning_rates(trainer, steps: int) -> list[float]:
+    trainer.create_optimizer()
+    schedule = trainer.create_scheduler(steps)
+    rates = []
+    for _ in range(steps):
+        rates.append(schedule.get_last_lr()[0])
+        trainer.optimizer.step()
+        schedule.step()
+    return rates
+
+
+@pytest.mark.parametrize(
+    ("scheduler", "expected"),
+    [
+        # warm-up over the first 10 steps in every case; then
+        ("constant", {10: 1.0, 50: 1.0, 99: 1.0}),
+        ("wsd", {10: 1.0, 69: 1.0, 70: 1.0, 85: 0.5, 99: 0.003}),  # stable to step 70, then 30 steps of decay
+        ("cosine", {10: 1.0, 55: 0.5, 99: 0.0003}),
+    ],
+)
+def test_learning_rate_schedules_warm_up_then_follow_their_shape(tiny_model_dir, tmp_path, scheduler, expected):
+    trainer = _trainer(tiny_model_dir, tmp_path, learning_rate="1.0", lr_scheduler=scheduler, warmup_ratio="0.1",
+                       lr_decay_ratio="0.3")
+    rates = _learning_rates(trainer, 100)
+    assert rates[0] == 0.0 and rates[5] == pytest.approx(0.5)
+    for step, rate in expected.items():
+        assert rates[step] == pytest.approx(rate, abs=2e-3), (step, rates[step])

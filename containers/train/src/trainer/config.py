@@ -68,7 +68,14 @@ class TrainConfig:
     epochs: float = _hp(3.0, "Passes over the training data.", minimum=0.0)
     max_steps: int = _hp(-1, "Stop after this many optimizer steps (overrides epochs when > 0).")
     learning_rate: float = _hp(2e-3, "Peak learning rate (after warm-up).", minimum=0.0)
-    lr_scheduler: str = _hp("cosine", "Learning-rate schedule.", choices=("cosine", "linear", "constant"))
+    lr_scheduler: str = _hp(
+        "cosine",
+        "Learning-rate schedule after the warm-up: `cosine` or `linear` decay to 0, `constant`, or `wsd` (warm-up, "
+        "stable, decay: constant, then a cosine decay to 0 over the last `lr_decay_ratio` of the steps).",
+        choices=("cosine", "linear", "constant", "wsd"),
+    )
+    lr_decay_ratio: float = _hp(0.2, "With `lr_scheduler=wsd`: share of steps, at the end, over which it decays.",
+                                minimum=0.0)
     warmup_ratio: float = _hp(0.05, "Share of steps spent warming the learning rate up.", minimum=0.0)
     weight_decay: float = _hp(0.0, "AdamW weight decay.", minimum=0.0)
     per_device_batch_size: int = _hp(1, "Sequences per device per step.", minimum=1)
@@ -121,6 +128,8 @@ class TrainConfig:
                 raise ConfigError(f"hyperparameter '{f.name}': {value!r} must be at least {minimum:g}")
         if not 0.0 <= self.validation_fraction < 1.0:
             raise ConfigError("hyperparameter 'validation_fraction': must be in [0, 1)")
+        if self.lr_decay_ratio > 1.0:
+            raise ConfigError("hyperparameter 'lr_decay_ratio': must be in [0, 1]")
         if self.epochs <= 0 and self.max_steps <= 0:
             raise ConfigError("hyperparameter 'epochs': must be > 0 unless 'max_steps' is set")
 

@@ -69,28 +69,22 @@ def apply_lora(model, config: TrainConfig):
     return model
 
 
-def train(model, tokenizer, train_set: list[dict], config: TrainConfig, checkpoint_dir: Path,
-          stop_requested: threading.Event, collator, world_size: int = 1) -> tuple[TrainOutcome, Trainer]:
-    from datasets import Dataset
-
-    checkpoint_dir.mkdir(parents=True, exist_ok=True)
-    bf16 = use_bf16(config)
-    if torch.cuda.is_available():
-        # cuDNN's attention backend builds an execution plan per new shape (hundreds of ms each, see
-        # pytorch/pytorch#155958), and length-grouped batches bring a new sequence length nearly every step.
-        torch.backends.cuda.enable_cudnn_sdp(False)
-    args = TrainingArguments(
+def training_arguments(config: TrainConfig, checkpoint_dir: Path, world_size: int = 1) -> TrainingArguments:
+    """The HF Trainer settings a job's hyperparameters stand for."""
+    return TrainingArguments(
         output_dir=str(checkpoint_dir),
         num_train_epochs=config.epochs,
         max_steps=config.max_steps,
         per_device_train_batch_size=config.per_device_batch_size,
         gradient_accumulation_steps=config.gradient_accumulation_steps,
         learning_rate=config.learning_rate,
-        lr_scheduler_type=config.lr_scheduler,
+        # HF's plain "constant" would ignore the warm-up; "wsd" is built by the trainer, which knows the step count.
+        lr_scheduler_type={"constant": "constant_with_warmup", "wsd": "warmup_stable_decay"}.get(
+            config.lr_scheduler, config.lr_scheduler),
         warmup_steps=config.warmup_ratio,  # a float < 1 is a ratio of the total steps
         weight_decay=config.weight_decay,
         gradient_checkpointing=config.gradient_checkpointing,
-        bf16=bf16,
+        bf16=use_bf16(config),
         seed=config.seed,
         logging_steps=config.logging_steps,
         save_strategy="steps",
@@ -108,13 +102,25 @@ def train(model, tokenizer, train_set: list[dict], config: TrainConfig, checkpoi
         ddp_backend="gloo" if world_size > 1 and not torch.cuda.is_available() else None,
         dataloader_num_workers=0,
     )
+
+
+def train(model, tokenizer, train_set: list[dict], config: TrainConfig, checkpoint_dir: Path,
+          stop_requested: threading.Event, collator, world_size: int = 1) -> tuple[TrainOutcome, Trainer]:
+    from datasets import Dataset
+
+    checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    if torch.cuda.is_available():
+        # cuDNN's attention backend builds an execution plan per new shape (hundreds of ms each, see
+        # pytorch/pytorch#155958), and length-grouped batches bring a new sequence length nearly every step.
+        torch.backends.cuda.enable_cudnn_sdp(False)
+    args = training_arguments(config, checkpoint_dir, world_size)
     dataset = Dataset.from_list(train_set).add_column("length", [len(e["input_ids"]) for e in train_set])
     timing = ProgressLogger()
     stop = StopOnSignal(stop_requested)
     trainer = AnswerOnlyLossTrainer(
         model=model, args=args, train_dataset=dataset, data_collator=collator,
         processing_class=tokenizer, callbacks=[timing, stop],
-        loraplus_lr_ratio=config.loraplus_lr_ratio,
+        loraplus_lr_ratio=config.loraplus_lr_ratio, lr_decay_ratio=config.lr_decay_ratio,
     )
     trainer.remove_callback(PrinterCallback)  # ProgressLogger prints one readable line per log instead
     resume = last_complete_checkpoint(checkpoint_dir)
@@ -170,11 +176,22 @@ def _unwrap(model):
 
 class AnswerOnlyLossTrainer(Trainer):
     """Cross-entropy on answer tokens, with the LM head applied to those positions only; LoRA+ learning rates
-    for LoRA runs (PEFT's optimizer builder, so checkpoints resume with the same parameter groups)."""
+    for LoRA runs (PEFT's optimizer builder, so checkpoints resume with the same parameter groups); the
+    warm-up-stable-decay schedule sized from the step count."""
 
-    def __init__(self, *args, loraplus_lr_ratio: float = 1.0, **kwargs):
+    def __init__(self, *args, loraplus_lr_ratio: float = 1.0, lr_decay_ratio: float = 0.2, **kwargs):
         super().__init__(*args, **kwargs)
         self.loraplus_lr_ratio = loraplus_lr_ratio
+        self.lr_decay_ratio = lr_decay_ratio
+
+    def create_scheduler(self, num_training_steps: int, optimizer=None):
+        if self.lr_scheduler is None and self.args.lr_scheduler_type == "warmup_stable_decay":
+            # HF's WSD schedule takes its decay length in steps, and the step count is only known here.
+            self.args.lr_scheduler_kwargs = {
+                "num_decay_steps": round(self.lr_decay_ratio * num_training_steps), "decay_type": "cosine",
+                **(self.args.lr_scheduler_kwargs or {}),
+            }
+        return super().create_scheduler(num_training_steps, optimizer)
 
     def create_optimizer(self, model=None):
         if self.optimizer is None and self.loraplus_lr_ratio > 1.0 and hasattr(self.model, "peft_config"):
