@@ -65,3 +65,27 @@ def test_learning_rate_schedules_warm_up_then_follow_their_shape(tiny_model_dir,
     assert rates[0] == 0.0 and rates[5] == pytest.approx(0.5)
     for step, rate in expected.items():
         assert rates[step] == pytest.approx(rate, abs=2e-3), (step, rates[step])
+
+
+@pytest.mark.parametrize("dora", ["false", "true"])
+def test_trained_lora_and_dora_adapters_merge_into_plain_weights_with_the_same_outputs(tiny_model_dir, tmp_path, dora):
+    import torch
+    from trainer.artifact import merge_for_serving
+
+    trainer = _trainer(tiny_model_dir, tmp_path, learning_rate="0.01", lora_use_dora=dora)
+    model = trainer.model
+    assert any("lora_magnitude_vector" in n for n, _ in model.named_parameters()) == (dora == "true")
+    optimizer = trainer.create_optimizer()
+    batch = torch.randint(0, model.config.vocab_size, (2, 12))
+    for _ in range(3):  # move the adapters away from their no-op start
+        model(input_ids=batch, labels=batch).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.eval()
+    with torch.no_grad():
+        adapted = model(input_ids=batch).logits
+        with model.disable_adapter():
+            assert not torch.allclose(model(input_ids=batch).logits, adapted, atol=1e-3)  # training changed it
+        merged = merge_for_serving(model)
+        assert not any("lora" in n for n, _ in merged.named_parameters())
+        torch.testing.assert_close(merged(input_ids=batch).logits, adapted, rtol=1e-4, atol=1e-4)

@@ -90,6 +90,9 @@ class TrainConfig:
     lora_target_modules: str = _hp(
         "all-linear", "Comma-separated module names to adapt, or `all-linear` for every linear layer but the head."
     )
+    lora_use_dora: bool = _hp(
+        False, "DoRA (arXiv:2402.09353): learn each weight column's magnitude apart from its LoRA direction. "
+        "Merges into plain weights like LoRA.")
     loraplus_lr_ratio: float = _hp(
         1.0, "LoRA+ (arXiv:2402.12354): the B matrices learn this many times faster than the A matrices, e.g. 16. "
         "1 = plain LoRA.", minimum=1.0)

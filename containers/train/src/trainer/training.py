@@ -59,13 +59,14 @@ def apply_lora(model, config: TrainConfig):
     from peft import LoraConfig, get_peft_model
 
     lora = LoraConfig(
-        r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+        r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout, use_dora=config.lora_use_dora,
         target_modules=config.lora_targets, task_type="CAUSAL_LM",
     )
     model = get_peft_model(model, lora)
     trainable, total = model.get_nb_trainable_parameters()
-    log.info("LoRA r=%d alpha=%d on %s: %d trainable parameters of %d (%.2f%%)",
-             config.lora_r, config.lora_alpha, config.lora_target_modules, trainable, total, 100 * trainable / total)
+    log.info("%s r=%d alpha=%d on %s: %d trainable parameters of %d (%.2f%%)",
+             "DoRA" if config.lora_use_dora else "LoRA", config.lora_r, config.lora_alpha, config.lora_target_modules,
+             trainable, total, 100 * trainable / total)
     return model
 
 
