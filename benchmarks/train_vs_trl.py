@@ -45,13 +45,18 @@ def run_measured(command: list[str], env: dict) -> tuple[int, float, float, str]
     return process.returncode, time.perf_counter() - started, usage.ru_maxrss / 2**20, output
 
 
-def run_ours(workdir: Path, hyperparameters: dict) -> dict:
-    job = workdir / "ours"
+def write_job_tree(job: Path, hyperparameters: dict) -> None:
+    """A SageMaker-shaped job directory: the FAQ as the train channel, hyperparameters as strings."""
     (job / "input" / "data" / "train").mkdir(parents=True)
     (job / "input" / "config").mkdir(parents=True)
     (job / "input" / "data" / "train" / FAQ.name).write_bytes(FAQ.read_bytes())
     (job / "input" / "config" / "hyperparameters.json").write_text(
         json.dumps({k: str(v) for k, v in hyperparameters.items()}))
+
+
+def run_ours(workdir: Path, hyperparameters: dict) -> dict:
+    job = workdir / "ours"
+    write_job_tree(job, hyperparameters)
     env = {**os.environ, "SAGEMAKER_BASE_DIR": str(job), "PYTHONUNBUFFERED": "1"}
     print(f"ours: training in {job} ...", flush=True)
     code, wall, peak_gib, output = run_measured([sys.executable, str(TRAIN)], env)
@@ -113,9 +118,9 @@ def run_trl(workdir: Path, model_dir: Path, train_rows: list, hyperparameters: d
     return {**json.loads(match.group(1)), "peak_rss_gib": peak_gib, "wall_s": wall}
 
 
-def write_section(markdown: str) -> None:
+def write_section(markdown: str, section: str = "train") -> None:
     text = DOCS.read_text(encoding="utf-8")
-    start, end = "<!-- BEGIN train -->", "<!-- END train -->"
+    start, end = f"<!-- BEGIN {section} -->", f"<!-- END {section} -->"
     before, rest = text.split(start, 1)
     _, after = rest.split(end, 1)
     DOCS.write_text(f"{before}{start}\n{markdown.strip()}\n{end}{after}", encoding="utf-8")

@@ -1,0 +1,145 @@
+#!/usr/bin/env python3
+"""Which training recipe teaches the embedded model the FAQ best in 3 epochs: one training job per recipe.
+
+    .venv/bin/python benchmarks/train_recipes.py                       # every recipe, 2 jobs at a time (~35 min a pair)
+    .venv/bin/python benchmarks/train_recipes.py --only defaults dora  # some of them (names: --help)
+    .venv/bin/python benchmarks/train_recipes.py --collect             # only tabulate jobs already in --jobs-dir
+
+Each recipe is a real job of the training image (containers/train/train) on the FAQ, in its own SageMaker-shaped
+tree under --jobs-dir, with the same seeded held-out split, evaluating the tuned model on the 23 held-out
+questions and 32 training questions (greedy answers, ROUGE-L and answer loss). A job whose tree already holds a
+finished model is not run again, so an interrupted sweep picks up where it stopped. The table, read from each
+job's manifest.json, goes to the `train-recipes` section of docs/benchmarks.md. Tokens/s are per job: jobs that
+ran side by side shared the machine's cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from train_vs_trl import FAQ, REPO, TRAIN, write_job_tree, write_section
+
+sys.path.insert(0, str(REPO / "containers" / "train" / "src"))
+
+# Overrides of the image's defaults; every recipe is LoRA rank 16 for 3 epochs unless it says otherwise.
+RECIPES: dict[str, dict] = {
+    "defaults": {},
+    "lr 3e-3": {"learning_rate": 0.003, "lora_alpha": 32},
+    "lr 3e-3, batch 2": {"learning_rate": 0.003, "per_device_batch_size": 2},
+    "lr 1e-3": {"learning_rate": 0.001},
+    "lr 5e-4": {"learning_rate": 0.0005},
+    "constant lr": {"lr_scheduler": "constant"},
+    "warm-up, stable, decay": {"lr_scheduler": "wsd"},
+    "LoRA+ 16, lr 1e-3": {"learning_rate": 0.001, "loraplus_lr_ratio": 16},
+    "DoRA": {"lora_use_dora": True},
+    "full fine-tuning, lr 1e-4": {"method": "full", "learning_rate": 0.0001},
+}
+EVALUATION = {"eval_base_model": False, "eval_max_samples": 23, "eval_train_samples": 32}
+DOCS_SECTION = "train-recipes"
+
+
+def job_name(recipe: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", recipe.lower().replace("+", "plus")).strip("-")
+
+
+def run_jobs(recipes: list[str], jobs_dir: Path, parallel: int) -> None:
+    """Start up to `parallel` jobs at once, each pinned to its share of the cores."""
+    cores = sorted(os.sched_getaffinity(0))
+    share = max(1, len(cores) // parallel)
+    pending = [r for r in recipes if not (jobs_dir / job_name(r) / "model" / "manifest.json").exists()]
+    running: dict[str, tuple[subprocess.Popen, float, list[int]]] = {}
+    free = [cores[i:i + share] for i in range(0, share * parallel, share)]
+    while pending or running:
+        while pending and free:
+            recipe, slot = pending.pop(0), free.pop(0)
+            job = jobs_dir / job_name(recipe)
+            if job.exists():
+                subprocess.run(["rm", "-rf", str(job)], check=True)  # an unfinished earlier try
+            write_job_tree(job, {**EVALUATION, **RECIPES[recipe]})
+            env = {**os.environ, "SAGEMAKER_BASE_DIR": str(job), "PYTHONUNBUFFERED": "1",
+                   "OMP_NUM_THREADS": str(len(slot)), "OMP_WAIT_POLICY": "PASSIVE"}
+            log = open(job / "log.txt", "w")  # noqa: SIM115 - held open for the job's lifetime
+            process = subprocess.Popen([sys.executable, str(TRAIN)], env=env, stdout=log, stderr=subprocess.STDOUT,
+                                       preexec_fn=lambda cpus=slot: os.sched_setaffinity(0, cpus))
+            running[recipe] = (process, time.monotonic(), slot)
+            print(f"{recipe}: started on cores {slot}, log {job / 'log.txt'}", flush=True)
+        time.sleep(5)
+        for recipe, (process, started, slot) in list(running.items()):
+            if process.poll() is None:
+                continue
+            del running[recipe]
+            free.append(slot)
+            status = "done" if process.returncode == 0 else f"FAILED (exit {process.returncode})"
+            print(f"{recipe}: {status} after {time.monotonic() - started:.0f} s", flush=True)
+
+
+def differences(hyperparameters: dict) -> str:
+    """The hyperparameters a finished job ran with that differ from the image's defaults (evaluation aside)."""
+    from trainer.config import TrainConfig
+
+    defaults = TrainConfig()
+    changed = [f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in sorted(hyperparameters.items())
+               if k not in EVALUATION and hasattr(defaults, k) and getattr(defaults, k) != v]
+    return ", ".join(changed) or "the defaults"
+
+
+def table(jobs_dir: Path) -> str:
+    rows = []
+    for manifest_path in sorted(jobs_dir.glob("*/model/manifest.json")):
+        manifest = json.loads(manifest_path.read_text())
+        metrics, training = manifest["metrics"], manifest["training"]
+        train_sample, validation = metrics.get("train_sample"), metrics.get("validation")
+        if not train_sample or not validation:
+            continue
+        rows.append((train_sample["rouge_l"]["tuned"], differences(manifest["hyperparameters"]), train_sample,
+                     validation, training))
+    rows.sort(key=lambda row: -row[0])
+    lines = [
+        f"Measured {time.strftime('%Y-%m-%d')} on {os.cpu_count()} CPU cores, `benchmarks/train_recipes.py`: one job "
+        "of the training image per recipe, SmolLM2-135M-Instruct (embedded), the FAQ with 23 questions held out, "
+        "LoRA rank 16, 3 epochs; the tuned model answers greedily (up to 256 new tokens). Sorted by ROUGE-L on "
+        "training questions.",
+        "",
+        "| recipe (what differs from the defaults) | ROUGE-L, 32 training questions | answer loss, training | "
+        "ROUGE-L, 23 held-out | answer loss, held-out | steps |",
+        "|---|---|---|---|---|---|",
+    ]
+    for _, recipe, train_sample, validation, training in rows:
+        lines.append(
+            f"| {recipe} | **{train_sample['rouge_l']['tuned']:.3f}** | {train_sample['loss']['tuned']:.3f} | "
+            f"{validation['rouge_l']['tuned']:.3f} | {validation['loss']['tuned']:.3f} | {training['steps']} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--jobs-dir", type=Path, default=REPO / "runs" / "recipes")
+    names = {job_name(recipe): recipe for recipe in RECIPES}
+    parser.add_argument("--only", nargs="+", choices=list(names), metavar="RECIPE",
+                        help=f"recipes to run, of: {', '.join(names)}")
+    parser.add_argument("--parallel", type=int, default=2, help="jobs at a time (they split the cores)")
+    parser.add_argument("--collect", action="store_true", help="run nothing; tabulate the jobs in --jobs-dir")
+    parser.add_argument("--no-write", action="store_true", help="print only; leave docs/benchmarks.md alone")
+    args = parser.parse_args(argv)
+    if not FAQ.exists():
+        sys.exit(f"the FAQ dataset is expected at {FAQ}")
+    if not args.collect:
+        run_jobs([names[n] for n in args.only] if args.only else list(RECIPES), args.jobs_dir, max(1, args.parallel))
+    markdown = table(args.jobs_dir)
+    print("\n" + markdown)
+    if not args.no_write:
+        write_section(markdown, DOCS_SECTION)
+        print("written to docs/benchmarks.md")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
