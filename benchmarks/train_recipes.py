@@ -130,6 +130,7 @@ def main(argv=None) -> int:
     parser.add_argument("--max-steps", type=int, default=0,
                         help="stop each job after this many steps, and evaluate on 4 questions (a smoke run)")
     parser.add_argument("--collect", action="store_true", help="run nothing; tabulate the jobs in --jobs-dir")
+    parser.add_argument("--note", default="", help="a line added under the table (e.g. how the jobs were run)")
     parser.add_argument("--no-write", action="store_true", help="print only; leave docs/benchmarks.md alone")
     args = parser.parse_args(argv)
     if not FAQ.exists():
@@ -138,7 +139,7 @@ def main(argv=None) -> int:
         smoke = {"max_steps": args.max_steps, "eval_max_samples": 4, "eval_train_samples": 4} if args.max_steps else {}
         run_jobs([names[n] for n in args.only] if args.only else list(RECIPES), args.jobs_dir, max(1, args.parallel),
                  smoke)
-    markdown = table(args.jobs_dir)
+    markdown = table(args.jobs_dir) + (f"\n\n{args.note}" if args.note else "")
     print("\n" + markdown)
     if not args.no_write:
         write_section(markdown, DOCS_SECTION)
