@@ -19,6 +19,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -53,7 +54,8 @@ def job_name(recipe: str) -> str:
 def run_jobs(recipes: list[str], jobs_dir: Path, parallel: int, smoke: dict) -> None:
     """Start up to `parallel` jobs at once, each pinned to its share of the cores."""
     cores = sorted(os.sched_getaffinity(0))
-    share = max(1, len(cores) // parallel)
+    parallel = min(parallel, len(cores))
+    share = len(cores) // parallel
     pending = [r for r in recipes if not (jobs_dir / job_name(r) / "model" / "manifest.json").exists()]
     running: dict[str, tuple[subprocess.Popen, float, list[int]]] = {}
     free = [cores[i:i + share] for i in range(0, share * parallel, share)]
@@ -62,7 +64,7 @@ def run_jobs(recipes: list[str], jobs_dir: Path, parallel: int, smoke: dict) -> 
             recipe, slot = pending.pop(0), free.pop(0)
             job = jobs_dir / job_name(recipe)
             if job.exists():
-                subprocess.run(["rm", "-rf", str(job)], check=True)  # an unfinished earlier try
+                shutil.rmtree(job)  # an unfinished earlier try
             write_job_tree(job, {**EVALUATION, **RECIPES[recipe], **smoke})
             env = {**os.environ, "SAGEMAKER_BASE_DIR": str(job), "PYTHONUNBUFFERED": "1",
                    "OMP_NUM_THREADS": str(len(slot)), "OMP_WAIT_POLICY": "PASSIVE"}
