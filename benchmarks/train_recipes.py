@@ -26,9 +26,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_vs_trl import FAQ, REPO, TRAIN, write_job_tree, write_section
-
-sys.path.insert(0, str(REPO / "containers" / "train" / "src"))
+from train_vs_trl import FAQ, REPO, TRAIN, write_job_tree, write_section  # it also puts trainer/ on the path
 
 # Overrides of the image's defaults; every recipe is LoRA rank 16 for 3 epochs unless it says otherwise.
 RECIPES: dict[str, dict] = {
@@ -68,9 +66,10 @@ def run_jobs(recipes: list[str], jobs_dir: Path, parallel: int, smoke: dict) -> 
             write_job_tree(job, {**EVALUATION, **RECIPES[recipe], **smoke})
             env = {**os.environ, "SAGEMAKER_BASE_DIR": str(job), "PYTHONUNBUFFERED": "1",
                    "OMP_NUM_THREADS": str(len(slot)), "OMP_WAIT_POLICY": "PASSIVE"}
-            log = open(job / "log.txt", "w")  # noqa: SIM115 - held open for the job's lifetime
-            process = subprocess.Popen([sys.executable, str(TRAIN)], env=env, stdout=log, stderr=subprocess.STDOUT,
-                                       preexec_fn=lambda cpus=slot: os.sched_setaffinity(0, cpus))
+            with open(job / "log.txt", "w") as log:  # the child keeps its own copy of the descriptor
+                process = subprocess.Popen([sys.executable, str(TRAIN)], env=env, stdout=log,
+                                           stderr=subprocess.STDOUT,
+                                           preexec_fn=lambda cpus=slot: os.sched_setaffinity(0, cpus))
             running[recipe] = (process, time.monotonic(), slot)
             print(f"{recipe}: started on cores {slot}, log {job / 'log.txt'}", flush=True)
         time.sleep(5)

@@ -14,8 +14,7 @@ def _trainer(model_dir, tmp_path, **hyperparameters):
         model = training.apply_lora(model, config)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     return training.AnswerOnlyLossTrainer(model=model, args=training.training_arguments(config, tmp_path),
-                                          processing_class=tokenizer, loraplus_lr_ratio=config.loraplus_lr_ratio,
-                                          lr_decay_ratio=config.lr_decay_ratio)
+                                          processing_class=tokenizer, job_config=config)
 
 
 @pytest.mark.parametrize("ratio", ["16", "1"])
@@ -35,7 +34,6 @@ def test_full_fine_tuning_ignores_the_loraplus_ratio(tiny_model_dir, tmp_path):
     trainer = _trainer(tiny_model_dir, tmp_path, method="full", learning_rate="0.001", loraplus_lr_ratio="16")
     optimizer = trainer.create_optimizer()
     assert {group["lr"] for group in optimizer.param_groups} == {0.001}
-
 
 
 def _learning_rates(trainer, steps: int) -> list[float]:

@@ -121,7 +121,7 @@ def train(model, tokenizer, train_set: list[dict], config: TrainConfig, checkpoi
     trainer = AnswerOnlyLossTrainer(
         model=model, args=args, train_dataset=dataset, data_collator=collator,
         processing_class=tokenizer, callbacks=[timing, stop],
-        loraplus_lr_ratio=config.loraplus_lr_ratio, lr_decay_ratio=config.lr_decay_ratio,
+        job_config=config,
     )
     trainer.remove_callback(PrinterCallback)  # ProgressLogger prints one readable line per log instead
     resume = last_complete_checkpoint(checkpoint_dir)
@@ -180,28 +180,27 @@ class AnswerOnlyLossTrainer(Trainer):
     for LoRA runs (PEFT's optimizer builder, so checkpoints resume with the same parameter groups); the
     warm-up-stable-decay schedule sized from the step count."""
 
-    def __init__(self, *args, loraplus_lr_ratio: float = 1.0, lr_decay_ratio: float = 0.2, **kwargs):
+    def __init__(self, *args, job_config: TrainConfig, **kwargs):
         super().__init__(*args, **kwargs)
-        self.loraplus_lr_ratio = loraplus_lr_ratio
-        self.lr_decay_ratio = lr_decay_ratio
+        self.job_config = job_config  # what TrainingArguments has no field for (LoRA+ ratio, WSD decay share)
 
     def create_scheduler(self, num_training_steps: int, optimizer=None):
         if self.lr_scheduler is None and self.args.lr_scheduler_type == "warmup_stable_decay":
             # HF's WSD schedule takes its decay length in steps, and the step count is only known here.
             self.args.lr_scheduler_kwargs = {
-                "num_decay_steps": round(self.lr_decay_ratio * num_training_steps), "decay_type": "cosine",
-                **(self.args.lr_scheduler_kwargs or {}),
+                "num_decay_steps": round(self.job_config.lr_decay_ratio * num_training_steps), "decay_type": "cosine"
             }
         return super().create_scheduler(num_training_steps, optimizer)
 
     def create_optimizer(self, model=None):
-        if self.optimizer is None and self.loraplus_lr_ratio > 1.0 and hasattr(self.model, "peft_config"):
+        ratio = self.job_config.loraplus_lr_ratio
+        if self.optimizer is None and ratio > 1.0 and hasattr(self.model, "peft_config"):
             from peft.optimizers import create_loraplus_optimizer
 
             optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, self.model)
             optimizer_kwargs.pop("lr", None)
             self.optimizer = create_loraplus_optimizer(
-                self.model, optimizer_cls, lr=self.args.learning_rate, loraplus_lr_ratio=self.loraplus_lr_ratio,
+                self.model, optimizer_cls, lr=self.args.learning_rate, loraplus_lr_ratio=ratio,
                 loraplus_weight_decay=self.args.weight_decay, **optimizer_kwargs,
             )
             return self.optimizer
