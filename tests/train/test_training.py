@@ -87,3 +87,24 @@ def test_trained_lora_and_dora_adapters_merge_into_plain_weights_with_the_same_o
         merged = merge_for_serving(model)
         assert not any("lora" in n for n, _ in merged.named_parameters())
         torch.testing.assert_close(merged(input_ids=batch).logits, adapted, rtol=1e-4, atol=1e-4)
+
+
+# With clipping off, the Trainer still measures the norm for its logs: a "clip" to infinity changes nothing.
+@pytest.mark.parametrize(("max_grad_norm", "clipped_to"), [("0.5", [0.5]), ("0", [float("inf")])])
+def test_gradients_are_clipped_to_max_grad_norm_and_not_at_all_with_zero(tiny_model_dir, tmp_path, max_grad_norm,
+                                                                         clipped_to):
+    from datasets import Dataset
+    from trainer.prompts import CompletionCollator
+
+    trainer = _trainer(tiny_model_dir, tmp_path, max_grad_norm=max_grad_norm)
+    trainer.train_dataset = Dataset.from_list([{"input_ids": [5, 6, 7, 8], "labels": [-100, -100, 7, 8], "length": 4}])
+    trainer.data_collator = CompletionCollator(pad_token_id=0)
+    clip, norms = trainer.accelerator.clip_grad_norm_, []
+
+    def recording_clip(parameters, max_norm, *args, **kwargs):
+        norms.append(max_norm)
+        return clip(parameters, max_norm, *args, **kwargs)
+
+    trainer.accelerator.clip_grad_norm_ = recording_clip
+    trainer.train()
+    assert norms == clipped_to

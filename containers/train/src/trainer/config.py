@@ -78,6 +78,8 @@ class TrainConfig:
                                 minimum=0.0)
     warmup_ratio: float = _hp(0.05, "Share of steps spent warming the learning rate up.", minimum=0.0)
     weight_decay: float = _hp(0.0, "AdamW weight decay.", minimum=0.0)
+    max_grad_norm: float = _hp(1.0, "Clip the gradient's global norm to this before each step; 0 turns clipping off.",
+                               minimum=0.0)
     per_device_batch_size: int = _hp(1, "Sequences per device per step.", minimum=1)
     gradient_accumulation_steps: int = _hp(1, "Micro-batches accumulated per optimizer step.", minimum=1)
     gradient_checkpointing: bool = _hp(False, "Recompute activations in the backward pass: less memory, ~30% slower.")

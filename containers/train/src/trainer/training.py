@@ -84,6 +84,7 @@ def training_arguments(config: TrainConfig, checkpoint_dir: Path, world_size: in
             config.lr_scheduler, config.lr_scheduler),
         warmup_steps=config.warmup_ratio,  # a float < 1 is a ratio of the total steps
         weight_decay=config.weight_decay,
+        max_grad_norm=config.max_grad_norm,
         gradient_checkpointing=config.gradient_checkpointing,
         bf16=use_bf16(config),
         seed=config.seed,
