@@ -57,6 +57,9 @@ def use_bf16(config: TrainConfig) -> bool:
 
 def apply_lora(model, config: TrainConfig):
     from peft import LoraConfig, get_peft_model
+    from transformers import set_seed
+
+    set_seed(config.seed)  # the A matrices' random start comes from the job's seed, the same on every rank
 
     lora = LoraConfig(
         r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout, use_dora=config.lora_use_dora,
