@@ -108,3 +108,17 @@ def test_gradients_are_clipped_to_max_grad_norm_and_not_at_all_with_zero(tiny_mo
     trainer.accelerator.clip_grad_norm_ = recording_clip
     trainer.train()
     assert norms == clipped_to
+
+
+def test_the_adapters_random_start_comes_from_the_seed_hyperparameter(tiny_model_dir):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    def first_a(seed: str):
+        torch.rand(7)  # whatever else drew from the global generator before must not matter
+        config = TrainConfig.from_hyperparameters({"seed": seed})
+        model = training.apply_lora(AutoModelForCausalLM.from_pretrained(tiny_model_dir), config)
+        return model.base_model.model.model.layers[0].self_attn.q_proj.lora_A["default"].weight.detach().clone()
+
+    assert torch.equal(first_a("7"), first_a("7"))
+    assert not torch.equal(first_a("7"), first_a("8"))
