@@ -65,3 +65,9 @@ def test_readme_documents_every_hyperparameter_with_its_default():
         default = f.default
         expected = str(default).lower() if isinstance(default, bool) else str(default)
         assert row.group(1) == expected, f"README gives {f.name} default {row.group(1)!r}, code has {expected!r}"
+
+
+@pytest.mark.parametrize("other", [{"method": "full"}, {"deepspeed": "zero2"}])
+def test_trained_token_embeddings_are_refused_outside_plain_lora(other):
+    with pytest.raises(ConfigError, match=r"'lora_train_token_embeddings': needs method=lora without DeepSpeed"):
+        TrainConfig.from_hyperparameters({"lora_train_token_embeddings": "true", **other})

@@ -115,9 +115,11 @@ def test_bad_input_fails_with_a_clear_reason(tmp_path, tiny_model_dir, faq_csv_s
     assert not (job / "model" / "manifest.json").exists()
 
 
-def test_sigterm_checkpoints_and_a_rerun_resumes(tmp_path, tiny_model_dir, faq_csv_small):
+# The trained token embeddings live in the adapter checkpoint, beside LoRA: a resumed job must find them there.
+@pytest.mark.parametrize("extra", [{}, {"lora_train_token_embeddings": True}], ids=["lora", "lora+token-embeddings"])
+def test_sigterm_checkpoints_and_a_rerun_resumes(tmp_path, tiny_model_dir, faq_csv_small, extra):
     job = make_job(tmp_path, tiny_hyperparameters(tiny_model_dir, max_steps=40, save_steps=100,
-                                                  per_device_batch_size=1), {"train/faq.csv": faq_csv_small})
+                                                  per_device_batch_size=1, **extra), {"train/faq.csv": faq_csv_small})
     code, log, checkpoints = train_until_sigterm(job, at_step=3)
     assert code == 143, log[-4000:]
     assert checkpoints, "no checkpoint saved on SIGTERM"
@@ -135,6 +137,12 @@ def test_sigterm_checkpoints_and_a_rerun_resumes(tmp_path, tiny_model_dir, faq_c
     manifest = json.loads((job / "model" / "manifest.json").read_text())
     assert manifest["training"]["steps"] == 40 and manifest["training"]["resumed_from"].endswith(checkpoints[-1].name)
     assert not (job / "output" / "failure").exists()
+    if extra:  # the trained rows reached the artifact, merged into the (still tied) embedding matrix
+        from transformers import AutoModelForCausalLM
+
+        tuned = AutoModelForCausalLM.from_pretrained(job / "model").get_input_embeddings().weight
+        base = AutoModelForCausalLM.from_pretrained(tiny_model_dir).get_input_embeddings().weight
+        assert (tuned != base).any(dim=1).sum() > 0
 
 
 def test_usage_error_for_other_commands():

@@ -122,3 +122,31 @@ def test_the_adapters_random_start_comes_from_the_seed_hyperparameter(tiny_model
 
     assert torch.equal(first_a("7"), first_a("7"))
     assert not torch.equal(first_a("7"), first_a("8"))
+
+
+def test_trained_token_embeddings_merge_into_the_tied_embeddings_and_touch_only_the_data_tokens(tiny_model_dir,
+                                                                                                 tmp_path):
+    import torch
+    from trainer.artifact import merge_for_serving
+    from transformers import AutoModelForCausalLM
+
+    config = TrainConfig.from_hyperparameters({"lora_train_token_embeddings": "true", "learning_rate": "0.01"})
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    assert base.config.tie_word_embeddings
+    original = base.get_input_embeddings().weight.detach().clone()
+    batch = torch.tensor([[5, 6, 7, 8, 9, 10]])
+    model = training.apply_lora(base, config, token_ids={5, 6, 7, 8, 9, 10})
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.01)
+    for _ in range(3):
+        model(input_ids=batch, labels=batch).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.eval()
+    with torch.no_grad():
+        adapted = model(input_ids=batch).logits
+        merged = merge_for_serving(model)
+        torch.testing.assert_close(merged(input_ids=batch).logits, adapted, rtol=1e-4, atol=1e-4)
+    embeddings = merged.get_input_embeddings().weight
+    assert merged.get_output_embeddings().weight is embeddings  # still tied: the artifact stays one matrix
+    changed = (embeddings - original).abs().sum(dim=1) > 0
+    assert set(changed.nonzero().flatten().tolist()) == {5, 6, 7, 8, 9, 10}

@@ -95,6 +95,9 @@ class TrainConfig:
     lora_use_dora: bool = _hp(
         False, "DoRA (arXiv:2402.09353): learn each weight column's magnitude apart from its LoRA direction. "
         "Merges into plain weights like LoRA.")
+    lora_train_token_embeddings: bool = _hp(
+        False, "Also train the embedding rows of the tokens that occur in the training data (PEFT trainable tokens; "
+        "the LM head follows when the model ties it to the embeddings). Merged into plain weights like LoRA.")
     loraplus_lr_ratio: float = _hp(
         1.0, "LoRA+ (arXiv:2402.12354): the B matrices learn this many times faster than the A matrices, e.g. 16. "
         "1 = plain LoRA.", minimum=1.0)
@@ -135,6 +138,8 @@ class TrainConfig:
             raise ConfigError("hyperparameter 'validation_fraction': must be in [0, 1)")
         if self.lr_decay_ratio > 1.0:
             raise ConfigError("hyperparameter 'lr_decay_ratio': must be in [0, 1]")
+        if self.lora_train_token_embeddings and (self.method != "lora" or self.deepspeed != "none"):
+            raise ConfigError("hyperparameter 'lora_train_token_embeddings': needs method=lora without DeepSpeed")
         if self.epochs <= 0 and self.max_steps <= 0:
             raise ConfigError("hyperparameter 'epochs': must be > 0 unless 'max_steps' is set")
 

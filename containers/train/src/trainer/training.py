@@ -17,6 +17,7 @@ import json
 import logging
 import threading
 import time
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,7 +56,9 @@ def use_bf16(config: TrainConfig) -> bool:
     return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
 
 
-def apply_lora(model, config: TrainConfig):
+def apply_lora(model, config: TrainConfig, token_ids: Collection[int] = ()):
+    """LoRA adapters; with `lora_train_token_embeddings`, also trainable embedding rows for `token_ids` (the tokens
+    the training data uses: in a small model the embeddings carry much of what full fine-tuning learns)."""
     from peft import LoraConfig, get_peft_model
     from transformers import set_seed
 
@@ -64,6 +67,7 @@ def apply_lora(model, config: TrainConfig):
     lora = LoraConfig(
         r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout, use_dora=config.lora_use_dora,
         target_modules=config.lora_targets, task_type="CAUSAL_LM",
+        trainable_token_indices=sorted(token_ids) if config.lora_train_token_embeddings else None,
     )
     model = get_peft_model(model, lora)
     trainable, total = model.get_nb_trainable_parameters()
