@@ -39,6 +39,7 @@ RECIPES: dict[str, dict] = {
     "warm-up, stable, decay": {"lr_scheduler": "wsd"},
     "LoRA+ 16, lr 1e-3": {"learning_rate": 0.001, "loraplus_lr_ratio": 16},
     "DoRA": {"lora_use_dora": True},
+    "LoRA + token embeddings": {"lora_train_token_embeddings": True},
     "no gradient clipping": {"max_grad_norm": 0},
     "full fine-tuning, lr 1e-4": {"method": "full", "learning_rate": 0.0001},
     "full fine-tuning, lr 3e-4": {"method": "full", "learning_rate": 0.0003},
