@@ -65,6 +65,14 @@ def test_learning_rate_schedules_warm_up_then_follow_their_shape(tiny_model_dir,
         assert rates[step] == pytest.approx(rate, abs=2e-3), (step, rates[step])
 
 
+def _train_steps(model, optimizer, batch, steps: int = 3) -> None:
+    """A few plain optimizer steps: enough to move adapters away from their no-op start."""
+    for _ in range(steps):
+        model(input_ids=batch, labels=batch).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+
 @pytest.mark.parametrize("dora", ["false", "true"])
 def test_trained_lora_and_dora_adapters_merge_into_plain_weights_with_the_same_outputs(tiny_model_dir, tmp_path, dora):
     import torch
@@ -75,10 +83,7 @@ def test_trained_lora_and_dora_adapters_merge_into_plain_weights_with_the_same_o
     assert any("lora_magnitude_vector" in n for n, _ in model.named_parameters()) == (dora == "true")
     optimizer = trainer.create_optimizer()
     batch = torch.randint(0, model.config.vocab_size, (2, 12))
-    for _ in range(3):  # move the adapters away from their no-op start
-        model(input_ids=batch, labels=batch).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
+    _train_steps(model, optimizer, batch)
     model.eval()
     with torch.no_grad():
         adapted = model(input_ids=batch).logits
@@ -137,10 +142,7 @@ def test_trained_token_embeddings_merge_into_the_tied_embeddings_and_touch_only_
     batch = torch.tensor([[5, 6, 7, 8, 9, 10]])
     model = training.apply_lora(base, config, token_ids={5, 6, 7, 8, 9, 10})
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.01)
-    for _ in range(3):
-        model(input_ids=batch, labels=batch).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
+    _train_steps(model, optimizer, batch)
     model.eval()
     with torch.no_grad():
         adapted = model(input_ids=batch).logits
