@@ -40,10 +40,12 @@ RECIPES: dict[str, dict] = {
     "LoRA+ 16, lr 1e-3": {"learning_rate": 0.001, "loraplus_lr_ratio": 16},
     "DoRA": {"lora_use_dora": True},
     "LoRA + token embeddings": {"lora_train_token_embeddings": True},
+    "LoRA + token embeddings, alpha 128": {"lora_train_token_embeddings": True, "lora_alpha": 128},
     "no gradient clipping": {"max_grad_norm": 0},
     "full fine-tuning, lr 1e-4": {"method": "full", "learning_rate": 0.0001},
     "full fine-tuning, lr 3e-4": {"method": "full", "learning_rate": 0.0003},
     "full fine-tuning, lr 5e-4": {"method": "full", "learning_rate": 0.0005},
+    "full fine-tuning, lr 7e-4": {"method": "full", "learning_rate": 0.0007},
 }
 EVALUATION = {"eval_base_model": False, "eval_max_samples": 23, "eval_train_samples": 32}
 DOCS_SECTION = "train-recipes"
