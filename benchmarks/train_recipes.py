@@ -41,11 +41,13 @@ RECIPES: dict[str, dict] = {
     "DoRA": {"lora_use_dora": True},
     "LoRA + token embeddings": {"lora_train_token_embeddings": True},
     "LoRA + token embeddings, alpha 128": {"lora_train_token_embeddings": True, "lora_alpha": 128},
+    "LoRA + token embeddings, seed 43": {"lora_train_token_embeddings": True, "seed": 43},
     "no gradient clipping": {"max_grad_norm": 0},
     "full fine-tuning, lr 1e-4": {"method": "full", "learning_rate": 0.0001},
     "full fine-tuning, lr 3e-4": {"method": "full", "learning_rate": 0.0003},
     "full fine-tuning, lr 5e-4": {"method": "full", "learning_rate": 0.0005},
     "full fine-tuning, lr 7e-4": {"method": "full", "learning_rate": 0.0007},
+    "full fine-tuning, lr 5e-4, seed 43": {"method": "full", "learning_rate": 0.0005, "seed": 43},
 }
 EVALUATION = {"eval_base_model": False, "eval_max_samples": 23, "eval_train_samples": 32}
 DOCS_SECTION = "train-recipes"
