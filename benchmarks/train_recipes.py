@@ -9,17 +9,19 @@ Each recipe is a real job of the training image (containers/train/train) on the 
 tree under --jobs-dir, with the same seeded held-out split, evaluating the tuned model on the 23 held-out
 questions and 32 training questions (greedy answers, ROUGE-L and answer loss). A job whose tree already holds a
 finished model is not run again, so an interrupted sweep picks up where it stopped. The table, read from each
-job's manifest.json, goes to the `train-recipes` section of docs/benchmarks.md. Tokens/s are per job: jobs that
-ran side by side shared the machine's cores.
+job's manifest.json (a recipe run with several seeds is one row, their mean), goes to the `train-recipes`
+section of docs/benchmarks.md. Tokens/s are per job: jobs that ran side by side shared the machine's cores.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -31,6 +33,8 @@ from train_vs_trl import FAQ, REPO, TRAIN, write_job_tree, write_section  # it a
 # Overrides of the image's defaults; every recipe is LoRA rank 16 for 3 epochs unless it says otherwise.
 RECIPES: dict[str, dict] = {
     "defaults": {},
+    "defaults, seed 43": {"seed": 43},
+    "defaults, seed 44": {"seed": 44},
     "lr 3e-3": {"learning_rate": 0.003, "lora_alpha": 32},
     "lr 3e-3, batch 2": {"learning_rate": 0.003, "per_device_batch_size": 2},
     "lr 1e-3": {"learning_rate": 0.001},
@@ -42,6 +46,10 @@ RECIPES: dict[str, dict] = {
     "LoRA + token embeddings": {"lora_train_token_embeddings": True},
     "LoRA + token embeddings, alpha 128": {"lora_train_token_embeddings": True, "lora_alpha": 128},
     "LoRA + token embeddings, seed 43": {"lora_train_token_embeddings": True, "seed": 43},
+    "LoRA + token embeddings, seed 44": {"lora_train_token_embeddings": True, "seed": 44},
+    "LoRA + token embeddings, seed 45": {"lora_train_token_embeddings": True, "seed": 45},
+    "LoRA + token embeddings, seed 46": {"lora_train_token_embeddings": True, "seed": 46},
+    "LoRA + token embeddings, seed 47": {"lora_train_token_embeddings": True, "seed": 47},
     "no gradient clipping": {"max_grad_norm": 0},
     "full fine-tuning, lr 1e-4": {"method": "full", "learning_rate": 0.0001},
     "full fine-tuning, lr 3e-4": {"method": "full", "learning_rate": 0.0003},
@@ -91,41 +99,70 @@ def run_jobs(recipes: list[str], jobs_dir: Path, parallel: int, smoke: dict) -> 
 
 
 def differences(hyperparameters: dict) -> str:
-    """The hyperparameters a finished job ran with that differ from the image's defaults (evaluation aside)."""
+    """The hyperparameters a finished job ran with that differ from the image's defaults (evaluation and seed aside:
+    runs of one recipe with different seeds share a row)."""
     from trainer.config import TrainConfig
 
     defaults = TrainConfig()
+    ignored = {*EVALUATION, "max_steps", "seed"}
     changed = [f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in sorted(hyperparameters.items())
-               if k not in EVALUATION and k != "max_steps" and hasattr(defaults, k) and getattr(defaults, k) != v]
+               if k not in ignored and hasattr(defaults, k) and getattr(defaults, k) != v]
     return ", ".join(changed) or "the defaults"
 
 
+def sampling_error(job: Path) -> float:
+    """Standard error of the mean ROUGE-L over the training questions a job answered: how far that mean could move
+    had other questions been drawn. Per-question scores come from the job's own sample answers."""
+    from trainer.evaluation import rouge_l
+
+    answers = job / "output" / "data" / "sample_answers.jsonl"
+    if not answers.exists():  # a job tree kept without its outputs
+        return float("nan")
+    rows = [json.loads(line) for line in answers.read_text().splitlines()]
+    scores = [rouge_l(row["tuned_answer"], row["reference"]) for row in rows if row["set"] == "train_sample"]
+    return statistics.stdev(scores) / len(scores) ** 0.5 if len(scores) > 1 else float("nan")
+
+
+def _run_score(run: dict) -> str:
+    error = "" if math.isnan(run["error"]) else f" ± {run['error']:.2f}"
+    return f"{run['train']['rouge_l']['tuned']:.3f}{error} ({run['seed']})"
+
+
 def table(jobs_dir: Path) -> str:
-    rows = []
+    runs: dict[str, list[dict]] = {}
     for manifest_path in sorted(jobs_dir.glob("*/model/manifest.json")):
         manifest = json.loads(manifest_path.read_text())
-        metrics, training = manifest["metrics"], manifest["training"]
-        train_sample, validation = metrics.get("train_sample"), metrics.get("validation")
-        if not train_sample or not validation:
+        metrics = manifest["metrics"]
+        if not metrics.get("train_sample") or not metrics.get("validation"):
             continue
-        rows.append((train_sample["rouge_l"]["tuned"], differences(manifest["hyperparameters"]), train_sample,
-                     validation, training))
-    rows.sort(key=lambda row: -row[0])
-    counts = f"{rows[0][2]['count']} training questions and {rows[0][3]['count']} held-out ones" if rows else ""
+        runs.setdefault(differences(manifest["hyperparameters"]), []).append({
+            "seed": manifest["hyperparameters"]["seed"], "train": metrics["train_sample"],
+            "validation": metrics["validation"], "steps": manifest["training"]["steps"],
+            "error": sampling_error(manifest_path.parent.parent)})
+    rows = sorted(runs.items(), key=lambda item: -statistics.fmean(r["train"]["rouge_l"]["tuned"] for r in item[1]))
+    first = rows[0][1][0] if rows else None
+    counts = f"{first['train']['count']} training questions and {first['validation']['count']} held-out ones" \
+        if first else ""
     lines = [
         f"Measured {time.strftime('%Y-%m-%d')} on {os.cpu_count()} CPU cores, `benchmarks/train_recipes.py`: one job "
-        "of the training image per recipe, SmolLM2-135M-Instruct (embedded), the FAQ with a seeded 15% of questions "
-        f"held out, LoRA rank 16, 3 epochs unless the recipe says otherwise; the tuned model answers {counts} "
-        "greedily (up to 256 new tokens). Sorted by ROUGE-L on training questions.",
+        "of the training image per recipe and seed, SmolLM2-135M-Instruct (embedded), the FAQ with a seeded 15% of "
+        "questions held out, LoRA rank 16, 3 epochs unless the recipe says otherwise; the tuned model answers "
+        f"{counts} greedily (up to 256 new tokens). Where a recipe ran with several seeds, its row gives the mean "
+        "over them, and each run's score with its seed; ± is that score's standard error from answering a sample of "
+        "training questions rather than all of them. Sorted by ROUGE-L on training questions.",
         "",
-        "| recipe (what differs from the defaults) | ROUGE-L, training questions | answer loss, training | "
-        "ROUGE-L, held-out | answer loss, held-out | steps |",
-        "|---|---|---|---|---|---|",
+        "| recipe (what differs from the defaults) | ROUGE-L, training questions | runs: ROUGE-L ± s.e. (seed) | "
+        "answer loss, training | ROUGE-L, held-out | answer loss, held-out | steps |",
+        "|---|---|---|---|---|---|---|",
     ]
-    for _, recipe, train_sample, validation, training in rows:
+    for recipe, recipe_runs in rows:
+        def mean(questions: str, metric: str, runs=recipe_runs) -> float:
+            return statistics.fmean(run[questions][metric]["tuned"] for run in runs)
+
+        per_run = ", ".join(map(_run_score, sorted(recipe_runs, key=lambda r: r["seed"])))
         lines.append(
-            f"| {recipe} | **{train_sample['rouge_l']['tuned']:.3f}** | {train_sample['loss']['tuned']:.3f} | "
-            f"{validation['rouge_l']['tuned']:.3f} | {validation['loss']['tuned']:.3f} | {training['steps']} |")
+            f"| {recipe} | **{mean('train', 'rouge_l'):.3f}** | {per_run} | {mean('train', 'loss'):.3f} | "
+            f"{mean('validation', 'rouge_l'):.3f} | {mean('validation', 'loss'):.3f} | {recipe_runs[0]['steps']} |")
     return "\n".join(lines)
 
 
