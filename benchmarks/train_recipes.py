@@ -123,6 +123,10 @@ def sampling_error(job: Path) -> float:
     return statistics.stdev(scores) / len(scores) ** 0.5 if len(scores) > 1 else float("nan")
 
 
+def _mean(runs: list[dict], questions: str, metric: str) -> float:
+    return statistics.fmean(run[questions][metric]["tuned"] for run in runs)
+
+
 def _run_score(run: dict) -> str:
     error = "" if math.isnan(run["error"]) else f" ± {run['error']:.2f}"
     return f"{run['train']['rouge_l']['tuned']:.3f}{error} ({run['seed']})"
@@ -139,7 +143,7 @@ def table(jobs_dir: Path) -> str:
             "seed": manifest["hyperparameters"]["seed"], "train": metrics["train_sample"],
             "validation": metrics["validation"], "steps": manifest["training"]["steps"],
             "error": sampling_error(manifest_path.parent.parent)})
-    rows = sorted(runs.items(), key=lambda item: -statistics.fmean(r["train"]["rouge_l"]["tuned"] for r in item[1]))
+    rows = sorted(runs.items(), key=lambda item: -_mean(item[1], "train", "rouge_l"))
     first = rows[0][1][0] if rows else None
     counts = f"{first['train']['count']} training questions and {first['validation']['count']} held-out ones" \
         if first else ""
@@ -155,14 +159,11 @@ def table(jobs_dir: Path) -> str:
         "answer loss, training | ROUGE-L, held-out | answer loss, held-out | steps |",
         "|---|---|---|---|---|---|---|",
     ]
-    for recipe, recipe_runs in rows:
-        def mean(questions: str, metric: str, runs=recipe_runs) -> float:
-            return statistics.fmean(run[questions][metric]["tuned"] for run in runs)
-
-        per_run = ", ".join(map(_run_score, sorted(recipe_runs, key=lambda r: r["seed"])))
+    for recipe, rr in rows:
+        per_run = ", ".join(map(_run_score, sorted(rr, key=lambda run: run["seed"])))
         lines.append(
-            f"| {recipe} | **{mean('train', 'rouge_l'):.3f}** | {per_run} | {mean('train', 'loss'):.3f} | "
-            f"{mean('validation', 'rouge_l'):.3f} | {mean('validation', 'loss'):.3f} | {recipe_runs[0]['steps']} |")
+            f"| {recipe} | **{_mean(rr, 'train', 'rouge_l'):.3f}** | {per_run} | {_mean(rr, 'train', 'loss'):.3f} | "
+            f"{_mean(rr, 'validation', 'rouge_l'):.3f} | {_mean(rr, 'validation', 'loss'):.3f} | {rr[0]['steps']} |")
     return "\n".join(lines)
 
 
