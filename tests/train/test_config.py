@@ -71,3 +71,15 @@ def test_readme_documents_every_hyperparameter_with_its_default():
 def test_trained_token_embeddings_are_refused_outside_plain_lora(other):
     with pytest.raises(ConfigError, match=r"'lora_train_token_embeddings': needs method=lora without DeepSpeed"):
         TrainConfig.from_hyperparameters({"lora_train_token_embeddings": "true", **other})
+
+
+@pytest.mark.parametrize(("hyperparameters", "trained"), [
+    ({}, True),
+    ({"deepspeed": "zero2"}, False),
+    ({"method": "full"}, False),
+    ({"lora_train_token_embeddings": "false"}, False),
+    ({"lora_train_token_embeddings": True}, True),  # SDK v2 sends json.dumps(True): "true", decoded to a bool
+    ({"lora_train_token_embeddings": "False"}, False),  # str(False), as a hand-written script sends it
+])
+def test_token_embeddings_train_by_default_wherever_lora_supports_them(hyperparameters, trained):
+    assert TrainConfig.from_hyperparameters(hyperparameters).train_token_embeddings is trained

@@ -95,9 +95,10 @@ class TrainConfig:
     lora_use_dora: bool = _hp(
         False, "DoRA (arXiv:2402.09353): learn each weight column's magnitude apart from its LoRA direction. "
         "Merges into plain weights like LoRA.")
-    lora_train_token_embeddings: bool = _hp(
-        False, "Also train the embedding rows of the tokens that occur in the training data (PEFT trainable tokens; "
-        "the LM head follows when the model ties it to the embeddings). Merged into plain weights like LoRA.")
+    lora_train_token_embeddings: str = _hp(
+        "auto", "Also train the embedding rows of the tokens that occur in the training data (PEFT trainable tokens; "
+        "the LM head follows when the model ties it to the embeddings). Merged into plain weights like LoRA. `auto` "
+        "turns it on for LoRA without DeepSpeed, the only setup that supports it.", choices=("auto", "true", "false"))
     loraplus_lr_ratio: float = _hp(
         1.0, "LoRA+ (arXiv:2402.12354): the B matrices learn this many times faster than the A matrices, e.g. 16. "
         "1 = plain LoRA.", minimum=1.0)
@@ -138,10 +139,18 @@ class TrainConfig:
             raise ConfigError("hyperparameter 'validation_fraction': must be in [0, 1)")
         if self.lr_decay_ratio > 1.0:
             raise ConfigError("hyperparameter 'lr_decay_ratio': must be in [0, 1]")
-        if self.lora_train_token_embeddings and (self.method != "lora" or self.deepspeed != "none"):
+        if self.lora_train_token_embeddings == "true" and (self.method != "lora" or self.deepspeed != "none"):
             raise ConfigError("hyperparameter 'lora_train_token_embeddings': needs method=lora without DeepSpeed")
         if self.epochs <= 0 and self.max_steps <= 0:
             raise ConfigError("hyperparameter 'epochs': must be > 0 unless 'max_steps' is set")
+
+    @property
+    def train_token_embeddings(self) -> bool:
+        """Whether LoRA also trains token embeddings. Not under DeepSpeed: checkpoints of PEFT's trainable tokens
+        break under ZeRO-3 (huggingface/peft#2946). Full fine-tuning trains every embedding anyway."""
+        if self.lora_train_token_embeddings == "auto":
+            return self.method == "lora" and self.deepspeed == "none"
+        return self.lora_train_token_embeddings == "true"
 
     @property
     def lora_targets(self) -> str | list[str]:
@@ -162,7 +171,11 @@ class TrainConfig:
             if name not in known:
                 unknown.append(key)
                 continue
-            values[name] = _coerce(key, _decode(raw_value), known[name].type)
+            value = _coerce(key, _decode(raw_value), known[name].type)
+            choices = known[name].metadata.get("choices", ())
+            if isinstance(value, str) and value.lower() in choices:  # "True" from str(True), "LoRA" as written
+                value = value.lower()
+            values[name] = value
         if unknown:
             raise ConfigError(
                 f"unknown hyperparameter{'s' if len(unknown) > 1 else ''} {', '.join(repr(k) for k in sorted(unknown))}"

@@ -109,7 +109,7 @@ def run(config: TrainConfig, job: Job, cache_dir: Path, stop_requested: threadin
         base_results = _cached_base_eval(job.checkpoint_dir, lambda: evaluate(model, "base"))
 
     if config.method == "lora":
-        data_tokens = {t for e in train_set for t in e["input_ids"]} if config.lora_train_token_embeddings else ()
+        data_tokens = {t for e in train_set for t in e["input_ids"]} if config.train_token_embeddings else ()
         model = training.apply_lora(model, config, token_ids=data_tokens)
     outcome, trainer = training.train(model, tokenizer, train_set, config, job.checkpoint_dir, stop_requested, collator,
                                       world_size=rank.world_size)

@@ -57,8 +57,9 @@ def use_bf16(config: TrainConfig) -> bool:
 
 
 def apply_lora(model, config: TrainConfig, token_ids: Collection[int] = ()):
-    """LoRA adapters; with `lora_train_token_embeddings`, also trainable embedding rows for `token_ids` (the tokens
-    the training data uses: in a small model the embeddings carry much of what full fine-tuning learns)."""
+    """LoRA adapters; unless `config.train_token_embeddings` is off, also trainable embedding rows for `token_ids`
+    (the tokens the training data uses: in a small model the embeddings carry much of what full fine-tuning
+    learns)."""
     from peft import LoraConfig, get_peft_model
     from transformers import set_seed
 
@@ -67,13 +68,14 @@ def apply_lora(model, config: TrainConfig, token_ids: Collection[int] = ()):
     lora = LoraConfig(
         r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout, use_dora=config.lora_use_dora,
         target_modules=config.lora_targets, task_type="CAUSAL_LM",
-        trainable_token_indices=sorted(token_ids) if config.lora_train_token_embeddings else None,
+        trainable_token_indices=sorted(token_ids) if config.train_token_embeddings else None,
     )
     model = get_peft_model(model, lora)
     trainable, total = model.get_nb_trainable_parameters()
-    log.info("%s r=%d alpha=%d on %s: %d trainable parameters of %d (%.2f%%)",
+    tokens = f" and the embeddings of {len(token_ids)} tokens" if config.train_token_embeddings else ""
+    log.info("%s r=%d alpha=%d on %s%s: %d trainable parameters of %d (%.2f%%)",
              "DoRA" if config.lora_use_dora else "LoRA", config.lora_r, config.lora_alpha, config.lora_target_modules,
-             trainable, total, 100 * trainable / total)
+             tokens, trainable, total, 100 * trainable / total)
     return model
 
 
