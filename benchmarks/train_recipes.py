@@ -30,27 +30,27 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from train_vs_trl import FAQ, REPO, TRAIN, write_job_tree, write_section  # it also puts trainer/ on the path
 
-# Overrides of the image's defaults; every recipe is LoRA rank 16 for 3 epochs unless it says otherwise.
+# Overrides of the image's defaults; every recipe is LoRA rank 16 for 3 epochs unless it says otherwise. The recipes
+# measured before token embeddings became the default say `lora_train_token_embeddings: False`, as they ran.
+NO_EMBEDDINGS = {"lora_train_token_embeddings": False}
 RECIPES: dict[str, dict] = {
     "defaults": {},
-    "defaults, seed 43": {"seed": 43},
-    "defaults, seed 44": {"seed": 44},
-    "lr 3e-3": {"learning_rate": 0.003, "lora_alpha": 32},
-    "lr 3e-3, batch 2": {"learning_rate": 0.003, "per_device_batch_size": 2},
-    "lr 1e-3": {"learning_rate": 0.001},
-    "lr 5e-4": {"learning_rate": 0.0005},
-    "constant lr": {"lr_scheduler": "constant"},
-    "warm-up, stable, decay": {"lr_scheduler": "wsd"},
-    "LoRA+ 16, lr 1e-3": {"learning_rate": 0.001, "loraplus_lr_ratio": 16},
-    "DoRA": {"lora_use_dora": True},
-    "LoRA + token embeddings": {"lora_train_token_embeddings": True},
-    "LoRA + token embeddings, alpha 128": {"lora_train_token_embeddings": True, "lora_alpha": 128},
-    "LoRA + token embeddings, seed 43": {"lora_train_token_embeddings": True, "seed": 43},
-    "LoRA + token embeddings, seed 44": {"lora_train_token_embeddings": True, "seed": 44},
-    "LoRA + token embeddings, seed 45": {"lora_train_token_embeddings": True, "seed": 45},
-    "LoRA + token embeddings, seed 46": {"lora_train_token_embeddings": True, "seed": 46},
-    "LoRA + token embeddings, seed 47": {"lora_train_token_embeddings": True, "seed": 47},
-    "no gradient clipping": {"max_grad_norm": 0},
+    **{f"defaults, seed {seed}": {"seed": seed} for seed in range(43, 48)},
+    "alpha 128": {"lora_alpha": 128},
+    "LoRA+ 4": {"loraplus_lr_ratio": 4},
+    "LoRA+ 4, seed 43": {"loraplus_lr_ratio": 4, "seed": 43},
+    "no token embeddings": NO_EMBEDDINGS,
+    "no token embeddings, seed 43": {**NO_EMBEDDINGS, "seed": 43},
+    "no token embeddings, seed 44": {**NO_EMBEDDINGS, "seed": 44},
+    "lr 3e-3": {**NO_EMBEDDINGS, "learning_rate": 0.003, "lora_alpha": 32},
+    "lr 3e-3, batch 2": {**NO_EMBEDDINGS, "learning_rate": 0.003, "per_device_batch_size": 2},
+    "lr 1e-3": {**NO_EMBEDDINGS, "learning_rate": 0.001},
+    "lr 5e-4": {**NO_EMBEDDINGS, "learning_rate": 0.0005},
+    "constant lr": {**NO_EMBEDDINGS, "lr_scheduler": "constant"},
+    "warm-up, stable, decay": {**NO_EMBEDDINGS, "lr_scheduler": "wsd"},
+    "LoRA+ 16, lr 1e-3": {**NO_EMBEDDINGS, "learning_rate": 0.001, "loraplus_lr_ratio": 16},
+    "DoRA": {**NO_EMBEDDINGS, "lora_use_dora": True},
+    "no gradient clipping": {**NO_EMBEDDINGS, "max_grad_norm": 0},
     "full fine-tuning, lr 1e-4": {"method": "full", "learning_rate": 0.0001},
     "full fine-tuning, lr 3e-4": {"method": "full", "learning_rate": 0.0003},
     "full fine-tuning, lr 5e-4": {"method": "full", "learning_rate": 0.0005},
@@ -104,10 +104,17 @@ def differences(hyperparameters: dict) -> str:
     from trainer.config import TrainConfig
 
     defaults = TrainConfig()
-    ignored = {*EVALUATION, "max_steps", "seed"}
+    ignored = {*EVALUATION, "max_steps", "seed", "lora_train_token_embeddings"}
     changed = [f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in sorted(hyperparameters.items())
                if k not in ignored and hasattr(defaults, k) and getattr(defaults, k) != v]
-    return ", ".join(changed) or "the defaults"
+    # Compared by effect, for LoRA only: jobs from before `auto` became the default recorded true or false, and
+    # jobs from before the option existed trained no embeddings.
+    keys = ("method", "deepspeed", "lora_train_token_embeddings")
+    recorded = {"lora_train_token_embeddings": "false", **{k: v for k, v in hyperparameters.items() if k in keys}}
+    trained = TrainConfig.from_hyperparameters(recorded).train_token_embeddings
+    if recorded.get("method", "lora") == "lora" and trained != defaults.train_token_embeddings:
+        changed.append(f"lora_train_token_embeddings={str(trained).lower()}")
+    return ", ".join(sorted(changed)) or "the defaults"
 
 
 def sampling_error(job: Path) -> float:

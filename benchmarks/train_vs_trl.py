@@ -63,7 +63,9 @@ def run_ours(workdir: Path, hyperparameters: dict) -> dict:
     if code != 0:
         sys.exit(f"our training run failed (exit {code}):\n{output[-4000:]}")
     manifest = json.loads((job / "model" / "manifest.json").read_text())
+    embeddings = re.search(r"and the embeddings of (\d+) tokens", output)
     return {"tokens_per_second": manifest["training"]["tokens_per_second"],
+            "embedding_tokens": int(embeddings.group(1)) if embeddings else 0,
             "train_runtime_s": manifest["training"]["runtime_s"], "steps": manifest["training"]["steps"],
             "final_train_loss": manifest["training"]["final_train_loss"], "peak_rss_gib": peak_gib,
             "wall_s": wall, "metrics": manifest["metrics"]}
@@ -140,6 +142,10 @@ def _verdicts(ratio: float, ours: dict, validation: dict, train_sample: dict) ->
     return out
 
 
+def _loss(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"  # None: the run stopped before its first logged loss
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--max-steps", type=int, default=-1, help="stop both runs early (smoke test of the script)")
@@ -195,7 +201,8 @@ def main(argv=None) -> int:
         f"| training time | {ours['train_runtime_s']:.0f} s ({ours['steps']} steps) | "
         f"{trl['train_runtime_s']:.0f} s ({trl['steps']} steps) | |",
         f"| peak resident memory (whole process) | {ours['peak_rss_gib']:.2f} GiB | {trl['peak_rss_gib']:.2f} GiB | |",
-        f"| final training loss | {ours['final_train_loss']:.3f} (answer tokens) | {trl['final_train_loss']:.3f} | |",
+        f"| final training loss | {_loss(ours['final_train_loss'])} (answer tokens) | "
+        f"{_loss(trl['final_train_loss'])} | |",
         "",
         f"Answer quality of our run (greedy, up to {defaults.eval_max_new_tokens} new tokens), base model → tuned:",
         "",
@@ -211,7 +218,10 @@ def main(argv=None) -> int:
     checkpointing = "on" if trl["gradient_checkpointing"] else "off"
     lines += ["", f"TRL ran with gradient checkpointing {checkpointing} (its default)."
               " Ours: no gradient checkpointing (the model fits), length-grouped batches, and the LM head applied to"
-              " answer tokens only."]
+              " answer tokens only"
+              + (f"; it also trains the embeddings of the {ours['embedding_tokens']} tokens the data uses (the image's"
+                 " default, `lora_train_token_embeddings=auto`), which TRL's LoRA does not."
+                 if ours.get("embedding_tokens") else ".")]
     lines += ["", "Targets (3 epochs): " + "; ".join(_verdicts(ratio, ours, validation, train_sample)) + "."]
     if args.note:
         lines += ["", args.note]
