@@ -116,10 +116,11 @@ def test_bad_input_fails_with_a_clear_reason(tmp_path, tiny_model_dir, faq_csv_s
 
 
 # The trained token embeddings live in the adapter checkpoint, beside LoRA: a resumed job must find them there.
-@pytest.mark.parametrize("extra", [{"lora_train_token_embeddings": "false"}, {}], ids=["lora", "lora+token-embeddings"])
-def test_sigterm_checkpoints_and_a_rerun_resumes(tmp_path, tiny_model_dir, faq_csv_small, extra):
-    job = make_job(tmp_path, tiny_hyperparameters(tiny_model_dir, max_steps=40, save_steps=100,
-                                                  per_device_batch_size=1, **extra), {"train/faq.csv": faq_csv_small})
+@pytest.mark.parametrize("token_embeddings", ["false", "auto"], ids=["lora", "lora+token-embeddings"])
+def test_sigterm_checkpoints_and_a_rerun_resumes(tmp_path, tiny_model_dir, faq_csv_small, token_embeddings):
+    job = make_job(tmp_path, tiny_hyperparameters(tiny_model_dir, max_steps=40, save_steps=100, per_device_batch_size=1,
+                                                  lora_train_token_embeddings=token_embeddings),
+                   {"train/faq.csv": faq_csv_small})
     code, log, checkpoints = train_until_sigterm(job, at_step=3)
     assert code == 143, log[-4000:]
     assert checkpoints, "no checkpoint saved on SIGTERM"
@@ -137,7 +138,7 @@ def test_sigterm_checkpoints_and_a_rerun_resumes(tmp_path, tiny_model_dir, faq_c
     manifest = json.loads((job / "model" / "manifest.json").read_text())
     assert manifest["training"]["steps"] == 40 and manifest["training"]["resumed_from"].endswith(checkpoints[-1].name)
     assert not (job / "output" / "failure").exists()
-    if not extra:  # the trained rows (on by default) reached the artifact, merged into the tied embedding matrix
+    if token_embeddings == "auto":  # the trained rows reached the artifact, merged into the (still tied) embeddings
         from transformers import AutoModelForCausalLM
 
         tuned = AutoModelForCausalLM.from_pretrained(job / "model").get_input_embeddings().weight

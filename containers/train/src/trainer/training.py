@@ -65,17 +65,18 @@ def apply_lora(model, config: TrainConfig, token_ids: Collection[int] = ()):
 
     set_seed(config.seed)  # the A matrices' random start comes from the job's seed, the same on every rank
 
+    tokens = sorted(token_ids) if config.train_token_embeddings else []
     lora = LoraConfig(
         r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout, use_dora=config.lora_use_dora,
         target_modules=config.lora_targets, task_type="CAUSAL_LM",
-        trainable_token_indices=sorted(token_ids) if config.train_token_embeddings else None,
+        trainable_token_indices=tokens or None,  # PEFT's layer fails on an empty index list
     )
     model = get_peft_model(model, lora)
     trainable, total = model.get_nb_trainable_parameters()
-    tokens = f" and the embeddings of {len(token_ids)} tokens" if config.train_token_embeddings else ""
     log.info("%s r=%d alpha=%d on %s%s: %d trainable parameters of %d (%.2f%%)",
              "DoRA" if config.lora_use_dora else "LoRA", config.lora_r, config.lora_alpha, config.lora_target_modules,
-             tokens, trainable, total, 100 * trainable / total)
+             f" and the embeddings of {len(tokens)} tokens" if tokens else "", trainable, total,
+             100 * trainable / total)
     return model
 
 
