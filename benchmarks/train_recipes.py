@@ -111,9 +111,9 @@ def differences(hyperparameters: dict) -> str:
     # jobs from before the option existed trained no embeddings.
     keys = ("method", "deepspeed", "lora_train_token_embeddings")
     recorded = {"lora_train_token_embeddings": "false", **{k: v for k, v in hyperparameters.items() if k in keys}}
-    trained = TrainConfig.from_hyperparameters(recorded).train_token_embeddings
-    if recorded.get("method", "lora") == "lora" and trained != defaults.train_token_embeddings:
-        changed.append(f"lora_train_token_embeddings={str(trained).lower()}")
+    job = TrainConfig.from_hyperparameters(recorded)
+    if job.method == "lora" and job.train_token_embeddings != defaults.train_token_embeddings:
+        changed.append(f"lora_train_token_embeddings={str(job.train_token_embeddings).lower()}")
     return ", ".join(sorted(changed)) or "the defaults"
 
 
