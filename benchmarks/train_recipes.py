@@ -30,15 +30,19 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from train_vs_trl import FAQ, REPO, TRAIN, write_job_tree, write_section  # it also puts trainer/ on the path
 
-# Overrides of the image's defaults; every recipe is LoRA rank 16 for 3 epochs unless it says otherwise. The recipes
-# measured before token embeddings became the default say `lora_train_token_embeddings: False`, as they ran.
-NO_EMBEDDINGS = {"lora_train_token_embeddings": False}
+# Overrides of the image's defaults; every recipe is LoRA rank 16 for 3 epochs unless it says otherwise. Recipes keep
+# the settings they were measured with when a default changed since: `lr_scheduler: cosine` (the default until
+# linear decay beat it, see benchmarks/gpu_recipes.py) and, before that, `lora_train_token_embeddings: False`.
+COSINE = {"lr_scheduler": "cosine"}
+NO_EMBEDDINGS = {**COSINE, "lora_train_token_embeddings": False}
 RECIPES: dict[str, dict] = {
     "defaults": {},
     **{f"defaults, seed {seed}": {"seed": seed} for seed in range(43, 48)},
-    "alpha 128": {"lora_alpha": 128},
-    "LoRA+ 4": {"loraplus_lr_ratio": 4},
-    "LoRA+ 4, seed 43": {"loraplus_lr_ratio": 4, "seed": 43},
+    "cosine decay": COSINE,
+    **{f"cosine decay, seed {seed}": {**COSINE, "seed": seed} for seed in range(43, 48)},
+    "alpha 128": {**COSINE, "lora_alpha": 128},
+    "LoRA+ 4": {**COSINE, "loraplus_lr_ratio": 4},
+    "LoRA+ 4, seed 43": {**COSINE, "loraplus_lr_ratio": 4, "seed": 43},
     "no token embeddings": NO_EMBEDDINGS,
     "no token embeddings, seed 43": {**NO_EMBEDDINGS, "seed": 43},
     "no token embeddings, seed 44": {**NO_EMBEDDINGS, "seed": 44},
@@ -51,11 +55,11 @@ RECIPES: dict[str, dict] = {
     "LoRA+ 16, lr 1e-3": {**NO_EMBEDDINGS, "learning_rate": 0.001, "loraplus_lr_ratio": 16},
     "DoRA": {**NO_EMBEDDINGS, "lora_use_dora": True},
     "no gradient clipping": {**NO_EMBEDDINGS, "max_grad_norm": 0},
-    "full fine-tuning, lr 1e-4": {"method": "full", "learning_rate": 0.0001},
-    "full fine-tuning, lr 3e-4": {"method": "full", "learning_rate": 0.0003},
-    "full fine-tuning, lr 5e-4": {"method": "full", "learning_rate": 0.0005},
-    "full fine-tuning, lr 7e-4": {"method": "full", "learning_rate": 0.0007},
-    "full fine-tuning, lr 5e-4, seed 43": {"method": "full", "learning_rate": 0.0005, "seed": 43},
+    "full fine-tuning, lr 1e-4": {**COSINE, "method": "full", "learning_rate": 0.0001},
+    "full fine-tuning, lr 3e-4": {**COSINE, "method": "full", "learning_rate": 0.0003},
+    "full fine-tuning, lr 5e-4": {**COSINE, "method": "full", "learning_rate": 0.0005},
+    "full fine-tuning, lr 7e-4": {**COSINE, "method": "full", "learning_rate": 0.0007},
+    "full fine-tuning, lr 5e-4, seed 43": {**COSINE, "method": "full", "learning_rate": 0.0005, "seed": 43},
 }
 EVALUATION = {"eval_base_model": False, "eval_max_samples": 23, "eval_train_samples": 32}
 DOCS_SECTION = "train-recipes"

@@ -69,10 +69,10 @@ class TrainConfig:
     max_steps: int = _hp(-1, "Stop after this many optimizer steps (overrides epochs when > 0).")
     learning_rate: float = _hp(2e-3, "Peak learning rate (after warm-up).", minimum=0.0)
     lr_scheduler: str = _hp(
-        "cosine",
-        "Learning-rate schedule after the warm-up: `cosine` or `linear` decay to 0, `constant`, or `wsd` (warm-up, "
+        "linear",
+        "Learning-rate schedule after the warm-up: `linear` or `cosine` decay to 0, `constant`, or `wsd` (warm-up, "
         "stable, decay: constant, then a cosine decay to 0 over the last `lr_decay_ratio` of the steps).",
-        choices=("cosine", "linear", "constant", "wsd"),
+        choices=("linear", "cosine", "constant", "wsd"),
     )
     lr_decay_ratio: float = _hp(0.2, "With `lr_scheduler=wsd`: share of steps, at the end, over which it decays.",
                                 minimum=0.0)
