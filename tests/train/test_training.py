@@ -152,3 +152,34 @@ def test_trained_token_embeddings_merge_into_the_tied_embeddings_and_touch_only_
     assert merged.get_output_embeddings().weight is embeddings  # still tied: the artifact stays one matrix
     changed = (embeddings - original).abs().sum(dim=1) > 0
     assert set(changed.nonzero().flatten().tolist()) == {5, 6, 7, 8, 9, 10}
+
+
+def test_row_sparse_token_embeddings_match_peft_outputs_and_gradients(tiny_model_dir):
+    """Our forward for trained token rows (token_rows.py) against PEFT's own, which rebuilds the whole matrix."""
+    import torch
+    from peft.tuners.trainable_tokens.layer import TrainableTokensLayer
+    from transformers import AutoModelForCausalLM
+
+    config = TrainConfig.from_hyperparameters({"lora_train_token_embeddings": "true"})
+    model = training.apply_lora(AutoModelForCausalLM.from_pretrained(tiny_model_dir), config,
+                                token_ids={3, 5, 6, 7, 8, 40})
+    layers = [m for m in model.modules() if isinstance(m, TrainableTokensLayer)]
+    assert len(layers) == 2 and all("forward" in vars(m) for m in layers)  # the embedding and the tied head
+    with torch.no_grad():  # move the trained rows off their start, so that a wrong row would show
+        layers[0].trainable_tokens_delta["default"].add_(torch.randn_like(layers[0].trainable_tokens_delta["default"]))
+    batch = torch.tensor([[5, 6, 9, 7, 12, 40, 8], [3, 3, 11, 5, 2, 1, 6]])
+
+    def outputs_and_gradients():
+        model.zero_grad()
+        logits = model(input_ids=batch).logits
+        logits.logsumexp(-1).sum().backward()
+        return logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    ours, our_grads = outputs_and_gradients()
+    for layer in layers:
+        del layer.forward  # back to PEFT's class method
+    theirs, their_grads = outputs_and_gradients()
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+    assert our_grads.keys() == their_grads.keys() and any("trainable_tokens" in n for n in our_grads)
+    for name in our_grads:
+        torch.testing.assert_close(our_grads[name], their_grads[name], rtol=1e-4, atol=1e-5, msg=name)

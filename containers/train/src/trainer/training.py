@@ -26,6 +26,7 @@ from transformers import PrinterCallback, Trainer, TrainerCallback, TrainerState
 
 from .config import TrainConfig
 from .prompts import IGNORE_INDEX
+from .token_rows import use_row_sparse_forward
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +73,8 @@ def apply_lora(model, config: TrainConfig, token_ids: Collection[int] = ()):
         trainable_token_indices=tokens or None,  # PEFT's layer fails on an empty index list
     )
     model = get_peft_model(model, lora)
+    if tokens:
+        use_row_sparse_forward(model)
     trainable, total = model.get_nb_trainable_parameters()
     log.info("%s r=%d alpha=%d on %s%s: %d trainable parameters of %d (%.2f%%)",
              "DoRA" if config.lora_use_dora else "LoRA", config.lora_r, config.lora_alpha, config.lora_target_modules,
