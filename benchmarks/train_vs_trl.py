@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Training speed, memory and quality: our training image versus TRL's SFTTrainer, side by side, one run.
 
-    make bench-train                    # full: FAQ CSV, SmolLM2-135M-Instruct, LoRA r16, 3 epochs (~70 min on 2 cores)
+    make bench-train                    # full: FAQ CSV, SmolLM2-135M-Instruct, LoRA r16, 3 epochs (~40 min on 2 cores)
     .venv/bin/python benchmarks/train_vs_trl.py --max-steps 4      # a smoke run of the script itself
 
 Both runs get the same model (the embedded SmolLM2-135M-Instruct), the same training rows (the FAQ minus a
