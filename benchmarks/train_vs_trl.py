@@ -45,11 +45,11 @@ def run_measured(command: list[str], env: dict) -> tuple[int, float, float, str]
     return process.returncode, time.perf_counter() - started, usage.ru_maxrss / 2**20, output
 
 
-def write_job_tree(job: Path, hyperparameters: dict) -> None:
+def write_job_tree(job: Path, hyperparameters: dict, faq: Path = FAQ) -> None:
     """A SageMaker-shaped job directory: the FAQ as the train channel, hyperparameters as strings."""
     (job / "input" / "data" / "train").mkdir(parents=True)
     (job / "input" / "config").mkdir(parents=True)
-    (job / "input" / "data" / "train" / FAQ.name).write_bytes(FAQ.read_bytes())
+    (job / "input" / "data" / "train" / faq.name).write_bytes(faq.read_bytes())
     (job / "input" / "config" / "hyperparameters.json").write_text(
         json.dumps({k: str(v) for k, v in hyperparameters.items()}))
 
