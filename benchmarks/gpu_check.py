@@ -2,6 +2,8 @@
 
     python benchmarks/gpu_check.py --tokenizer DIR --faq CSV --out DIR [--size 1b|tiny] [--write]
 
+(`--faq`: the Amazon SageMaker FAQ CSV, which `scripts/fetch_faq_dataset.py` downloads.)
+
 Training: `containers/train/train` (the training image's entry point) runs LoRA and full fine-tuning of a
 Llama-shaped ~1.2B model under DeepSpeed ZeRO-3 in bf16 on the FAQ data, and we read its tokens/s from its
 own log lines, then compute model FLOPs utilisation (MFU) against the GPU's dense bf16 peak.
@@ -47,7 +49,8 @@ PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokenizer", type=Path, required=True, help="a tokenizer directory (SmolLM2's)")
-    parser.add_argument("--faq", type=Path, required=True, help="the FAQ CSV to train on")
+    parser.add_argument("--faq", type=Path, required=True, metavar="PATH",
+                        help="the Amazon SageMaker FAQ CSV to train on; scripts/fetch_faq_dataset.py downloads it")
     parser.add_argument("--out", type=Path, required=True, help="where results.json, section.md and logs go")
     parser.add_argument("--work", type=Path, default=None, help="scratch space for models and jobs (default: OUT/work)")
     parser.add_argument("--size", choices=sorted(SHAPES), default="1b")

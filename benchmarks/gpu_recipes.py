@@ -3,6 +3,9 @@
 
     python benchmarks/gpu_recipes.py --faq Amazon_SageMaker_FAQs.csv --out DIR [--parallel 14] [--budget-s 400]
 
+`--faq PATH` is the Amazon SageMaker FAQ CSV, which `scripts/fetch_faq_dataset.py` downloads (the GPU machine
+reaches no network: the file travels with the call).
+
 On the 2-core machine one job of the training image takes ~17 minutes, so `train_recipes.py` can afford one or
 two seeds per recipe, and one seed's score moves by ±0.05. On an H200, 14 jobs side by side take about 5 minutes
 (6 take 2.5), so each recipe gets several seeds. The jobs are the same image runs as in `train_recipes.py`
@@ -36,7 +39,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_vs_trl import TRAIN, write_job_tree, write_section  # it also puts trainer/ on the path
+from train_vs_trl import TRAIN, add_faq_argument, write_job_tree, write_section  # it also puts trainer/ on the path
 
 DOCS_SECTION = "train-recipes-gpu"
 
@@ -61,7 +64,7 @@ COMMON = {"precision": "fp32", "eval_base_model": False, "eval_max_samples": 100
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--faq", type=Path, help="the FAQ CSV to train on")
+    add_faq_argument(parser, default=None)
     parser.add_argument("--out", type=Path, help="where results.json, summary.md and job logs go")
     parser.add_argument("--work", type=Path, default=None, help="scratch space for the jobs (default: OUT/work)")
     parser.add_argument("--recipes", nargs="+", choices=list(RECIPES), default=list(RECIPES), metavar="RECIPE")
@@ -210,7 +213,8 @@ def summary(results: list[dict]) -> str:
     dates = ", ".join(sorted({run["date"] for run in results}))
     counts = ", ".join(sorted({f"{run['train_questions']} training and {run['validation_questions']} held-out"
                                for run in results}))
-    lines = [f"Measured {dates} on {devices}, `benchmarks/gpu_recipes.py`: {len(results)} jobs of the training image "
+    lines = [f"Measured {dates} on {devices}, `benchmarks/gpu_recipes.py --faq Amazon_SageMaker_FAQs.csv`: "
+             f"{len(results)} jobs of the training image "
              f"in fp32, SmolLM2-135M-Instruct (embedded) on the FAQ, 3 epochs; each tuned model answers every question "
              f"({counts}) greedily, up to 256 new tokens. A row is one recipe: its mean over seeds ± the standard "
              f"error between seeds, then each run (seed). Sorted by ROUGE-L on training questions.", "",

@@ -1,9 +1,13 @@
 #!/usr/bin/env python3
 """Which training recipe teaches the embedded model the FAQ best in 3 epochs: one training job per recipe.
 
-    .venv/bin/python benchmarks/train_recipes.py                       # every recipe, 2 jobs at a time (~35 min a pair)
-    .venv/bin/python benchmarks/train_recipes.py --only defaults dora  # some of them (names: --help)
+    .venv/bin/python scripts/fetch_faq_dataset.py       # once: downloads the FAQ CSV to data/Amazon_SageMaker_FAQs.csv
+    .venv/bin/python benchmarks/train_recipes.py --faq data/Amazon_SageMaker_FAQs.csv   # every recipe, 2 jobs at a time
+    .venv/bin/python benchmarks/train_recipes.py --faq data/Amazon_SageMaker_FAQs.csv --only defaults dora  # some
     .venv/bin/python benchmarks/train_recipes.py --collect             # only tabulate jobs already in --jobs-dir
+
+`--faq PATH` defaults to data/Amazon_SageMaker_FAQs.csv; `--only` takes the names `--help` lists. A pair of jobs
+takes ~35 min on 2 cores.
 
 Each recipe is a real job of the training image (containers/train/train) on the FAQ, in its own SageMaker-shaped
 tree under --jobs-dir, with the same seeded held-out split, evaluating the tuned model on the 23 held-out
@@ -28,7 +32,15 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_vs_trl import FAQ, REPO, TRAIN, write_job_tree, write_section  # it also puts trainer/ on the path
+from train_vs_trl import (  # it also puts trainer/ on the path
+    REPO,
+    TRAIN,
+    add_faq_argument,
+    check_faq,
+    shown,
+    write_job_tree,
+    write_section,
+)
 
 # Overrides of the image's defaults; every recipe is LoRA rank 16 for 3 epochs unless it says otherwise. Recipes keep
 # the settings they were measured with when a default changed since: `lr_scheduler: cosine` (the default until
@@ -69,7 +81,7 @@ def job_name(recipe: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", recipe.lower().replace("+", "plus")).strip("-")
 
 
-def run_jobs(recipes: list[str], jobs_dir: Path, parallel: int, smoke: dict) -> None:
+def run_jobs(recipes: list[str], jobs_dir: Path, parallel: int, smoke: dict, faq: Path) -> None:
     """Start up to `parallel` jobs at once, each pinned to its share of the cores."""
     cores = sorted(os.sched_getaffinity(0))
     parallel = min(parallel, len(cores))
@@ -83,7 +95,7 @@ def run_jobs(recipes: list[str], jobs_dir: Path, parallel: int, smoke: dict) -> 
             job = jobs_dir / job_name(recipe)
             if job.exists():
                 shutil.rmtree(job)  # an unfinished earlier try
-            write_job_tree(job, {**EVALUATION, **RECIPES[recipe], **smoke})
+            write_job_tree(job, {**EVALUATION, **RECIPES[recipe], **smoke}, faq)
             env = {**os.environ, "SAGEMAKER_BASE_DIR": str(job), "PYTHONUNBUFFERED": "1",
                    "OMP_NUM_THREADS": str(len(slot)), "OMP_WAIT_POLICY": "PASSIVE"}
             with open(job / "log.txt", "w") as log:  # the child keeps its own copy of the descriptor
@@ -143,7 +155,7 @@ def _run_score(run: dict) -> str:
     return f"{run['train']['rouge_l']['tuned']:.3f}{error} ({run['seed']})"
 
 
-def table(jobs_dir: Path) -> str:
+def table(jobs_dir: Path, command: str = "benchmarks/train_recipes.py") -> str:
     runs: dict[str, list[dict]] = {}
     for manifest_path in sorted(jobs_dir.glob("*/model/manifest.json")):
         manifest = json.loads(manifest_path.read_text())
@@ -159,7 +171,7 @@ def table(jobs_dir: Path) -> str:
     counts = f"{first['train']['count']} training questions and {first['validation']['count']} held-out ones" \
         if first else ""
     lines = [
-        f"Measured {time.strftime('%Y-%m-%d')} on {os.cpu_count()} CPU cores, `benchmarks/train_recipes.py`: one job "
+        f"Measured {time.strftime('%Y-%m-%d')} on {os.cpu_count()} CPU cores, `{command}`: one job "
         "of the training image per recipe and seed, SmolLM2-135M-Instruct (embedded), the FAQ with a seeded 15% of "
         "questions held out, LoRA rank 16, 3 epochs unless the recipe says otherwise; the tuned model answers "
         f"{counts} greedily (up to 256 new tokens). Where a recipe ran with several seeds, its row gives the mean "
@@ -180,6 +192,7 @@ def table(jobs_dir: Path) -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_faq_argument(parser)
     parser.add_argument("--jobs-dir", type=Path, default=REPO / "runs" / "recipes")
     names = {job_name(recipe): recipe for recipe in RECIPES}
     parser.add_argument("--only", nargs="+", choices=list(names), metavar="RECIPE",
@@ -191,13 +204,13 @@ def main(argv=None) -> int:
     parser.add_argument("--note", default="", help="a line added under the table (e.g. how the jobs were run)")
     parser.add_argument("--no-write", action="store_true", help="print only; leave docs/benchmarks.md alone")
     args = parser.parse_args(argv)
-    if not FAQ.exists():
-        sys.exit(f"the FAQ dataset is expected at {FAQ}")
     if not args.collect:
+        check_faq(args.faq)
         smoke = {"max_steps": args.max_steps, "eval_max_samples": 4, "eval_train_samples": 4} if args.max_steps else {}
         run_jobs([names[n] for n in args.only] if args.only else list(RECIPES), args.jobs_dir, max(1, args.parallel),
-                 smoke)
-    markdown = table(args.jobs_dir) + (f"\n\n{args.note}" if args.note else "")
+                 smoke, args.faq)
+    command = f"benchmarks/train_recipes.py --faq {shown(args.faq)}"
+    markdown = table(args.jobs_dir, command) + (f"\n\n{args.note}" if args.note else "")
     print("\n" + markdown)
     if not args.no_write:
         write_section(markdown, DOCS_SECTION)

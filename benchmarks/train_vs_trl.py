@@ -1,8 +1,11 @@
 #!/usr/bin/env python3
 """Training speed, memory and quality: our training image versus TRL's SFTTrainer, side by side, one run.
 
-    make bench-train                    # full: FAQ CSV, SmolLM2-135M-Instruct, LoRA r16, 3 epochs (~40 min on 2 cores)
-    .venv/bin/python benchmarks/train_vs_trl.py --max-steps 4      # a smoke run of the script itself
+    .venv/bin/python scripts/fetch_faq_dataset.py       # once: downloads the FAQ CSV to data/Amazon_SageMaker_FAQs.csv
+    make bench-train                    # full: that CSV, SmolLM2-135M-Instruct, LoRA r16, 3 epochs (~40 min on 2 cores)
+    .venv/bin/python benchmarks/train_vs_trl.py --faq data/Amazon_SageMaker_FAQs.csv --max-steps 4   # a smoke run
+
+`--faq PATH` names the CSV (default: data/Amazon_SageMaker_FAQs.csv, where scripts/fetch_faq_dataset.py puts it).
 
 Both runs get the same model (the embedded SmolLM2-135M-Instruct), the same training rows (the FAQ minus a
 seeded 15% of questions held out for evaluation), LoRA rank/alpha/dropout/targets, learning rate, batch size
@@ -27,7 +30,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-FAQ = REPO.parent / "shared" / "data" / "Amazon_SageMaker_FAQs.csv"
+DEFAULT_FAQ = REPO / "data" / "Amazon_SageMaker_FAQs.csv"  # where scripts/fetch_faq_dataset.py writes it
 TRAIN = REPO / "containers" / "train" / "train"
 DOCS = REPO / "docs" / "benchmarks.md"
 sys.path.insert(0, str(REPO / "containers" / "train" / "src"))
@@ -45,7 +48,30 @@ def run_measured(command: list[str], env: dict) -> tuple[int, float, float, str]
     return process.returncode, time.perf_counter() - started, usage.ru_maxrss / 2**20, output
 
 
-def write_job_tree(job: Path, hyperparameters: dict, faq: Path = FAQ) -> None:
+def add_faq_argument(parser: argparse.ArgumentParser, default: Path | None = DEFAULT_FAQ) -> None:
+    """`--faq PATH`, the dataset the benchmark trains on; it is not in the repository."""
+    where = f" (default: {shown(default)})" if default else ""
+    parser.add_argument("--faq", type=Path, default=default, metavar="PATH",
+                        help=f"the Amazon SageMaker FAQ CSV to train on{where}; scripts/fetch_faq_dataset.py "
+                             "downloads it")
+
+
+def check_faq(path: Path) -> None:
+    if not path.is_file():
+        sys.exit(f"no FAQ dataset at {path}: download it with `.venv/bin/python scripts/fetch_faq_dataset.py "
+                 f"--output {path}`, or pass --faq PATH")
+
+
+def shown(path: Path) -> str:
+    """A path as the docs show it: relative to the repository when inside it, else only its name (no absolute
+    path of this machine goes into docs/benchmarks.md)."""
+    try:
+        return str(path.resolve().relative_to(REPO))
+    except ValueError:
+        return path.name
+
+
+def write_job_tree(job: Path, hyperparameters: dict, faq: Path) -> None:
     """A SageMaker-shaped job directory: the FAQ as the train channel, hyperparameters as strings."""
     (job / "input" / "data" / "train").mkdir(parents=True)
     (job / "input" / "config").mkdir(parents=True)
@@ -54,9 +80,9 @@ def write_job_tree(job: Path, hyperparameters: dict, faq: Path = FAQ) -> None:
         json.dumps({k: str(v) for k, v in hyperparameters.items()}))
 
 
-def run_ours(workdir: Path, hyperparameters: dict) -> dict:
+def run_ours(workdir: Path, hyperparameters: dict, faq: Path) -> dict:
     job = workdir / "ours"
-    write_job_tree(job, hyperparameters)
+    write_job_tree(job, hyperparameters, faq)
     env = {**os.environ, "SAGEMAKER_BASE_DIR": str(job), "PYTHONUNBUFFERED": "1"}
     print(f"ours: training in {job} ...", flush=True)
     code, wall, peak_gib, output = run_measured([sys.executable, str(TRAIN)], env)
@@ -148,6 +174,7 @@ def _loss(value: float | None) -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_faq_argument(parser)
     parser.add_argument("--max-steps", type=int, default=-1, help="stop both runs early (smoke test of the script)")
     parser.add_argument("--epochs", type=float, default=None,
                         help="epochs for both runs (default: the image's default, 3); a shorter run still compares "
@@ -155,8 +182,7 @@ def main(argv=None) -> int:
     parser.add_argument("--no-write", action="store_true", help="print only; leave docs/benchmarks.md alone")
     parser.add_argument("--note", default="", help="a line added to the docs section (e.g. machine load)")
     args = parser.parse_args(argv)
-    if not FAQ.exists():
-        sys.exit(f"the FAQ dataset is expected at {FAQ}")
+    check_faq(args.faq)
 
     from trainer.config import TrainConfig
     from trainer.data import load_channel, split
@@ -175,14 +201,14 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:
         workdir = Path(tmp)
         (workdir / "faq").mkdir()
-        (workdir / "faq" / FAQ.name).write_bytes(FAQ.read_bytes())
+        (workdir / "faq" / args.faq.name).write_bytes(args.faq.read_bytes())
         examples, _ = load_channel(workdir / "faq")
         train_rows, held_out = split(examples, defaults.validation_fraction, defaults.seed)  # what ours does
         if args.max_steps <= 0:
             # Every training question, not the image's default sample of 32: a sample's mean moves by ±0.05 with
             # the questions drawn (docs/benchmarks.md, recipes), too much to tell a 0.5 target from 0.45.
             hyperparameters["eval_train_samples"] = len(train_rows)
-        ours = run_ours(workdir, hyperparameters)
+        ours = run_ours(workdir, hyperparameters, args.faq)
         trl = run_trl(workdir, model_dir, train_rows, hyperparameters)
 
     ratio = ours["tokens_per_second"] / trl["tokens_per_second"]
@@ -190,8 +216,9 @@ def main(argv=None) -> int:
     train_sample = ours["metrics"].get("train_sample", {})
     lines = [
         f"Measured {time.strftime('%Y-%m-%d')} on {os.cpu_count()} CPU cores ({platform.machine()}), "
-        f"`benchmarks/train_vs_trl.py`{' --max-steps ' + str(args.max_steps) if args.max_steps > 0 else ''}"
-        f"{' --epochs ' + format(args.epochs, 'g') if args.epochs is not None else ''}. "
+        f"`benchmarks/train_vs_trl.py --faq {shown(args.faq)}"
+        f"{' --max-steps ' + str(args.max_steps) if args.max_steps > 0 else ''}"
+        f"{' --epochs ' + format(args.epochs, 'g') if args.epochs is not None else ''}`. "
         f"SmolLM2-135M-Instruct (embedded), LoRA r{hyperparameters['lora_r']} alpha {hyperparameters['lora_alpha']}"
         f" all-linear, lr {hyperparameters['learning_rate']}"
         f"{f' (ours with LoRA+ ratio {defaults.loraplus_lr_ratio:g})' if defaults.loraplus_lr_ratio > 1 else ''}, "

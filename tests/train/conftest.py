@@ -12,16 +12,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from fixtures.faq_csv import faq_rows  # the generated FAQ's rows, raw; test modules import it from here too
 
 REPO = Path(__file__).resolve().parents[2]
 TRAIN_EXECUTABLE = REPO / "containers" / "train" / "train"
-FAQ_CSV = REPO.parent / "shared" / "data" / "Amazon_SageMaker_FAQs.csv"
-
-
-def faq_rows(limit: int | None = None) -> list[list[str]]:
-    with FAQ_CSV.open(encoding="utf-8-sig", newline="") as f:
-        rows = list(csv.reader(f))
-    return rows[:limit] if limit else rows
 
 
 def csv_text(rows: list[list[str]], header: list[str] | None = None) -> str:
@@ -97,5 +91,5 @@ def job_env(job_dir: Path, extra: dict | None = None) -> dict:
 
 @pytest.fixture
 def faq_csv_small() -> str:
-    """12 FAQ rows with a header row."""
+    """12 rows of the generated FAQ (tests/fixtures/faq_csv.py) with a header row."""
     return csv_text(faq_rows(12), header=["question", "answer"])

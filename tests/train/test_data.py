@@ -1,23 +1,31 @@
 import json
 
 import pytest
+from fixtures import faq_csv
 from trainer.data import Columns, DataReport, load_channel, split
 from trainer.errors import DataError
 
-from .conftest import FAQ_CSV, csv_text, faq_rows
+from .conftest import csv_text, faq_rows
 
 
 def test_reads_the_faq_file_as_shipped(tmp_path):
-    """No header row, UTF-8 BOM, CRLF, newlines inside fields, NBSPs, one question asked twice."""
-    (tmp_path / FAQ_CSV.name).write_bytes(FAQ_CSV.read_bytes())
+    """No header row, UTF-8 BOM, CRLF, newlines inside fields, NBSPs, one question asked twice: the generated FAQ
+    (tests/fixtures/faq_csv.py) has every quirk of the real file, whose bytes the tests never need."""
+    path = faq_csv.write_faq_csv(tmp_path)
+    data = path.read_bytes()
+    assert data.startswith(b"\xef\xbb\xbf") and b"\n" not in data.replace(b"\r\n", b"")  # BOM; CRLF only
+    assert faq_rows(1)[0][0].startswith("What is")  # no header row
+    assert sum(q.endswith("\r\n") for q, _ in faq_rows()) == faq_csv.QUESTIONS_WITH_LINE_BREAK  # inside the quotes
     examples, report = load_channel(tmp_path)
-    assert report.rows_read == 154 and report.rows_kept == 154
-    assert examples[0].question == "What is Amazon SageMaker?"
+    assert report.rows_read == faq_csv.ROWS and report.rows_kept == faq_csv.ROWS
+    assert examples[0].question == faq_csv.FIRST_QUESTION
     assert not examples[0].question.startswith("\ufeff")
     assert all("\u00a0" not in e.answer and "\r" not in e.answer for e in examples)
+    assert all("\u00a0" not in e.question for e in examples)
     assert all(e.question == e.question.strip() and "\n" not in e.question for e in examples)
-    assert report.non_breaking_spaces_replaced == 73
-    assert report.questions_with_several_answers == ["What is Amazon SageMaker Canvas?"]
+    assert sum("\n" in e.answer for e in examples) == faq_csv.ANSWERS_WITH_LINE_BREAK  # paragraphs kept, as LF
+    assert report.non_breaking_spaces_replaced == faq_csv.NBSP_COUNT
+    assert report.questions_with_several_answers == [faq_csv.DUPLICATED_QUESTION]
 
 
 def test_header_jsonl_and_parquet_with_configured_columns(tmp_path):
@@ -75,7 +83,8 @@ def test_split_is_seeded_and_keeps_a_question_on_one_side(tmp_path):
     examples, _ = load_channel(tmp_path)
     train, validation = split(examples, 0.15, seed=7)
     assert (train, validation) == split(examples, 0.15, seed=7)
-    assert len(validation) in (23, 24)
+    held_out = round(0.15 * (faq_csv.ROWS - 1))  # questions: one of them is asked twice
+    assert len(validation) in (held_out, held_out + 1)
     assert not {e.question for e in train} & {e.question for e in validation}
     assert split(examples, 0.0, seed=7) == (examples, [])
 

@@ -1,7 +1,7 @@
 """The SageMaker training contract, and the only module that knows it.
 
-SageMaker starts the container as `docker run IMAGE train` with this tree mounted (see
-../shared/reference/sagemaker-contract.md §1):
+SageMaker starts the container as `docker run IMAGE train` with this tree mounted (see README.md, "The training
+image", and docs/docker.md, "How the images meet SageMaker's contract"):
 
     /opt/ml/input/config/{hyperparameters,inputdataconfig,resourceconfig,checkpointconfig}.json
     /opt/ml/input/data/<channel>/      train (required), validation, model (optional)
