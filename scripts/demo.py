@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
 """The main job on the embedded defaults: fine-tune SmolLM2-135M-Instruct on the sample dataset, locally.
 
-    make demo                                   # what a newcomer runs
-    .venv/bin/python scripts/demo.py --data ../shared/data/Amazon_SageMaker_FAQs.csv --hp epochs=3
+    make train-demo                             # the sample dataset
+    .venv/bin/python scripts/fetch_faq_dataset.py && \
+    .venv/bin/python scripts/demo.py --data data/Amazon_SageMaker_FAQs.csv --hp epochs=3
 
 It lays out a SageMaker job tree under runs/<timestamp>/ (exactly what SageMaker mounts at /opt/ml), runs
 the training image's `train` entry point on it without Docker, and prints where the artifact and the
@@ -48,14 +49,10 @@ def lay_out_job(job_dir: Path, data: Path, hyperparameters: dict[str, str]) -> N
 
 
 def summarize(job_dir: Path) -> None:
-    report = json.loads((job_dir / "output" / "data" / "eval_report.json").read_text())
-    print("\nBefore / after fine-tuning:")
-    for set_name, rows in report["comparison"].items():
-        print(f"  {set_name} ({rows['count']} questions)")
-        for metric in ("loss", "rouge_l", "exact_match"):
-            r = rows[metric]
-            if r["base"] is not None and r["tuned"] is not None:
-                print(f"    {metric:12s} base {r['base']:.3f} -> tuned {r['tuned']:.3f}")
+    sys.path.insert(0, str(REPO / "containers" / "train" / "src"))  # the training image's report wording
+    from trainer.report import before_after_text
+
+    print("\n" + before_after_text(json.loads((job_dir / "output" / "data" / "eval_report.json").read_text())))
     print(f"\nArtifact (what the serving image loads): {job_dir / 'model'}")
     print(f"Reports, sample answers, loss curve:     {job_dir / 'output' / 'data'}")
 

@@ -1,6 +1,7 @@
 """The whole stack as local processes, without Docker: the same services, ports and environment as compose.yaml.
 
-    python -m stack_runner up                 # train on the sample data, serve it, open http://127.0.0.1:8000
+    python -m stack_runner up                 # train on the sample data, serve it, open http://127.0.0.1:8000,
+                                              # then evaluate base vs tuned while the page is up
     python -m stack_runner up --ab            # a second endpoint variant serving the base model (80/20 split)
     python -m stack_runner up --model-dir D   # skip training: serve an existing artifact directory
     python -m stack_runner up --check         # start, ask one question through API Gateway, stop (exit 0 = works)
@@ -9,7 +10,11 @@ The path is the one AWS runs: web page (static site standing in for CloudFront, 
 emulator (:3000) -> Lambda runtime emulator running lambda/ unmodified (:3001) -> SageMaker runtime
 endpoint emulator (:8081) -> serving container(s) (:8080, base variant :8082). Data and the model artifact
 go through the S3 stand-in (:8333) as model.tar.gz, like a SageMaker training job's output.
-Logs: .local/logs/<service>.log. Ctrl-C stops everything.
+
+The page comes first: the training job runs with `evaluation=deferred`, and the training image's `evaluate`
+command compares base and tuned model in the background once the page answers; its report is printed when
+it is done and written where `make train-demo` writes it (runs/demo-<timestamp>/output/data/).
+Logs: .local/logs/<service>.log. Ctrl-C stops everything, training and evaluation included.
 """
 
 from __future__ import annotations
@@ -29,6 +34,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 LOCAL_DIR = REPO / ".local"
+RUNS_DIR = REPO / "runs"
+TRAIN_IMAGE = REPO / "containers" / "train"
 SAMPLE_DATA = REPO / "data" / "sample" / "toolkit_faq.jsonl"
 ENDPOINT_NAME = "faq-assistant"
 BUCKET = "sagemaker-local"
@@ -58,14 +65,30 @@ class Stack:
     def logs(self) -> Path:
         return self.workdir / "logs"
 
-    def start(self, name: str, command: list[str], env: dict[str, str]) -> subprocess.Popen:
+    def start(self, name: str, command: list[str], env: dict[str, str], to_terminal: bool = False) -> subprocess.Popen:
+        """Each process in its own session: Ctrl-C reaches only this runner, which stops them in order.
+        `to_terminal` shows the output (a training job's progress) instead of writing a log."""
         self.logs.mkdir(parents=True, exist_ok=True)
-        log = (self.logs / f"{name}.log").open("ab")
+        log = None if to_terminal else (self.logs / f"{name}.log").open("ab")
         process = subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
                                    start_new_session=True)
+        if log is not None:
+            log.close()  # the child has its own copy
         self.processes.append((name, process))
-        print(f"  started {name} (pid {process.pid}), log {self.logs / (name + '.log')}", flush=True)
+        where = "output below" if to_terminal else f"log {self.logs / (name + '.log')}"
+        print(f"  started {name} (pid {process.pid}), {where}", flush=True)
         return process
+
+    def wait_exit(self, name: str) -> int:
+        """Wait for a job-like process to finish; it leaves the list of processes to stop."""
+        process = dict(self.processes)[name]
+        while process.poll() is None:
+            time.sleep(0.2)  # a short sleep, not wait(): Ctrl-C must interrupt this at once
+        self.forget(name)
+        return process.returncode
+
+    def forget(self, name: str) -> None:
+        self.processes = [(n, p) for n, p in self.processes if n != name]
 
     def wait_healthy(self, name: str, url: str, timeout: float) -> None:
         process = dict(self.processes)[name]
@@ -115,26 +138,41 @@ def run(command: list[str], env: dict[str, str], what: str) -> None:
         raise RuntimeError(f"{what} failed with exit code {code}")
 
 
-def train_through_s3(stack: Stack, ports: Ports, data: Path, hyperparameters: list[str]) -> Path:
+def train_through_s3(stack: Stack, ports: Ports, data: Path, hyperparameters: list[str], job: Path) -> Path:
     """A training job as SageMaker runs it: dataset from S3, train, model.tar.gz back to S3."""
     s3_env = python_env(AWS_ENDPOINT_URL_S3=f"http://127.0.0.1:{ports.s3}")
     dataset_uri = f"s3://{BUCKET}/datasets/{data.name}"
     model_uri = f"s3://{BUCKET}/models/{ENDPOINT_NAME}/model.tar.gz"
     s3 = [sys.executable, "-m", "s3_standin"]
     run([*s3, "seed", "--bucket", BUCKET, "--dataset", str(data)], s3_env, "upload the dataset to S3")
-    job = stack.workdir / "jobs" / time.strftime("train-%Y%m%d-%H%M%S")
     run([*s3, "download", dataset_uri, str(job / "input" / "data" / "train" / data.name)], s3_env,
         "download the train channel")
     (job / "input" / "config").mkdir(parents=True, exist_ok=True)
     (job / "input" / "config" / "hyperparameters.json").write_text(
         json.dumps(dict(item.split("=", 1) for item in hyperparameters)))
-    train = [sys.executable, str(REPO / "containers" / "train" / "train")]
-    run(train, {**os.environ, "SAGEMAKER_BASE_DIR": str(job), "PYTHONUNBUFFERED": "1"}, "training job")
+    print(f"  job tree {job}", flush=True)
+    stack.start("train", [sys.executable, str(TRAIN_IMAGE / "train")], job_env(job), to_terminal=True)
+    code = stack.wait_exit("train")
+    if code != 0:
+        failure = job / "output" / "failure"
+        reason = failure.read_text().splitlines()[0] if failure.exists() else "see the log above"
+        raise RuntimeError(f"the training job failed (exit {code}): {reason}")
     run([*s3, "upload-model", str(job / "model"), model_uri], s3_env, "upload model.tar.gz")
     endpoint_dir = stack.workdir / "endpoints" / "tuned"
     shutil.rmtree(endpoint_dir, ignore_errors=True)
     run([*s3, "fetch-model", model_uri, str(endpoint_dir / "model")], s3_env, "fetch the artifact for the endpoint")
     return endpoint_dir / "model"
+
+
+def job_env(job: Path) -> dict[str, str]:
+    return {**os.environ, "SAGEMAKER_BASE_DIR": str(job), "PYTHONUNBUFFERED": "1"}
+
+
+def with_deferred_evaluation(hyperparameters: list[str]) -> list[str]:
+    """The page first: the job skips its own A/B evaluation unless the user set `evaluation` themselves."""
+    if any(item.split("=", 1)[0] == "evaluation" for item in hyperparameters):
+        return hyperparameters
+    return [*hyperparameters, "evaluation=deferred"]
 
 
 def endpoint_config(ports: Ports, ab: bool) -> dict:
@@ -195,8 +233,10 @@ def up(args) -> int:
     ports = Ports()
     stack = Stack(LOCAL_DIR)
     signal.signal(signal.SIGTERM, _interrupt)  # `kill` / compose-style stop: the same clean shutdown as Ctrl-C
+    # Set outright: a shell starts background jobs with SIGINT ignored, and Ctrl-C must stop the stack anyway.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
-        model_dir = args.model_dir
+        model_dir, job, evaluate_later = args.model_dir, None, False
         if model_dir is None:
             print("S3 stand-in", flush=True)
             stack.start("s3", [sys.executable, "-m", "s3_standin", "serve", "--data-dir", str(stack.workdir / "s3"),
@@ -205,7 +245,10 @@ def up(args) -> int:
                  "--data-dir", str(stack.workdir / "s3")],
                 python_env(AWS_ENDPOINT_URL_S3=f"http://127.0.0.1:{ports.s3}"), "wait for S3")
             print("Training job (the embedded default model on the sample data)", flush=True)
-            model_dir = train_through_s3(stack, ports, args.data, args.hp)
+            job = RUNS_DIR / time.strftime("demo-%Y%m%d-%H%M%S")
+            hyperparameters = with_deferred_evaluation(args.hp)
+            evaluate_later = "evaluation=deferred" in hyperparameters
+            model_dir = train_through_s3(stack, ports, args.data, hyperparameters, job)
         print("Endpoint", flush=True)
         start_serving(stack, "serve", model_dir, ports.serve)
         if args.ab:
@@ -220,27 +263,61 @@ def up(args) -> int:
         if args.check:
             return 0
         print(f"\nThe stack is up. Open http://127.0.0.1:{ports.web}  (Ctrl-C stops it)", flush=True)
-        while all(p.poll() is None for _, p in stack.processes):
-            time.sleep(1)
-        dead = [name for name, p in stack.processes if p.poll() is not None]
-        print(f"{', '.join(dead)} stopped unexpectedly:\n{stack.tail(dead[0])}", file=sys.stderr)
-        return 1
+        if evaluate_later:
+            stack.start("evaluate", [sys.executable, str(TRAIN_IMAGE / "evaluate")], job_env(job))
+            print("Evaluating the base and the tuned model in the background; the report follows when it is done.",
+                  flush=True)
+        return watch(stack, job)
     except KeyboardInterrupt:
         return 0
     except (RuntimeError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the shutdown short
         print("stopping the stack ...", flush=True)
         stack.stop()
+
+
+def watch(stack: Stack, job: Path | None) -> int:
+    """Serve until a service dies; print the evaluation's report when it finishes."""
+    while True:
+        time.sleep(1)
+        for name, process in list(stack.processes):
+            if process.poll() is None:
+                continue
+            if name != "evaluate":
+                print(f"{name} stopped unexpectedly:\n{stack.tail(name)}", file=sys.stderr)
+                return 1
+            stack.forget(name)
+            report_path = job / "output" / "data" / "eval_report.json"
+            if process.returncode == 0 and report_path.exists():
+                print("\n" + before_after_text(json.loads(report_path.read_text())), flush=True)
+                print(f"Reports, sample answers, loss curve: {report_path.parent}", flush=True)
+            else:
+                print(f"\nThe evaluation failed (exit {process.returncode}); the page keeps serving:\n"
+                      f"{stack.tail(name)}", file=sys.stderr, flush=True)
 
 
 def _interrupt(*_) -> None:
     raise KeyboardInterrupt
 
 
+def _training_image_code() -> None:
+    """The training image's own modules (no torch at import) for what the runner shares with it."""
+    if str(TRAIN_IMAGE / "src") not in sys.path:
+        sys.path.insert(0, str(TRAIN_IMAGE / "src"))
+
+
+def before_after_text(eval_report: dict) -> str:
+    _training_image_code()
+    from trainer.report import before_after_text as text
+
+    return text(eval_report)
+
+
 def _base_model_dir() -> Path:
-    sys.path.insert(0, str(REPO / "containers" / "train" / "src"))
+    _training_image_code()
     from trainer.modeling import embedded_model_dir
 
     cache = Path(os.environ.get("TRAINER_CACHE_DIR", Path.home() / ".cache" / "sagemaker-llm-finetune"))

@@ -15,6 +15,7 @@ from .conftest import (
     TRAIN_EXECUTABLE,
     csv_text,
     faq_rows,
+    job_env,
     make_job,
     run_train,
     tiny_hyperparameters,
@@ -149,3 +150,37 @@ def test_sigterm_checkpoints_and_a_rerun_resumes(tmp_path, tiny_model_dir, faq_c
 def test_usage_error_for_other_commands():
     result = subprocess.run([sys.executable, str(TRAIN_EXECUTABLE), "serve"], capture_output=True, text=True)
     assert result.returncode == 2 and "training image" in result.stderr
+
+
+def test_deferred_evaluation_writes_the_same_report_later(tmp_path, tiny_model_dir, faq_csv_small):
+    """`evaluation=deferred`: the job writes the artifact alone; the image's `evaluate` adds the A/B report."""
+    files = {"train/faq.csv": faq_csv_small}
+    job = make_job(tmp_path / "deferred", tiny_hyperparameters(tiny_model_dir, evaluation="deferred"), files)
+    result = run_train(job)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    manifest = json.loads((job / "model" / "manifest.json").read_text())
+    assert manifest["evaluation"] == "deferred" and manifest["metrics"] == {}
+    assert not (job / "output" / "data" / "eval_report.json").exists()
+    assert "evaluation deferred" in result.stdout
+
+    evaluated = subprocess.run([sys.executable, str(TRAIN_EXECUTABLE.parent / "evaluate")], env=job_env(job),
+                               capture_output=True, text=True, timeout=240)
+    assert evaluated.returncode == 0, evaluated.stdout[-3000:] + evaluated.stderr[-3000:]
+    report = json.loads((job / "output" / "data" / "eval_report.json").read_text())
+    assert set(report["comparison"]) == {"validation", "train_sample"}
+    for rows in report["comparison"].values():
+        assert rows["rouge_l"]["base"] is not None and rows["rouge_l"]["tuned"] is not None
+    assert report["training"] == manifest["training"] and report["base_model"] == str(tiny_model_dir)
+    assert re.search(r"metrics: base_eval_loss=\S+ .*tuned_rouge_l=", evaluated.stdout)
+    answers = [json.loads(line) for line in (job / "output" / "data" / "sample_answers.jsonl").open()]
+    assert answers and all(a["base_answer"] is not None and a["tuned_answer"] is not None for a in answers)
+    assert not (job / "output" / "failure").exists()
+
+
+def test_evaluate_before_training_says_what_to_run_first(tmp_path, tiny_model_dir, faq_csv_small):
+    job = make_job(tmp_path, tiny_hyperparameters(tiny_model_dir), {"train/faq.csv": faq_csv_small})
+    result = subprocess.run([sys.executable, str(TRAIN_EXECUTABLE.parent / "evaluate")], env=job_env(job),
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert "holds no finished artifact (no manifest.json): run the training job first" in result.stdout
+    assert not (job / "output" / "failure").exists()  # the training job's verdict is not the evaluation's to write

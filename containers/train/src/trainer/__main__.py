@@ -1,8 +1,10 @@
 """Entry point of the training image: `docker run IMAGE train`, or `containers/train/train` without Docker.
 
-    SAGEMAKER_BASE_DIR=/tmp/job containers/train/train     # a local job tree instead of /opt/ml
+    SAGEMAKER_BASE_DIR=/tmp/job containers/train/train       # a local job tree instead of /opt/ml
+    SAGEMAKER_BASE_DIR=/tmp/job containers/train/evaluate    # A/B report of a job run with evaluation=deferred
 
-Reads the job from the SageMaker tree, trains, writes the artifact and reports. Exit codes: 0 done,
+`train` reads the job from the SageMaker tree, trains, writes the artifact and reports. `evaluate` reads the
+same tree and the finished artifact in model/ and writes the before/after report. Exit codes: 0 done,
 2 bad input (output/failure says what to fix), 143 stopped by SIGTERM (checkpoint saved), 1 internal error.
 """
 
@@ -25,15 +27,22 @@ log = logging.getLogger("trainer")
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv not in ([], ["train"]):
-        print(f"usage: train  (this is the training image; got {' '.join(argv)!r})", file=sys.stderr)
+    if argv not in ([], ["train"], ["evaluate"]):
+        print(f"usage: train | evaluate  (this is the training image; got {' '.join(argv)!r})", file=sys.stderr)
         return 2
     _configure_logging()
     stop_requested = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop_requested.set())
+    # output/failure is the training job's verdict: an evaluation run afterwards logs its errors instead.
+    record_failure = sagemaker.write_failure if argv != ["evaluate"] else log.debug
     try:
         job = sagemaker.read_job()
         config = TrainConfig.from_hyperparameters(job.hyperparameters)
+        if argv == ["evaluate"]:
+            from .job import evaluate_artifact
+
+            evaluate_artifact(config, job, _cache_dir(), stop_requested)
+            return 0
         if not launch.inside_torchrun():
             sagemaker.clear_failure()
             nproc = launch.processes_per_host(config.nproc_per_node)
@@ -47,15 +56,15 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     except UserError as e:
         log.error("%s", e)
-        sagemaker.write_failure(f"{type(e).__name__}: {e}")
+        record_failure(f"{type(e).__name__}: {e}")
         return e.exit_code
     except TrainingInterrupted as e:
         log.warning("%s", e)
-        sagemaker.write_failure(f"TrainingInterrupted: {e}")
+        record_failure(f"TrainingInterrupted: {e}")
         return e.exit_code
     except Exception as e:
         log.exception("internal error")
-        sagemaker.write_failure(f"Framework error: {type(e).__name__}: {e}\n\n{traceback.format_exc()}")
+        record_failure(f"Framework error: {type(e).__name__}: {e}\n\n{traceback.format_exc()}")
         return 1
 
 

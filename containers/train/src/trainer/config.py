@@ -119,6 +119,11 @@ class TrainConfig:
     logging_steps: int = _hp(5, "Log metrics every this many steps.", minimum=1)
 
     # > Evaluation (A/B: base model versus tuned model)
+    evaluation: str = _hp(
+        "in_job",
+        "`in_job` evaluates the base and the tuned model before the job ends; `deferred` writes the artifact "
+        "without evaluating, and the image's `evaluate` command, run later on the same job tree, writes the same "
+        "report (`make demo` does this to open the chat page sooner).", choices=("in_job", "deferred"))
     eval_base_model: bool = _hp(True, "Also evaluate the untouched base model, for the before/after comparison.")
     eval_max_samples: int = _hp(64, "Validation questions answered by each model (0 = none).", minimum=0)
     eval_train_samples: int = _hp(32, "Training questions answered by each model, to see what it learned.",

@@ -15,7 +15,7 @@ from pathlib import Path
 from . import data as data_lib
 from . import prompts, report
 from .config import TrainConfig
-from .errors import DataError, TrainingInterrupted
+from .errors import DataError, TrainingInterrupted, UserError
 from .modeling import BaseModel, load_model, load_tokenizer, resolve_base_model
 from .sagemaker import Job
 
@@ -58,61 +58,62 @@ def load_datasets(config: TrainConfig, job: Job) -> Datasets:
     return Datasets(train, validation, data_report)
 
 
+@dataclass
+class Prepared:
+    """What the job and a deferred evaluation build alike from the job tree: data, tokenizer, prompt format, sets."""
+
+    datasets: Datasets
+    base: BaseModel
+    tokenizer: object
+    setup: prompts.PromptSetup
+    collator: prompts.CompletionCollator
+    eval_sets: dict
+
+
+def prepare(config: TrainConfig, job: Job, cache_dir: Path, rank: Rank) -> Prepared:
+    datasets = load_datasets(config, job)
+    if rank.is_main:
+        log.info("data: %s; %d training and %d validation examples",
+                 datasets.report.summary(), len(datasets.train), len(datasets.validation))
+    base = resolve_base_model(config.model_id, job.model_channel_dir, cache_dir)
+    tokenizer = load_tokenizer(base, config.trust_remote_code)
+    setup = prompts.prepare_tokenizer(tokenizer, prompts.choose_format(config.prompt_format, tokenizer, base.name))
+    log.info("prompt format: %s; pad token %r (id %s), stop tokens %s", setup.format, tokenizer.pad_token,
+             tokenizer.pad_token_id, list(setup.stop_token_ids))
+    return Prepared(datasets, base, tokenizer, setup, prompts.CompletionCollator(tokenizer.pad_token_id),
+                    _eval_sets(tokenizer, datasets, config))
+
+
 def run(config: TrainConfig, job: Job, cache_dir: Path, stop_requested: threading.Event) -> None:
     import torch
 
-    from . import evaluation, training
+    from . import training
     from .artifact import merge_for_serving, save_artifact
 
     rank = Rank.from_torchrun()
     started = time.time()
     if rank.is_main:
         log.info("effective configuration:\n%s", json.dumps(config.to_dict(), indent=2))
-    datasets = load_datasets(config, job)
+    parts = prepare(config, job, cache_dir, rank)
     if rank.is_main:
-        log.info("data: %s; %d training and %d validation examples",
-                 datasets.report.summary(), len(datasets.train), len(datasets.validation))
-        report.write_json(job.output_data_dir / report.DATA_REPORT_FILE, datasets.report.to_dict())
+        report.write_json(job.output_data_dir / report.DATA_REPORT_FILE, parts.datasets.report.to_dict())
+    train_set = _encode(parts.tokenizer, parts.datasets.train, config.max_seq_length, "training")
+    evaluate_in_job = config.evaluation == "in_job" and rank.is_main and bool(parts.eval_sets)
 
-    base = resolve_base_model(config.model_id, job.model_channel_dir, cache_dir)
-    tokenizer = load_tokenizer(base, config.trust_remote_code)
-    setup = prompts.prepare_tokenizer(tokenizer, prompts.choose_format(config.prompt_format, tokenizer, base.name))
-    log.info("prompt format: %s; pad token %r (id %s), stop tokens %s", setup.format, tokenizer.pad_token,
-             tokenizer.pad_token_id, list(setup.stop_token_ids))
-    train_set = _encode(tokenizer, datasets.train, config.max_seq_length, "training")
-    collator = prompts.CompletionCollator(tokenizer.pad_token_id)
-    eval_sets = _eval_sets(tokenizer, datasets, config)
-
-    model = load_model(base, config.trust_remote_code)
-    if setup.added_tokens:
-        model.resize_token_embeddings(len(tokenizer))
-    model.config.pad_token_id = tokenizer.pad_token_id
-    device = torch.device(f"cuda:{rank.local_rank}") if torch.cuda.is_available() else torch.device("cpu")
-
-    def evaluate(m, label: str) -> dict:
-        m.to(device)
-        try:
-            return evaluation.evaluate_model(
-                m, tokenizer, label=label, sets=eval_sets, collator=collator, stop_token_ids=setup.stop_token_ids,
-                max_new_tokens=config.eval_max_new_tokens, batch_size=config.eval_batch_size,
-                should_stop=stop_requested.is_set,
-            )
-        except evaluation.EvaluationStopped as e:
-            done = "the trained weights are in the last checkpoint" if label == "tuned" else "nothing was trained yet"
-            raise TrainingInterrupted(
-                f"stopped by SIGTERM while evaluating the {label} model ({e}); {done}. Run the job again with the "
-                "same checkpoint location to resume."
-            ) from e
-
+    model = _load_for_prompt_format(parts, config)
+    resume = "Run the job again with the same checkpoint location to resume."
+    evaluate = _evaluator(parts, config, stop_requested, when_stopped={
+        "base": f"nothing was trained yet. {resume}",
+        "tuned": f"the trained weights are in the last checkpoint. {resume}"})
     base_results: dict = {}
-    if config.eval_base_model and rank.is_main and eval_sets:
+    if evaluate_in_job and config.eval_base_model:
         base_results = _cached_base_eval(job.checkpoint_dir, lambda: evaluate(model, "base"))
 
     if config.method == "lora":
         data_tokens = {t for e in train_set for t in e["input_ids"]} if config.train_token_embeddings else ()
         model = training.apply_lora(model, config, token_ids=data_tokens)
-    outcome, trainer = training.train(model, tokenizer, train_set, config, job.checkpoint_dir, stop_requested, collator,
-                                      world_size=rank.world_size)
+    outcome, trainer = training.train(model, parts.tokenizer, train_set, config, job.checkpoint_dir, stop_requested,
+                                      parts.collator, world_size=rank.world_size)
     if outcome.interrupted:
         raise TrainingInterrupted(
             f"stopped by SIGTERM at step {outcome.global_step}; checkpoint saved in {job.checkpoint_dir}. "
@@ -124,28 +125,93 @@ def run(config: TrainConfig, job: Job, cache_dir: Path, stop_requested: threadin
         log.info("peak GPU memory: %.2f GiB allocated, %.2f GiB reserved",
                  torch.cuda.max_memory_allocated() / 2**30, torch.cuda.max_memory_reserved() / 2**30)
 
-    final_model = _final_model(trainer, outcome, config, base, job, rank)
+    final_model = _final_model(trainer, outcome, config, parts.base, job, rank)
     if not rank.is_main:
         return
     final_model = merge_for_serving(final_model)
-    tuned_results = evaluate(final_model, "tuned") if eval_sets else {}
+    tuned_results = evaluate(final_model, "tuned") if evaluate_in_job else {}
     table = report.comparison(base_results, tuned_results)
-    report.log_comparison(table)
-    for line in report.metric_lines(table):
-        print(line, flush=True)
-
-    manifest = _manifest(config, base, setup, datasets, outcome, table, started)
-    save_artifact(final_model.to("cpu"), tokenizer, setup.stop_token_ids, job.model_dir, manifest)
+    manifest = _manifest(config, parts, outcome, table, started)
+    save_artifact(final_model.to("cpu"), parts.tokenizer, parts.setup.stop_token_ids, job.model_dir, manifest)
     log.info("artifact written to %s", job.model_dir)
 
     out = job.output_data_dir
-    report.write_json(out / report.REPORT_FILE, {"comparison": table, "training": manifest["training"],
-                                                 "base_model": base.name, "method": config.method})
-    report.write_samples(out / report.SAMPLES_FILE, eval_sets, base_results, tuned_results)
+    if evaluate_in_job:
+        _write_eval_reports(out, table, manifest, parts.eval_sets, base_results, tuned_results)
+    else:
+        log.info("evaluation deferred: run the image's `evaluate` command on this job tree for the A/B report")
     report.plot_loss_curve(out / report.LOSS_CURVE_FILE, outcome.log_history,
                            table.get("validation", {}).get("loss", {}).get("base"),
                            table.get("validation", {}).get("loss", {}).get("tuned"))
     log.info("reports written to %s", out)
+
+
+def evaluate_artifact(config: TrainConfig, job: Job, cache_dir: Path, stop_requested: threading.Event) -> None:
+    """The A/B report of a finished job: the base model and the artifact in model/, on the job's own sets.
+
+    What `evaluation=deferred` leaves for later (the image's `evaluate` command): the sets, prompt format and
+    settings are rebuilt from the same job tree and hyperparameters, so the report equals an in-job one.
+    """
+    from .artifact import MANIFEST
+
+    manifest_path = job.model_dir / MANIFEST
+    if not manifest_path.exists():
+        raise UserError(f"{job.model_dir} holds no finished artifact (no {MANIFEST}): run the training job first")
+    manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    parts = prepare(config, job, cache_dir, Rank())
+    if not parts.eval_sets:
+        raise UserError("nothing to evaluate: eval_max_samples and eval_train_samples are both 0 or the sets are empty")
+    again = "the artifact is complete; run `evaluate` again for the report."
+    evaluate = _evaluator(parts, config, stop_requested, when_stopped={"base": again, "tuned": again})
+    base_results = evaluate(_load_for_prompt_format(parts, config), "base") if config.eval_base_model else {}
+    tuned = load_model(BaseModel(str(job.model_dir), "the tuned artifact"), config.trust_remote_code)
+    tuned_results = evaluate(tuned, "tuned")
+    table = report.comparison(base_results, tuned_results)
+    _write_eval_reports(job.output_data_dir, table, manifest, parts.eval_sets, base_results, tuned_results)
+    log.info("reports written to %s", job.output_data_dir)
+
+
+def _load_for_prompt_format(parts: Prepared, config: TrainConfig):
+    model = load_model(parts.base, config.trust_remote_code)
+    if parts.setup.added_tokens:
+        model.resize_token_embeddings(len(parts.tokenizer))
+    model.config.pad_token_id = parts.tokenizer.pad_token_id
+    return model
+
+
+def _evaluator(parts: Prepared, config: TrainConfig, stop_requested: threading.Event, when_stopped: dict[str, str]):
+    """evaluate(model, label) on the prepared sets; a SIGTERM mid-way becomes TrainingInterrupted."""
+    import torch
+
+    from . import evaluation
+
+    rank = Rank.from_torchrun()
+    device = torch.device(f"cuda:{rank.local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+
+    def evaluate(model, label: str) -> dict:
+        model.to(device)
+        try:
+            return evaluation.evaluate_model(
+                model, parts.tokenizer, label=label, sets=parts.eval_sets, collator=parts.collator,
+                stop_token_ids=parts.setup.stop_token_ids, max_new_tokens=config.eval_max_new_tokens,
+                batch_size=config.eval_batch_size, should_stop=stop_requested.is_set,
+            )
+        except evaluation.EvaluationStopped as e:
+            raise TrainingInterrupted(
+                f"stopped by SIGTERM while evaluating the {label} model ({e}); {when_stopped[label]}"
+            ) from e
+
+    return evaluate
+
+
+def _write_eval_reports(out: Path, table: dict, manifest: dict, eval_sets: dict, base_results: dict,
+                        tuned_results: dict) -> None:
+    report.log_comparison(table)
+    for line in report.metric_lines(table):
+        print(line, flush=True)
+    report.write_json(out / report.REPORT_FILE, {"comparison": table, "training": manifest["training"],
+                                                 "base_model": manifest["base_model"], "method": manifest["method"]})
+    report.write_samples(out / report.SAMPLES_FILE, eval_sets, base_results, tuned_results)
 
 
 def _encode(tokenizer, examples, max_length: int, label: str) -> list[dict]:
@@ -218,7 +284,7 @@ def _final_model(trainer, outcome, config: TrainConfig, base: BaseModel, job: Jo
     return load_model(BaseModel(str(gathered), base.name), config.trust_remote_code)
 
 
-def _manifest(config, base, setup, datasets, outcome, table, started) -> dict:
+def _manifest(config, parts: Prepared, outcome, table, started) -> dict:
     import peft
     import torch
     import transformers
@@ -231,18 +297,19 @@ def _manifest(config, base, setup, datasets, outcome, table, started) -> dict:
         versions["deepspeed"] = deepspeed.__version__
     return {
         "format_version": 1,
-        "base_model": base.name,
+        "base_model": parts.base.name,
         "method": config.method,
-        "prompt_format": setup.format,
-        "stop_token_ids": list(setup.stop_token_ids),
+        "prompt_format": parts.setup.format,
+        "stop_token_ids": list(parts.setup.stop_token_ids),
         "hyperparameters": config.to_dict(),
-        "data": {"train_examples": len(datasets.train), "validation_examples": len(datasets.validation),
-                 "report": datasets.report.summary()},
+        "data": {"train_examples": len(parts.datasets.train),
+                 "validation_examples": len(parts.datasets.validation), "report": parts.datasets.report.summary()},
         "training": {"steps": outcome.global_step, "runtime_s": round(outcome.train_runtime_s, 2),
                      "tokens_per_second": round(outcome.tokens_per_second, 2), "resumed_from": outcome.resumed_from,
                      "final_train_loss": next((e["loss"] for e in reversed(outcome.log_history) if "loss" in e), None),
                      "wall_time_s": round(time.time() - started, 1)},
         "metrics": report.json_safe(table),
+        "evaluation": config.evaluation,
         "versions": versions,
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }

@@ -42,6 +42,20 @@ def log_comparison(table: dict) -> None:
             log.info("  %-12s base %s  tuned %s  delta %s", metric, _fmt(r["base"]), _fmt(r["tuned"]), _fmt(r["delta"]))
 
 
+def before_after_text(eval_report: dict) -> str:
+    """The comparison of an eval_report.json as a person reads it in a terminal."""
+    lines = ["Before / after fine-tuning:"]
+    for set_name, rows in eval_report["comparison"].items():
+        lines.append(f"  {set_name} ({rows['count']} questions)")
+        for metric in ("loss", "rouge_l", "exact_match"):
+            r = rows[metric]
+            if r["base"] is not None and r["tuned"] is not None:
+                lines.append(f"    {metric:12s} base {r['base']:.3f} -> tuned {r['tuned']:.3f}")
+            elif r["tuned"] is not None:
+                lines.append(f"    {metric:12s} tuned {r['tuned']:.3f}")
+    return "\n".join(lines)
+
+
 def metric_lines(table: dict) -> list[str]:
     """CloudWatch-readable lines (see metric_definitions.json), from the validation set when there is one."""
     rows = table.get("validation") or table.get("train_sample")
