@@ -136,7 +136,7 @@ def run(config: TrainConfig, job: Job, cache_dir: Path, stop_requested: threadin
     log.info("artifact written to %s", job.model_dir)
 
     out = job.output_data_dir
-    if evaluate_in_job:
+    if config.evaluation == "in_job":
         _write_eval_reports(out, table, manifest, parts.eval_sets, base_results, tuned_results)
     else:
         log.info("evaluation deferred: run the image's `evaluate` command on this job tree for the A/B report")
