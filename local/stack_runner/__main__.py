@@ -126,9 +126,7 @@ class Stack:
 
 
 def python_env(**extra: str) -> dict[str, str]:
-    paths = [str(REPO / "local"), str(REPO / "lambda" / "src"), os.environ.get("PYTHONPATH", "")]
-    return {**os.environ, **FAKE_AWS, "PYTHONUNBUFFERED": "1", "PYTHONPATH": os.pathsep.join(filter(None, paths)),
-            **extra}
+    return {**os.environ, **FAKE_AWS, "PYTHONUNBUFFERED": "1", **extra}
 
 
 def run(command: list[str], env: dict[str, str], what: str) -> None:
@@ -303,25 +301,16 @@ def _interrupt(*_) -> None:
     raise KeyboardInterrupt
 
 
-def _training_image_code() -> None:
-    """The training image's own modules (no torch at import) for what the runner shares with it."""
-    if str(TRAIN_IMAGE / "src") not in sys.path:
-        sys.path.insert(0, str(TRAIN_IMAGE / "src"))
-
-
 def before_after_text(eval_report: dict) -> str:
-    _training_image_code()
-    from trainer.report import before_after_text as text
+    from trainer.report import before_after_text as text  # the training image's own wording (no torch)
 
     return text(eval_report)
 
 
 def _base_model_dir() -> Path:
-    _training_image_code()
     from trainer.modeling import embedded_model_dir
 
-    cache = Path(os.environ.get("TRAINER_CACHE_DIR", Path.home() / ".cache" / "sagemaker-llm-finetune"))
-    return embedded_model_dir(cache)
+    return embedded_model_dir()
 
 
 def main(argv=None) -> int:

@@ -1,6 +1,6 @@
 """Serve web/ the way CloudFront in front of S3 would (local-only stand-in).
 
-    PYTHONPATH=local python -m static_site --port 8000 --root web --api-base-url http://127.0.0.1:3000/prod
+    .venv/bin/python -m static_site --port 8000 --root web --api-base-url http://127.0.0.1:3000/prod
 
 Environment equivalents: WEB_HOST, WEB_PORT, WEB_ROOT, WEB_API_BASE_URL.
   * Content types set explicitly for the few types the page uses (the host's mimetypes table varies).

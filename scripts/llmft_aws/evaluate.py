@@ -15,7 +15,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +22,6 @@ from pathlib import Path
 from llmft_aws.context import AwsContext, CommandError, UsageError, log
 
 REPO = Path(__file__).resolve().parents[2]
-TRAINER_SRC = REPO / "containers" / "train" / "src"
 
 QUESTION_KEYS = ("question", "prompt", "instruction", "input")
 ANSWER_KEYS = ("answer", "response", "output", "completion")
@@ -111,8 +109,6 @@ def evaluate(runtime, endpoint: str, variants: list[str], pairs: list[tuple[str,
              max_new_tokens: int) -> list[VariantResult]:
     # The A/B scores must be the very numbers the training job reports, so the scoring code is the training
     # image's own module, not a copy: its source folder goes on the path (scoring imports no torch).
-    if str(TRAINER_SRC) not in sys.path:
-        sys.path.append(str(TRAINER_SRC))
     from trainer.evaluation import latency_summary, score_answers
 
     questions = [q for q, _ in pairs]

@@ -29,8 +29,6 @@ from lambda_fn.local_stack import FAKE_CREDS
 REPO = Path(__file__).resolve().parents[2]
 CLI = REPO / "scripts" / "llmft-aws"
 SCRIPTS = REPO / "scripts"
-if str(SCRIPTS) not in sys.path:  # llmft_aws lives in scripts/, which pyproject's pythonpath does not list
-    sys.path.insert(0, str(SCRIPTS))
 
 CLOSED_PORT_URL = "http://127.0.0.1:9"  # discard port: nothing listens, a stray call fails at once
 FAKE_AWS = {

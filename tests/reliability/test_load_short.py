@@ -4,22 +4,16 @@ docs/reliability.md."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-
 import pytest
-from reliability.helpers import REPO
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
 def load():
-    spec = importlib.util.spec_from_file_location("load_benchmark", REPO / "benchmarks" / "load.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+    import load as load_benchmark  # benchmarks/load.py; benchmarks/ is on the test path (pyproject.toml)
+
+    return load_benchmark
 
 
 QUESTIONS = ["What does this toolkit do?", "How do I run the main job?", "Which base model is the default?"]

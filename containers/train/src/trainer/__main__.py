@@ -16,11 +16,11 @@ import signal
 import sys
 import threading
 import traceback
-from pathlib import Path
 
 from . import launch, sagemaker
 from .config import TrainConfig
 from .errors import TrainingInterrupted, UserError
+from .modeling import default_cache_dir
 
 log = logging.getLogger("trainer")
 
@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
         if argv == ["evaluate"]:
             from .job import evaluate_artifact
 
-            evaluate_artifact(config, job, _cache_dir(), stop_requested)
+            evaluate_artifact(config, job, default_cache_dir(), stop_requested)
             return 0
         if not launch.inside_torchrun():
             sagemaker.clear_failure()
@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
                 return _launch_workers(config, job, nproc, stop_requested)
         from .job import run
 
-        run(config, job, _cache_dir(), stop_requested)
+        run(config, job, default_cache_dir(), stop_requested)
         return 0
     except UserError as e:
         log.error("%s", e)
@@ -79,10 +79,6 @@ def _launch_workers(config: TrainConfig, job: sagemaker.Job, nproc: int, stop_re
     if code != 0:
         sagemaker.write_failure(f"Framework error: a training process exited with code {code}; see the job log")
     return code
-
-
-def _cache_dir() -> Path:
-    return Path(os.environ.get("TRAINER_CACHE_DIR", Path.home() / ".cache" / "sagemaker-llm-finetune"))
 
 
 def _configure_logging() -> None:

@@ -46,8 +46,14 @@ def resolve_base_model(model_id: str, model_channel: Path | None, cache_dir: Pat
     return BaseModel(model_id, model_id)
 
 
-def embedded_model_dir(cache_dir: Path) -> Path:
+def default_cache_dir() -> Path:
+    """Where the converted embedded model is kept: TRAINER_CACHE_DIR, else ~/.cache/sagemaker-llm-finetune."""
+    return Path(os.environ.get("TRAINER_CACHE_DIR") or Path.home() / ".cache" / "sagemaker-llm-finetune")
+
+
+def embedded_model_dir(cache_dir: Path | None = None) -> Path:
     """The embedded default as a Transformers directory, converted from GGUF on first use (atomically)."""
+    cache_dir = cache_dir or default_cache_dir()
     target = cache_dir / EMBEDDED_DIR_NAME
     if (target / "config.json").exists():
         return target

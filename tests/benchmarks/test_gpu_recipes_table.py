@@ -3,20 +3,14 @@ before a default changed land in the right row (docs/benchmarks.md is written fr
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
-
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "gpu_recipes.py"
 
 
 @pytest.fixture(scope="module")
 def gpu_recipes():
-    spec = importlib.util.spec_from_file_location("gpu_recipes", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    import gpu_recipes  # benchmarks/ is on the test path (pyproject.toml)
+
+    return gpu_recipes
 
 
 def _run(module, seed: int, score: float, **overrides) -> dict:
