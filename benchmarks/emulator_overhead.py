@@ -20,7 +20,6 @@ import http.client
 import json
 import os
 import platform
-import re
 import signal
 import socket
 import statistics
@@ -31,8 +30,9 @@ import threading
 import time
 from pathlib import Path
 
+from common import write_section
+
 REPO = Path(__file__).resolve().parents[1]
-DOCS = REPO / "docs" / "benchmarks.md"
 
 CONTAINER_APP = """
 import json, time
@@ -314,14 +314,6 @@ def verdict(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def write_docs(text: str) -> None:
-    content = DOCS.read_text()
-    pattern = re.compile(r"(<!-- BEGIN emulator -->\n).*?(\n<!-- END emulator -->)", re.S)
-    if not pattern.search(content):
-        raise SystemExit(f"{DOCS} has no emulator section markers")
-    DOCS.write_text(pattern.sub(lambda m: m.group(1) + text + m.group(2), content))
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
@@ -379,8 +371,7 @@ def main() -> None:
                 "waiting for a CPU, and they vary from run to run.",
             ]
         )
-        write_docs(section.rstrip())
-        print(f"wrote the emulator section of {DOCS.relative_to(REPO)}")
+        write_section("emulator", section)
 
 
 if __name__ == "__main__":

@@ -31,9 +31,10 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from common import write_section
+
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN = ROOT / "containers" / "train" / "train"
-DOCS = ROOT / "docs" / "benchmarks.md"
 
 SHAPES = {
     # Llama 3.2 1B's shape (16 layers, d=2048, GQA 32/8 heads, MLP 8192), untied head, SmolLM2's vocabulary.
@@ -87,7 +88,7 @@ def main() -> None:
     (args.out / "section.md").write_text(section + "\n")
     print(section)
     if args.write:
-        write_section(section)
+        write_section("gpu", section)
     shutil.rmtree(work, ignore_errors=True)
 
 
@@ -212,7 +213,6 @@ def gpu() -> bool:
 
 
 def serve(model_dir: Path, args) -> dict:
-    sys.path.insert(0, str(ROOT / "benchmarks"))
     from serve_throughput import PROMPTS, Server
 
     results = {}
@@ -301,15 +301,6 @@ def render(results: dict, args) -> str:
         "here are a few hundred tokens).",
     ]
     return "\n".join(lines)
-
-
-def write_section(section: str) -> None:
-    text = DOCS.read_text()
-    pattern = re.compile(r"(<!-- BEGIN gpu -->\n).*?(\n<!-- END gpu -->)", re.S)
-    if not pattern.search(text):
-        raise SystemExit(f"{DOCS} has no gpu section markers")
-    DOCS.write_text(pattern.sub(lambda m: m.group(1) + section + m.group(2), text))
-    print(f"wrote the gpu section of {DOCS}")
 
 
 if __name__ == "__main__":

@@ -38,8 +38,8 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_vs_trl import TRAIN, add_faq_argument, write_job_tree, write_section  # it also puts trainer/ on the path
+from common import write_section
+from train_vs_trl import TRAIN, add_faq_argument, write_job_tree
 
 DOCS_SECTION = "train-recipes-gpu"
 
@@ -90,7 +90,7 @@ def main(argv=None) -> int:
         markdown = summary(results) + (f"\n\n{args.note}" if args.note else "")
         print(markdown)
         if args.write:
-            write_section(markdown, DOCS_SECTION)
+            write_section(DOCS_SECTION, markdown)
         return 0
     work = args.work or args.out / "work"
     args.out.mkdir(parents=True, exist_ok=True)

@@ -15,8 +15,9 @@ import re
 import subprocess
 from pathlib import Path
 
+from common import write_section
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
-BENCHMARKS_MD = REPO_ROOT / "docs" / "benchmarks.md"
 DEFAULT_IMAGES = ["sagemaker-llm-finetune-train:local", "sagemaker-llm-finetune-serve:local"]
 BASE_KEY_LABEL = "org.sagemaker-llm-finetune.base-key"
 
@@ -125,14 +126,6 @@ def render(rows: list[dict], engine: str, shared: int | None) -> str:
     return "\n".join(lines)
 
 
-def write_section(text: str) -> None:
-    doc = BENCHMARKS_MD.read_text()
-    pattern = re.compile(r"(<!-- BEGIN images -->\n).*?(\n<!-- END images -->)", re.S)
-    if not pattern.search(doc):
-        raise SystemExit("docs/benchmarks.md has no <!-- BEGIN images --> ... <!-- END images --> section")
-    BENCHMARKS_MD.write_text(pattern.sub(lambda m: m.group(1) + text + m.group(2), doc))
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("images", nargs="*", default=DEFAULT_IMAGES)
@@ -145,7 +138,7 @@ def main() -> None:
     text = render([measure(image) for image in args.images], engine, shared)
     print(text)
     if args.write:
-        write_section(text)
+        write_section("images", text)
 
 
 if __name__ == "__main__":

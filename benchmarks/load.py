@@ -28,7 +28,6 @@ import http.client
 import json
 import os
 import platform
-import re
 import socket
 import sys
 import tempfile
@@ -38,6 +37,8 @@ import urllib.parse
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from common import write_section
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs" / "reliability.md"
@@ -195,7 +196,6 @@ def drive(target: Target, clients: int, seconds: float, max_requests: int, quest
 
 def start_stack(model_dir: Path, lambda_concurrency: int):
     """The stack as processes on free loopback ports; returns (Stack, api_url, invocations_url)."""
-    sys.path.insert(0, str(ROOT / "local"))
     from stack_runner.__main__ import Ports, Stack, endpoint_config, python_env
 
     def free() -> int:
@@ -338,14 +338,6 @@ def soak_table(report: SoakReport) -> str:
     return "\n".join(lines)
 
 
-def write_section(section: str) -> None:
-    text = DOCS.read_text()
-    pattern = re.compile(r"(<!-- BEGIN load -->\n).*?(\n<!-- END load -->)", re.S)
-    if not pattern.search(text):
-        raise SystemExit(f"{DOCS} has no load section markers")
-    DOCS.write_text(pattern.sub(lambda m: m.group(1) + section + m.group(2), text))
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
     questions = [json.loads(line)["question"] for line in QUESTIONS_FILE.read_text().splitlines() if line.strip()]
@@ -388,8 +380,7 @@ def main(argv=None) -> int:
     section = render(args, model, direct_reports, api_reports, soaked, violations)
     print("\n" + section)
     if not args.no_write:
-        write_section(section)
-        print(f"wrote the load section of {DOCS.relative_to(ROOT)}")
+        write_section("load", section, DOCS)
     return 1 if violations else 0
 
 
@@ -418,11 +409,9 @@ def render(args, model, direct_reports, api_reports, soaked, violations) -> str:
 
 
 def _embedded_default_model() -> Path:
-    sys.path.insert(0, str(ROOT / "containers" / "train" / "src"))
     from trainer.modeling import embedded_model_dir
 
-    cache = Path(os.environ.get("TRAINER_CACHE_DIR", Path.home() / ".cache" / "sagemaker-llm-finetune"))
-    return embedded_model_dir(cache)
+    return embedded_model_dir()
 
 
 if __name__ == "__main__":

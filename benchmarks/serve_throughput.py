@@ -30,18 +30,17 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from common import write_section
+
 ROOT = Path(__file__).resolve().parents[1]
 SERVE = ROOT / "containers" / "serve" / "serve"
-DOCS = ROOT / "docs" / "benchmarks.md"
 
 
 def embedded_default_model() -> Path:
     """SmolLM2-135M-Instruct as a Transformers directory, converted once by the trainer's own code."""
-    sys.path.insert(0, str(ROOT / "containers" / "train" / "src"))
     from trainer.modeling import embedded_model_dir
 
-    cache = Path(os.environ.get("TRAINER_CACHE_DIR", Path.home() / ".cache" / "sagemaker-llm-finetune"))
-    return embedded_model_dir(cache)
+    return embedded_model_dir()
 
 PROMPTS = [
     "The history of cloud computing begins with",
@@ -94,7 +93,7 @@ def main() -> None:
     section = render(args, baseline, static, ours, ttft, server.startup_s, rss, ratio, load_before)
     print(section)
     if not args.no_write:
-        write_section(section)
+        write_section("serve", section)
 
 
 def measure_baseline(args) -> dict:
@@ -337,15 +336,6 @@ def render(args, baseline, static, ours, ttft, startup_s, rss, ratio, load_befor
             "products of a decode step on this machine's AMD CPU.",
         ]
     )
-
-
-def write_section(section: str) -> None:
-    text = DOCS.read_text()
-    pattern = re.compile(r"(<!-- BEGIN serve -->\n).*?(\n<!-- END serve -->)", re.S)
-    if not pattern.search(text):
-        raise SystemExit(f"{DOCS} has no serve section markers")
-    DOCS.write_text(pattern.sub(lambda m: m.group(1) + section + m.group(2), text))
-    print(f"wrote the serve section of {DOCS}")
 
 
 if __name__ == "__main__":

@@ -31,15 +31,14 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_vs_trl import (  # it also puts trainer/ on the path
+from common import write_section
+from train_vs_trl import (
     REPO,
     TRAIN,
     add_faq_argument,
     check_faq,
     shown,
     write_job_tree,
-    write_section,
 )
 
 # Overrides of the image's defaults; every recipe is LoRA rank 16 for 3 epochs unless it says otherwise. Recipes keep
@@ -213,7 +212,7 @@ def main(argv=None) -> int:
     markdown = table(args.jobs_dir, command) + (f"\n\n{args.note}" if args.note else "")
     print("\n" + markdown)
     if not args.no_write:
-        write_section(markdown, DOCS_SECTION)
+        write_section(DOCS_SECTION, markdown)
         print("written to docs/benchmarks.md")
     return 0
 

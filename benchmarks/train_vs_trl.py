@@ -29,11 +29,11 @@ import textwrap
 import time
 from pathlib import Path
 
+from common import write_section
+
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_FAQ = REPO / "data" / "Amazon_SageMaker_FAQs.csv"  # where scripts/fetch_faq_dataset.py writes it
 TRAIN = REPO / "containers" / "train" / "train"
-DOCS = REPO / "docs" / "benchmarks.md"
-sys.path.insert(0, str(REPO / "containers" / "train" / "src"))
 
 
 def run_measured(command: list[str], env: dict) -> tuple[int, float, float, str]:
@@ -146,14 +146,6 @@ def run_trl(workdir: Path, model_dir: Path, train_rows: list, hyperparameters: d
     return {**json.loads(match.group(1)), "peak_rss_gib": peak_gib, "wall_s": wall}
 
 
-def write_section(markdown: str, section: str = "train") -> None:
-    text = DOCS.read_text(encoding="utf-8")
-    start, end = f"<!-- BEGIN {section} -->", f"<!-- END {section} -->"
-    before, rest = text.split(start, 1)
-    _, after = rest.split(end, 1)
-    DOCS.write_text(f"{before}{start}\n{markdown.strip()}\n{end}{after}", encoding="utf-8")
-
-
 def _verdicts(ratio: float, ours: dict, validation: dict, train_sample: dict) -> list[str]:
     def verdict(ok: bool) -> str:
         return "met" if ok else "**missed**"
@@ -196,8 +188,7 @@ def main(argv=None) -> int:
         hyperparameters["epochs"] = args.epochs
     if args.max_steps > 0:  # a smoke run: few steps, few questions
         hyperparameters.update(max_steps=args.max_steps, eval_max_samples=4, eval_train_samples=4)
-    cache = Path(os.environ.get("TRAINER_CACHE_DIR", Path.home() / ".cache" / "sagemaker-llm-finetune"))
-    model_dir = embedded_model_dir(cache)
+    model_dir = embedded_model_dir()
     with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:
         workdir = Path(tmp)
         (workdir / "faq").mkdir()
@@ -260,8 +251,7 @@ def main(argv=None) -> int:
     print("\n" + markdown)
     print(f"\ntokens/s ratio ours / TRL = {ratio:.2f}")
     if not args.no_write:
-        write_section(markdown)
-        print(f"written to {DOCS}")
+        write_section("train", markdown)
     return 0
 
 
