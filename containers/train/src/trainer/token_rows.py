@@ -1,13 +1,14 @@
 """A row-sparse forward for PEFT's trainable token embeddings (`lora_train_token_embeddings`).
 
 PEFT's `TrainableTokensLayer` (peft 0.21) writes the trained rows into a fresh copy of the whole vocabulary x hidden
-matrix on every forward (`index_copy`), once for the embedding and again for an LM head tied to it, and the
-backward pass then takes a dense gradient of that copy: for the head, a matrix product as large as the head itself.
-For SmolLM2 that is two 113 MB matrices built and differentiated per step to train 1911 rows (what it cost is in
-docs/benchmarks.md, "Training"). The forward below gives the same outputs and the same gradients while touching only the trained rows: the embedding looks tokens up in the
-frozen matrix and swaps in the trained rows; the head multiplies by the frozen matrix and overwrites the trained
-rows' logits. It changes no parameter or buffer, so saving, resuming and merging stay PEFT's own, and anything it
-does not cover (several or disabled adapters, merged weights) goes to PEFT's path.
+matrix on every forward (`index_copy`), once for the embedding and again for an LM head tied to it, and the backward
+pass then takes a dense gradient of that copy: for the head, a matrix product as large as the head itself. For
+SmolLM2 that is two 113 MB matrices built and differentiated per step to train 1911 rows (what it cost is in
+docs/benchmarks.md, "Training"). The forward below gives the same outputs and the same gradients while touching only
+the trained rows: the embedding looks tokens up in the frozen matrix and swaps in the trained rows; the head
+multiplies by the frozen matrix and overwrites the trained rows' logits. It changes no parameter or buffer, so
+saving, resuming and merging stay PEFT's own, and anything it does not cover (several or disabled adapters, merged
+weights) goes to PEFT's path.
 """
 
 from __future__ import annotations
