@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +27,8 @@ from .errors import DataError, UserError
 DEFAULT_BASE_DIR = "/opt/ml"
 DEFAULT_MASTER_PORT = 7777  # what SageMaker's own torchrun launchers use
 TRAIN_CHANNEL, VALIDATION_CHANNEL, MODEL_CHANNEL = "train", "validation", "model"
-FAILURE_REASON_LIMIT = 1024
+FAILURE_REASON_LIMIT = 1024  # characters of output/failure that SageMaker shows as the job's FailureReason
+FAILURE_REASON_CUT = " [...]"  # ends a failure reason cut to that limit
 
 
 @dataclass(frozen=True)
@@ -61,8 +62,6 @@ class Job:
     channels: dict[str, Path]
     cluster: Cluster
     checkpoint_dir: Path
-    job_name: str = "local"
-    input_data_config: dict[str, Any] = field(default_factory=dict)
 
     @property
     def model_dir(self) -> Path:
@@ -116,18 +115,30 @@ def read_job(environ: dict[str, str] | None = None) -> Job:
         channels=channels,
         cluster=_cluster(resource_config, environ),
         checkpoint_dir=Path(checkpoint_config.get("LocalPath") or root / "checkpoints"),
-        job_name=environ.get("TRAINING_JOB_NAME", "local"),
-        input_data_config=input_data_config,
     )
 
 
+def failure_reason(message: str) -> str:
+    """What SageMaker shows of `message` as FailureReason: all of it when it fits in FAILURE_REASON_LIMIT
+    characters, else its start, cut to end in FAILURE_REASON_CUT within the limit."""
+    if len(message) <= FAILURE_REASON_LIMIT:
+        return message
+    return message[:FAILURE_REASON_LIMIT - len(FAILURE_REASON_CUT)] + FAILURE_REASON_CUT
+
+
 def write_failure(message: str, environ: dict[str, str] | None = None) -> Path:
-    """Write output/failure once (the first error wins: later ones are consequences)."""
+    """Write output/failure once (the first error wins: later ones are consequences).
+
+    SageMaker takes the file's first FAILURE_REASON_LIMIT characters as the job's FailureReason, so the file
+    starts with `failure_reason(message)`; a message cut there follows in full, after a blank line, for whoever
+    reads the file itself.
+    """
     path = base_dir(environ) / "output" / "failure"
     path.parent.mkdir(parents=True, exist_ok=True)
+    reason = failure_reason(message)
     try:
         with path.open("x", encoding="utf-8") as f:
-            f.write(message)
+            f.write(reason if reason == message else f"{reason}\n\n{message}")
     except FileExistsError:
         pass
     return path
