@@ -13,8 +13,8 @@ def _trainer(model_dir, tmp_path, **hyperparameters):
     if config.method == "lora":
         model = training.apply_lora(model, config)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    return training.AnswerOnlyLossTrainer(model=model, args=training.training_arguments(config, tmp_path),
-                                          processing_class=tokenizer, job_config=config)
+    args = training.training_arguments(config, tmp_path, train_rows=1)
+    return training.AnswerOnlyLossTrainer(model=model, args=args, processing_class=tokenizer, job_config=config)
 
 
 @pytest.mark.parametrize("ratio", ["16", "1"])
@@ -58,7 +58,7 @@ def _learning_rates(trainer, steps: int) -> list[float]:
 )
 def test_learning_rate_schedules_warm_up_then_follow_their_shape(tiny_model_dir, tmp_path, scheduler, expected):
     trainer = _trainer(tiny_model_dir, tmp_path, learning_rate="1.0", lr_scheduler=scheduler, warmup_ratio="0.1",
-                       lr_decay_ratio="0.3")
+                       lr_decay_ratio="0.3", max_steps="100")
     rates = _learning_rates(trainer, 100)
     assert rates[0] == 0.0 and rates[5] == pytest.approx(0.5)
     for step, rate in expected.items():

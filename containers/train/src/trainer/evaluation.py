@@ -96,8 +96,8 @@ def generate_answers(
 ) -> list[str]:
     """Greedy answers, batched with left padding (prompts are already rendered with the chat template).
 
-    `should_stop` is polled at every decoding step: a batch of long answers on a CPU takes minutes, longer
-    than SageMaker waits between SIGTERM and SIGKILL. When it turns true, EvaluationStopped is raised.
+    `should_stop` is polled at every decoding step: a batch of long answers on a CPU can take longer than
+    SageMaker waits between SIGTERM and SIGKILL. When it turns true, EvaluationStopped is raised.
     """
     import torch
     from transformers import StoppingCriteria, StoppingCriteriaList
@@ -135,10 +135,12 @@ def answer_loss(model, encoded: Sequence[dict], collator, batch_size: int,
                 should_stop: Callable[[], bool] = _never) -> float:
     """Mean cross-entropy per answer token (teacher forcing); perplexity is exp of it.
 
-    The LM head runs on answer positions only, as in training: a batch's full logits (batch x length x
-    vocabulary floats) would be most of the job's peak memory.
+    The loss is training's (`prompts.answer_token_loss`, the LM head on answer positions only), summed over every
+    batch and divided once by the answer tokens of all of them.
     """
     import torch
+
+    from .prompts import answer_token_loss
 
     total, tokens = 0.0, 0
     model.eval()
@@ -147,14 +149,12 @@ def answer_loss(model, encoded: Sequence[dict], collator, batch_size: int,
             raise EvaluationStopped(f"stopped after {start} of {len(encoded)} loss examples")
         batch = collator(list(encoded[start:start + batch_size]))
         batch = {k: v.to(model.device) for k, v in batch.items()}
-        labels = batch["labels"][:, 1:]
-        answer_positions = labels != -100
         with torch.inference_mode():
             hidden = model.get_decoder()(input_ids=batch["input_ids"],
                                          attention_mask=batch["attention_mask"]).last_hidden_state
-            logits = model.get_output_embeddings()(hidden[:, :-1][answer_positions]).float()
-            total += torch.nn.functional.cross_entropy(logits, labels[answer_positions], reduction="sum").item()
-        tokens += int(answer_positions.sum())
+            loss, answer_tokens = answer_token_loss(hidden, batch["labels"], model.get_output_embeddings())
+        total += loss.item()
+        tokens += int(answer_tokens)
     return total / max(tokens, 1)
 
 

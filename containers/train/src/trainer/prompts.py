@@ -7,8 +7,9 @@ side only calls `apply_chat_template(..., add_generation_prompt=True)` and needs
 - `dolly`: the instruction format databricks/dolly-v2 was trained with (`### Instruction:` / `### Response:` /
   `### End`), installed as a chat template for models that have none.
 
-Loss is on the answer only: prompt tokens get label -100. Every example ends with the EOS token, and pad is
-made distinct from EOS, so the model learns to stop (a classic failure when pad == eos masks every EOS).
+Loss is on the answer only: prompt and padding tokens get label IGNORE_INDEX, and `answer_token_loss` is the one
+loss on such labels, for training and evaluation alike. Every example ends with the EOS token, and pad is made
+distinct from EOS, so the model learns to stop (a classic failure when pad == eos masks every EOS).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from dataclasses import dataclass
 
 from .data import Example
 
-IGNORE_INDEX = -100
+IGNORE_INDEX = -100  # the label of a position without loss (PyTorch's cross-entropy default)
 DOLLY_INTRO = (
     "Below is an instruction that describes a task. Write a response that appropriately completes the request."
 )
@@ -108,18 +109,15 @@ def encode_example(tokenizer, example: Example) -> dict[str, list[int]]:
 
 
 class CompletionCollator:
-    """Pads a batch to its longest sequence (right padding; labels padded with -100)."""
+    """Pads a batch to its longest sequence (right padding; labels padded with IGNORE_INDEX)."""
 
-    def __init__(self, pad_token_id: int, pad_to_multiple_of: int | None = None):
+    def __init__(self, pad_token_id: int):
         self.pad_token_id = pad_token_id
-        self.pad_to_multiple_of = pad_to_multiple_of
 
     def __call__(self, features: list[dict]) -> dict:
         import torch
 
         longest = max(len(f["input_ids"]) for f in features)
-        if self.pad_to_multiple_of:
-            longest = -(-longest // self.pad_to_multiple_of) * self.pad_to_multiple_of
         input_ids, labels, mask = [], [], []
         for f in features:
             pad = longest - len(f["input_ids"])
@@ -131,3 +129,21 @@ class CompletionCollator:
             "labels": torch.tensor(labels, dtype=torch.long),
             "attention_mask": torch.tensor(mask, dtype=torch.long),
         }
+
+
+def answer_token_loss(hidden, labels, lm_head):
+    """Cross-entropy on the answer tokens of a batch, summed, and the number of those tokens (both tensors).
+
+    `hidden` is the decoder's last hidden state (batch x length x width), `labels` the batch's labels with
+    IGNORE_INDEX where no loss is taken. Position t predicts token t + 1 (the causal LM shift). `lm_head` (the
+    model's output embeddings) runs on answer positions only, so the other positions' logits, a vocabulary-sized
+    row each, are never computed; the loss is taken in fp32. Callers divide the sum by the tokens they average
+    over: one batch, the batches of an accumulated step, or a whole evaluation set.
+    """
+    import torch
+
+    targets = labels[:, 1:]
+    answer_positions = targets != IGNORE_INDEX
+    logits = lm_head(hidden[:, :-1][answer_positions]).float()
+    loss = torch.nn.functional.cross_entropy(logits, targets[answer_positions], reduction="sum")
+    return loss, answer_positions.sum()

@@ -1,10 +1,11 @@
 """The training step itself: HF Trainer with LoRA (PEFT) or full fine-tuning, optionally under DeepSpeed.
 
 What we add to the stock Trainer, and why:
-- the loss runs the LM head on answer tokens only: the prompt's logits (a third of the sequence, each a
-  vocabulary-sized row) are never computed, which is most of the speed-up over TRL's defaults on CPU;
+- the loss runs the LM head on answer tokens only (`prompts.answer_token_loss`): the prompt's logits, a
+  vocabulary-sized row per token, are never computed;
 - length-grouped batches, so little compute goes to padding;
 - optional LoRA+ learning rates (B matrices faster than A; `loraplus_lr_ratio`);
+- the warm-up-stable-decay schedule (`lr_scheduler=wsd`), its decay sized from the run's step count;
 - a SIGTERM callback that checkpoints and stops every rank at the same step (SageMaker stop / spot);
 - metric lines CloudWatch's MetricDefinitions regexes can read.
 
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import threading
 import time
 from collections.abc import Collection
@@ -25,7 +27,7 @@ import torch
 from transformers import PrinterCallback, Trainer, TrainerCallback, TrainerState, TrainingArguments
 
 from .config import TrainConfig
-from .prompts import IGNORE_INDEX
+from .prompts import answer_token_loss
 from .token_rows import use_row_sparse_forward
 
 log = logging.getLogger(__name__)
@@ -83,8 +85,29 @@ def apply_lora(model, config: TrainConfig, token_ids: Collection[int] = ()):
     return model
 
 
-def training_arguments(config: TrainConfig, checkpoint_dir: Path, world_size: int = 1) -> TrainingArguments:
-    """The HF Trainer settings a job's hyperparameters stand for."""
+def optimizer_steps(config: TrainConfig, train_rows: int, world_size: int = 1) -> int:
+    """The optimizer steps a run takes, as the Trainer counts them: `max_steps` when set, else `epochs` passes
+    over the batches each process gets (a last partial batch and a last partial accumulation count as whole)."""
+    if config.max_steps > 0:
+        return config.max_steps
+    batches_per_process = math.ceil(train_rows / (config.per_device_batch_size * world_size))
+    steps_per_epoch = max(math.ceil(batches_per_process / config.gradient_accumulation_steps), 1)
+    return math.ceil(config.epochs * steps_per_epoch)
+
+
+def lr_scheduler_kwargs(config: TrainConfig, train_rows: int, world_size: int = 1) -> dict | None:
+    """What the learning-rate schedule needs beyond the step count: for `wsd`, the length of its decay, which
+    HF's schedule takes in steps, not as a share of them."""
+    if config.lr_scheduler != "wsd":
+        return None
+    decay_steps = round(config.lr_decay_ratio * optimizer_steps(config, train_rows, world_size))
+    return {"num_decay_steps": decay_steps, "decay_type": "cosine"}
+
+
+def training_arguments(config: TrainConfig, checkpoint_dir: Path, *, train_rows: int,
+                       world_size: int = 1) -> TrainingArguments:
+    """The HF Trainer settings a job's hyperparameters stand for, training on `train_rows` examples with
+    `world_size` processes. Complete before the Trainer exists: nothing changes them during the run."""
     return TrainingArguments(
         output_dir=str(checkpoint_dir),
         num_train_epochs=config.epochs,
@@ -92,9 +115,10 @@ def training_arguments(config: TrainConfig, checkpoint_dir: Path, world_size: in
         per_device_train_batch_size=config.per_device_batch_size,
         gradient_accumulation_steps=config.gradient_accumulation_steps,
         learning_rate=config.learning_rate,
-        # HF's plain "constant" would ignore the warm-up; "wsd" is built by the trainer, which knows the step count.
+        # HF's plain "constant" would ignore the warm-up.
         lr_scheduler_type={"constant": "constant_with_warmup", "wsd": "warmup_stable_decay"}.get(
             config.lr_scheduler, config.lr_scheduler),
+        lr_scheduler_kwargs=lr_scheduler_kwargs(config, train_rows, world_size),
         warmup_steps=config.warmup_ratio,  # a float < 1 is a ratio of the total steps
         weight_decay=config.weight_decay,
         max_grad_norm=config.max_grad_norm,
@@ -125,10 +149,13 @@ def train(model, tokenizer, train_set: list[dict], config: TrainConfig, checkpoi
 
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
     if torch.cuda.is_available():
-        # cuDNN's attention backend builds an execution plan per new shape (hundreds of ms each, see
-        # pytorch/pytorch#155958), and length-grouped batches bring a new sequence length nearly every step.
+        # cuDNN's attention backend builds an execution plan for every new shape (pytorch/pytorch#155958), and
+        # length-grouped batches bring a new sequence length nearly every step.
         torch.backends.cuda.enable_cudnn_sdp(False)
-    args = training_arguments(config, checkpoint_dir, world_size)
+    args = training_arguments(config, checkpoint_dir, train_rows=len(train_set), world_size=world_size)
+    if args.lr_scheduler_kwargs:
+        log.info("learning rate: warm-up, stable, then decay over the last %d of %d steps",
+                 args.lr_scheduler_kwargs["num_decay_steps"], optimizer_steps(config, len(train_set), world_size))
     dataset = Dataset.from_list(train_set).add_column("length", [len(e["input_ids"]) for e in train_set])
     timing = ProgressLogger()
     stop = StopOnSignal(stop_requested)
@@ -191,20 +218,11 @@ def _unwrap(model):
 
 class AnswerOnlyLossTrainer(Trainer):
     """Cross-entropy on answer tokens, with the LM head applied to those positions only; LoRA+ learning rates
-    for LoRA runs (PEFT's optimizer builder, so checkpoints resume with the same parameter groups); the
-    warm-up-stable-decay schedule sized from the step count."""
+    for LoRA runs (PEFT's optimizer builder, so checkpoints resume with the same parameter groups)."""
 
     def __init__(self, *args, job_config: TrainConfig, **kwargs):
         super().__init__(*args, **kwargs)
-        self.job_config = job_config  # what TrainingArguments has no field for (LoRA+ ratio, WSD decay share)
-
-    def create_scheduler(self, num_training_steps: int, optimizer=None):
-        if self.lr_scheduler is None and self.args.lr_scheduler_type == "warmup_stable_decay":
-            # HF's WSD schedule takes its decay length in steps, and the step count is only known here.
-            self.args.lr_scheduler_kwargs = {
-                "num_decay_steps": round(self.job_config.lr_decay_ratio * num_training_steps), "decay_type": "cosine"
-            }
-        return super().create_scheduler(num_training_steps, optimizer)
+        self.job_config = job_config  # what TrainingArguments has no field for (the LoRA+ ratio)
 
     def create_optimizer(self, model=None):
         ratio = self.job_config.loraplus_lr_ratio
@@ -233,18 +251,14 @@ class AnswerOnlyLossTrainer(Trainer):
             model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], logits_to_keep=1)
         finally:
             handle.remove()
-        targets = inputs["labels"][:, 1:]
-        answer_positions = targets != IGNORE_INDEX
-        hidden = captured["hidden"][:, :-1][answer_positions]
-        logits = inner.get_output_embeddings()(hidden).float()
-        loss = torch.nn.functional.cross_entropy(logits, targets[answer_positions], reduction="sum")
+        loss, answer_tokens = answer_token_loss(captured["hidden"], inputs["labels"], inner.get_output_embeddings())
         if num_items_in_batch is not None:
             loss = loss / num_items_in_batch
             # The same scaling the stock compute_loss applies when tokens are averaged across devices.
             if self.args.average_tokens_across_devices:
                 loss = loss * self.accelerator.num_processes
         else:
-            loss = loss / answer_positions.sum().clamp(min=1)
+            loss = loss / answer_tokens.clamp(min=1)
         return (loss, None) if return_outputs else loss
 
 
