@@ -104,14 +104,6 @@ def test_a_worker_killed_mid_request_fails_only_that_request(fault_stack):
 
 def test_a_worker_killed_mid_request_through_the_public_api_is_a_clear_502(fault_stack):
     stack = fault_stack
-    result: dict = {}
-    thread = threading.Thread(
-        target=lambda: result.setdefault(
-            "reply", stack.ask("Tell me everything.", parameters={"max_new_tokens": 1024, "stop": ["\x01"]})
-        )
-    )
-    thread.start()
-    time.sleep(1.0)  # through API Gateway, Lambda and the endpoint emulator, and generating
 
     def emulator_connection() -> int | None:
         """The local port of the endpoint emulator's (only) connection to the model server."""
@@ -123,13 +115,32 @@ def test_a_worker_killed_mid_request_through_the_public_api_is_a_clear_502(fault
         ]
         return ports[0] if len(ports) == 1 else None
 
-    worker_serving(stack, wait_for(emulator_connection, 10, "the emulator's connection")).send_signal(signal.SIGKILL)
-    thread.join(timeout=60)
-    reply = result["reply"]
-    assert reply.status == 502, (reply.status, reply.body)
+    def kill_mid_request():
+        result: dict = {}
+        thread = threading.Thread(
+            target=lambda: result.setdefault(
+                "reply", stack.ask("Tell me everything.", parameters={"max_new_tokens": 1024, "stop": ["\x01"]})
+            )
+        )
+        thread.start()
+        time.sleep(0.3)  # through API Gateway, Lambda and the endpoint emulator, and generating
+        worker_serving(stack, wait_for(emulator_connection, 10, "the emulator's connection")).send_signal(
+            signal.SIGKILL
+        )
+        thread.join(timeout=60)
+        wait_for(lambda: all_workers_ready(stack), 120, "the replacement worker to load its model")
+        return result["reply"]
+
+    # The tiny model can write its whole answer (up to its 1024-token context) before the kill lands on a quiet
+    # machine; such an answer is a 200, so try again. A server that silently retried elsewhere would answer 200
+    # every time and still fail here.
+    replies = [kill_mid_request()]
+    while replies[-1].status == 200 and len(replies) < 3:
+        replies.append(kill_mid_request())
+    reply = replies[-1]
+    assert reply.status == 502, [(r.status, r.body) for r in replies]
     body = assert_clean_error(reply)
     assert body["error_type"] == "ModelError" and "request_id" in body
-    wait_for(lambda: all_workers_ready(stack), 120, "the replacement worker to load its model")
     assert all(stack.ask("hi").status == 200 for _ in range(4))
 
 
