@@ -44,8 +44,8 @@ def _model_with_traps(tiny_model_dir: Path, root: Path) -> tuple[Path, Path]:
 
 
 def test_the_server_runs_no_remote_code_and_loads_no_pickle_by_default(tmp_path, tiny_model_dir):
+    from serve.artifact import load_artifact
     from serve.config import ServeConfig
-    from serve.predictor import load_artifact
 
     model, marker = _model_with_traps(tiny_model_dir, tmp_path)
     config = ServeConfig(model_dir=model)
@@ -56,8 +56,8 @@ def test_the_server_runs_no_remote_code_and_loads_no_pickle_by_default(tmp_path,
 
 
 def test_a_pickle_only_artifact_is_refused(tmp_path, tiny_model_dir):
+    from serve.artifact import ArtifactError, load_artifact
     from serve.config import ServeConfig
-    from serve.predictor import ArtifactError, load_artifact
 
     model, marker = _model_with_traps(tiny_model_dir, tmp_path)
     (model / "model.safetensors").unlink()

@@ -8,7 +8,7 @@ import time
 
 import pytest
 from serve import create_app
-from serve.engine import SamplingParams
+from serve.generation import SamplingParams
 
 Q = "What solutions come pre-built with Amazon SageMaker JumpStart?"
 
@@ -243,7 +243,7 @@ class _SlowModel:
 def test_generation_past_the_server_timeout_is_cut_with_finish_reason_timeout(
     tiny_model_dir, make_config_for, start_predictor
 ):
-    from serve.predictor import load_artifact
+    from serve.artifact import load_artifact
 
     def slow_loader(model_dir, config):
         loaded = load_artifact(model_dir, config)
@@ -350,6 +350,17 @@ def test_jsonlines_in_jsonlines_out_in_order(client):
     assert out[1]["object"] == "chat.completion"
 
 
+def test_jsonlines_line_with_several_inputs_gets_its_list(client):
+    lines = [
+        {"inputs": [Q, "hello"], "parameters": {"max_new_tokens": 4}},
+        {"inputs": "hello", "parameters": {"max_new_tokens": 4}},
+    ]
+    body = "".join(json.dumps(line) + "\n" for line in lines)
+    response = client.post("/invocations", data=body, content_type="application/jsonlines")
+    out = [json.loads(line) for line in response.get_data(as_text=True).splitlines()]
+    assert out == [generate(client, [Q, "hello"], max_new_tokens=4), generate(client, "hello", max_new_tokens=4)]
+
+
 def test_jsonlines_error_names_the_line(client):
     body = json.dumps({"inputs": "ok"}) + "\n" + json.dumps({"inputs": "x", "parameters": {"top_p": 2}}) + "\n"
     response = client.post("/invocations", data=body, content_type="application/jsonlines")
@@ -375,6 +386,16 @@ def test_access_log_is_json_without_user_text(client, access_lines):
     assert "secret" not in "".join(access_lines)
 
 
+def test_a_stream_is_logged_once_when_it_ends(client, access_lines):
+    body = {"inputs": "hi", "stream": True, "parameters": {"max_new_tokens": 3}}
+    response = client.post("/invocations", json=body, buffered=False)
+    assert access_lines == []  # its status is known only at its end
+    sse_frames(response)
+    records = [json.loads(line) for line in access_lines]
+    assert len(records) == 1
+    assert records[0]["stream"] is True and records[0]["status"] == 200 and records[0]["generated_tokens"] == 3
+
+
 class _BreakableModel(_SlowModel):
     broken = False
 
@@ -385,7 +406,7 @@ class _BreakableModel(_SlowModel):
 
 
 def test_a_failed_generation_is_424_or_an_error_frame_once_streaming(tiny_model_dir, make_config_for, start_predictor):
-    from serve.predictor import load_artifact
+    from serve.artifact import load_artifact
 
     def loader(model_dir, config):
         loaded = load_artifact(model_dir, config)

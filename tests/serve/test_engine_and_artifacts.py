@@ -6,8 +6,9 @@ import json
 import time
 
 import pytest
-from serve.engine import Engine, SamplingParams
-from serve.predictor import ArtifactError, load_artifact
+from serve.artifact import ArtifactError, load_artifact
+from serve.engine import Engine
+from serve.generation import SamplingParams
 
 
 @pytest.fixture(scope="module")

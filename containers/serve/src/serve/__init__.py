@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import logging
 import sys
-import time
 
-from flask import Flask, g, request
+from flask import Flask
 
 __all__ = ["create_app"]
 
@@ -14,11 +13,11 @@ __all__ = ["create_app"]
 def create_app(config=None, predictor=None) -> Flask:
     """Build the app. With no predictor, this worker loads the model from config.model_dir in the background
     (so /ping answers 503 at once while it loads); tests inject a loaded or fake predictor instead."""
+    from serve import access_log
     from serve.config import ServeConfig
     from serve.errors import register_error_handlers
     from serve.predictor import Predictor
-    from serve.routes import bp, log_access
-    from serve.service import Outcome
+    from serve.routes import bp
 
     config = config or ServeConfig.from_env()
     _configure_logging()
@@ -30,19 +29,7 @@ def create_app(config=None, predictor=None) -> Flask:
     app.extensions["serve.predictor"] = predictor
     register_error_handlers(app)
     app.register_blueprint(bp)
-
-    @app.before_request
-    def _start_clock() -> None:
-        g.started = time.monotonic()
-        g.outcome = Outcome()
-
-    @app.after_request
-    def _access_log(response):
-        # /ping is polled every few seconds; the loader logs its state changes instead.
-        if request.path != "/ping" and not g.get("stream_logged_later"):
-            log_access(request.method, request.path, response.status_code, g.started, g.outcome)
-        return response
-
+    access_log.install(app)
     logging.getLogger("serve").info("starting with %s", config)
     return app
 

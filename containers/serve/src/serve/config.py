@@ -11,7 +11,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-ENV_PREFIXES = ("SAGEMAKER_", "SERVE_")
+# How long a request thread waits on the engine beyond the generation budget before giving up on it.
+RESULT_GRACE_S = 30.0
 
 
 class ConfigError(ValueError):
@@ -83,6 +84,11 @@ class ServeConfig:
     def generation_budget_s(self) -> float:
         """How long one request may generate: the server timeout minus a margin to send the reply."""
         return max(1.0, self.timeout_s - min(5.0, self.timeout_s * 0.1))
+
+    @property
+    def result_timeout_s(self) -> float:
+        """How long a request waits for the engine's next event (the engine itself stops at the budget)."""
+        return self.generation_budget_s + RESULT_GRACE_S
 
     @property
     def threads_per_worker(self) -> int:

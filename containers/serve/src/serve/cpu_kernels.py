@@ -7,7 +7,7 @@ much faster on this project's machines (AMD EPYC, AVX2; see docs/benchmarks.md, 
 The op is the one PyTorch's own compiler uses for frozen CPU linears (Inductor's mkldnn fusion pass); we call
 it directly because compiling the model would cost far more start-up time than the 20 s we allow.
 
-This module imports torch at the top: import it inside functions (only model loading needs it).
+Only model loading (serve.artifact) uses this module.
 The packed copy doubles the linear weights' memory (about +0.5 GiB for a 135 M model); that is the trade.
 """
 

@@ -4,28 +4,19 @@ from __future__ import annotations
 
 import json
 import logging
-import re
-import time
 from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
 
 from flask import Blueprint, Response, current_app, g, request
 
-from serve import service
-from serve.errors import (
-    BadRequest,
-    NotAcceptable,
-    NotReady,
-    ServeError,
-    UnsupportedMediaType,
-    ValidationError,
-    error_body,
-    error_response,
-)
-from serve.predictor import Predictor
-from serve.schemas import ChatRequest, parse_request
+from serve import access_log, adapters, service
+from serve.errors import NotAcceptable, NotReady, UnsupportedMediaType, error_body, error_response
+from serve.schemas import GenerationLimits
+
+if TYPE_CHECKING:
+    from serve.predictor import Predictor
 
 bp = Blueprint("serve", __name__)
-access_log = logging.getLogger("serve.access")
 log = logging.getLogger("serve.routes")
 
 JSON_TYPES = {"application/json"}
@@ -64,7 +55,7 @@ def ping() -> Response:
 @bp.get("/execution-parameters")
 def execution_parameters() -> Response:
     return current_app.response_class(
-        json.dumps(service.execution_parameters(_predictor().config)), mimetype="application/json"
+        json.dumps(adapters.execution_parameters(_predictor().config)), mimetype="application/json"
     )
 
 
@@ -78,66 +69,28 @@ def invocations() -> Response:
         )
     predictor = _ready_predictor()
     body = request.get_data(cache=False)  # over SAGEMAKER_MAX_PAYLOAD_IN_MB -> 413 from werkzeug
+    limits = GenerationLimits.of(predictor.config)
     if content_type in JSONLINES_TYPES:
-        return _jsonlines(body, predictor)
-
-    parsed = parse_request(_load_json(body, where="body"), max_new_tokens_cap=predictor.config.max_new_tokens_cap)
-    if parsed.stream:
-        _negotiate([EVENT_STREAM, "application/json"], produce=EVENT_STREAM)
-        return _stream(parsed, predictor)
-    _negotiate(["application/json"])
-    jobs = service.plan(parsed, predictor)
-    results = service.wait_all(service.submit_all(jobs, predictor), predictor)
-    service.record(g.outcome, results)
-    if isinstance(parsed, ChatRequest):
-        payload: object = service.chat_reply(parsed, results[0], predictor.model_name)
+        # Batch transform: the answer is JSON Lines whatever the lines hold, so Accept is checked first.
+        _negotiate(sorted(JSONLINES_TYPES), produce=adapters.JSONLINES)
+        adapter, parsed = adapters.JSON_LINES, adapters.JSON_LINES.parse(body, limits)
     else:
-        payload = service.tgi_reply(jobs, results)
-    return current_app.response_class(json.dumps(payload, ensure_ascii=False), mimetype="application/json")
+        adapter, parsed = adapters.parse_json(body, limits)
+        if parsed.stream:
+            _negotiate([EVENT_STREAM, "application/json"], produce=EVENT_STREAM)
+            return _stream(adapter, parsed, predictor)
+        _negotiate(["application/json"])
+    jobs = adapter.plan(parsed, predictor)
+    results = service.run(jobs, predictor)
+    g.outcome.record(results)
+    return current_app.response_class(adapter.reply(parsed, jobs, results), mimetype=adapter.media_type)
 
 
-def _jsonlines(body: bytes, predictor: Predictor) -> Response:
-    """Batch transform: one request per line in, one reply per line out, in order."""
-    _negotiate(sorted(JSONLINES_TYPES), produce="application/jsonlines")
-    lines = [line for line in _decode(body).splitlines() if line.strip()]
-    requests, plans = [], []
-    for number, line in enumerate(lines, start=1):
-        try:
-            parsed = parse_request(
-                _load_json(line.encode(), where=f"line {number}"),
-                max_new_tokens_cap=predictor.config.max_new_tokens_cap,
-            )
-            if parsed.stream:
-                raise ValidationError("stream: not available for application/jsonlines bodies")
-            plans.append(service.plan(parsed, predictor))
-        except ServeError as e:
-            if not e.message.startswith("line "):
-                e.message = f"line {number}: {e.message}"
-            raise
-        requests.append(parsed)
-    all_jobs = [job for jobs in plans for job in jobs]
-    results = iter(service.wait_all(service.submit_all(all_jobs, predictor), predictor))
-    out, collected = [], []
-    for parsed, jobs in zip(requests, plans, strict=True):
-        mine = [next(results) for _ in jobs]
-        collected.extend(mine)
-        if isinstance(parsed, ChatRequest):
-            out.append(service.chat_reply(parsed, mine[0], predictor.model_name))
-        else:
-            out.append(service.tgi_reply(jobs, mine))
-    service.record(g.outcome, collected)
-    text = "".join(json.dumps(item, ensure_ascii=False) + "\n" for item in out)
-    return current_app.response_class(text, mimetype="application/jsonlines")
-
-
-def _stream(parsed, predictor: Predictor) -> Response:
-    jobs = service.plan(parsed, predictor)
+def _stream(adapter: adapters.Adapter, parsed: Any, predictor: Predictor) -> Response:
+    jobs = adapter.plan(parsed, predictor)
     handle = service.submit_all(jobs, predictor)[0]  # errors up to here still get a normal status code
     outcome, started, path = g.outcome, g.started, request.path
-    if isinstance(parsed, ChatRequest):
-        frames = service.chat_stream(parsed, handle, predictor, outcome)
-    else:
-        frames = service.tgi_stream(jobs[0], handle, predictor, outcome)
+    frames = adapter.stream(parsed, jobs, service.events(handle, predictor, outcome))
 
     def generate() -> Iterator[str]:
         status = 200
@@ -151,14 +104,13 @@ def _stream(parsed, predictor: Predictor) -> Response:
             log.exception("stream failed after it began")
             handle.cancel()
             status = 500
-            yield service.sse(error_body(f"generation failed: {e}", "generation"))
-        finally:
-            log_access("POST", path, status, started, outcome, stream=True)
+            yield adapters.sse(error_body(f"generation failed: {e}", "generation"))
+        finally:  # a stream is logged here, when its status is known, not by access_log's after_request
+            access_log.write("POST", path, status, started, outcome, stream=True)
 
     response = Response(generate(), mimetype=EVENT_STREAM)
     response.headers["Cache-Control"] = "no-cache"
     response.headers["X-Accel-Buffering"] = "no"
-    g.stream_logged_later = True
     return response
 
 
@@ -178,60 +130,3 @@ def _quoted(header: str | None, limit: int = 100) -> str:
     """A caller's header value for an error message, cut short: errors must not echo kilobytes back."""
     text = repr(header)
     return text if len(text) <= limit else text[:limit] + "...(cut)"
-
-
-def _decode(body: bytes) -> str:
-    try:
-        return body.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise BadRequest(f"body is not UTF-8: {e}") from None
-
-
-def _load_json(body: bytes, *, where: str) -> object:
-    text = _decode(body)
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise BadRequest(f"{where} is not valid JSON: {e}") from None
-    except RecursionError:  # json.loads recurses per nesting level; a request is never this deep
-        raise BadRequest(f"{where}: JSON is nested too deeply") from None
-    except ValueError:  # an integer over Python's 4300-digit conversion limit
-        raise BadRequest(f"{where}: a number in the JSON has too many digits") from None
-    if _LONE_SURROGATE_ESCAPE.search(text):
-        _reject_lone_surrogates(value, where)
-    return value
-
-
-# `\ud800`-style escapes decode to lone UTF-16 surrogates: valid JSON, but not text a tokenizer accepts.
-_LONE_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
-
-
-def _reject_lone_surrogates(value: object, where: str) -> None:
-    """Escaped surrogate *pairs* decode to one character and pass; a lone one cannot be encoded as UTF-8."""
-    try:
-        json.dumps(value, ensure_ascii=False).encode("utf-8")
-    except UnicodeEncodeError:
-        raise BadRequest(
-            f"{where} holds a lone UTF-16 surrogate escape (\\uD800-\\uDFFF without its pair); send valid Unicode text"
-        ) from None
-
-
-def log_access(
-    method: str, path: str, status: int, started: float, outcome: service.Outcome, *, stream: bool = False
-) -> None:
-    """One JSON line per request; never the user's text."""
-    latency = time.monotonic() - started
-    record = {
-        "method": method,
-        "path": path,
-        "status": status,
-        "latency_ms": round(latency * 1000, 1),
-        "prompt_tokens": outcome.prompt_tokens,
-        "generated_tokens": outcome.generated_tokens,
-        "tokens_per_s": round(outcome.generated_tokens / latency, 1) if latency > 0 else None,
-    }
-    if outcome.finish_reason:
-        record["finish_reason"] = outcome.finish_reason
-    if stream:
-        record["stream"] = True
-    access_log.info(json.dumps(record))

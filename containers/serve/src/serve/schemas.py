@@ -3,17 +3,30 @@
 Two request shapes are accepted, like TGI's /invocations: TGI's `{"inputs", "parameters", "stream"}` and
 OpenAI's chat `{"messages", ...}`. Both turn into the engine's SamplingParams through one precedence rule:
 the request's value, else the server default, else the API's default.
+
+The server's generation limits reach a request one way: `validate(..., limits)` checks the cap and settles
+how many tokens the request gets, and `sampling()` reads that.
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from pydantic import ValidationError as PydanticValidationError
 
-from serve.engine import SamplingParams
+from serve.config import ServeConfig
 from serve.errors import ValidationError
+from serve.generation import SamplingParams
 
 MAX_STOP_SEQUENCES = 4
 MAX_INPUTS_PER_REQUEST = 32
@@ -30,6 +43,18 @@ MIN_REPETITION_PENALTY, MAX_REPETITION_PENALTY = 0.01, 100.0
 NonEmptyStr = Annotated[str, Field(min_length=1)]
 
 
+@dataclass(frozen=True)
+class GenerationLimits:
+    """How many new tokens a request may ask for, and how many it gets when it does not say."""
+
+    max_new_tokens_cap: int
+    default_max_new_tokens: int
+
+    @classmethod
+    def of(cls, config: ServeConfig) -> GenerationLimits:
+        return cls(config.max_new_tokens_cap, config.default_max_new_tokens)
+
+
 class _Strict(BaseModel):
     # Unknown fields are an error naming the field: a typo like "max_token" must not be silently ignored.
     # NaN and Infinity are valid to Python's json module but not numbers any sampler can use.
@@ -43,9 +68,13 @@ def _floored(temperature: float | None) -> float | None:
     return max(temperature, MIN_TEMPERATURE)
 
 
+def _limits(info: ValidationInfo) -> GenerationLimits:
+    return info.context["limits"]  # always given: requests are validated by validate() only
+
+
 def _check_cap(max_new_tokens: int | None, info: ValidationInfo) -> None:
-    cap = (info.context or {}).get("max_new_tokens_cap")
-    if max_new_tokens is not None and cap is not None and max_new_tokens > cap:
+    cap = _limits(info).max_new_tokens_cap
+    if max_new_tokens is not None and max_new_tokens > cap:
         raise ValueError(f"{max_new_tokens} is above this server's cap of {cap} (SERVE_MAX_NEW_TOKENS)")
 
 
@@ -72,9 +101,9 @@ class GenerateParameters(_Strict):
         _check_cap(value, info)
         return value
 
-    def sampling(self, default_max_new_tokens: int) -> SamplingParams:
+    def sampling(self, max_new_tokens: int) -> SamplingParams:
         return SamplingParams.build(
-            max_new_tokens=self.max_new_tokens or default_max_new_tokens,
+            max_new_tokens=max_new_tokens,
             do_sample=self.do_sample,
             temperature=_floored(self.temperature),
             top_p=None if self.top_p is None else max(self.top_p, MIN_TOP_P),
@@ -89,12 +118,26 @@ class GenerateRequest(_Strict):
     inputs: NonEmptyStr | Annotated[list[NonEmptyStr], Field(min_length=1, max_length=MAX_INPUTS_PER_REQUEST)]
     parameters: GenerateParameters = GenerateParameters()
     stream: bool = False
+    _max_new_tokens: int = PrivateAttr(0)
 
     @model_validator(mode="after")
     def _stream_single(self) -> GenerateRequest:
         if self.stream and isinstance(self.inputs, list):
             raise ValueError("stream: streaming takes one input; send `inputs` as a string")
         return self
+
+    @model_validator(mode="after")
+    def _settle_max_new_tokens(self, info: ValidationInfo) -> GenerateRequest:
+        self._max_new_tokens = self.parameters.max_new_tokens or _limits(info).default_max_new_tokens
+        return self
+
+    @property
+    def texts(self) -> list[str]:
+        """`inputs` as a list: one generation each."""
+        return self.inputs if isinstance(self.inputs, list) else [self.inputs]
+
+    def sampling(self) -> SamplingParams:
+        return self.parameters.sampling(self._max_new_tokens)
 
 
 class TextPart(_Strict):
@@ -132,6 +175,7 @@ class ChatRequest(_Strict):
     stream_options: dict[str, Any] | None = None
     n: Literal[1] = 1
     user: str | None = None
+    _max_new_tokens: int = PrivateAttr(0)
 
     @field_validator("max_tokens", "max_completion_tokens")
     @classmethod
@@ -139,11 +183,17 @@ class ChatRequest(_Strict):
         _check_cap(value, info)
         return value
 
-    def sampling(self, default_max_new_tokens: int) -> SamplingParams:
+    @model_validator(mode="after")
+    def _settle_max_new_tokens(self, info: ValidationInfo) -> ChatRequest:
+        default = _limits(info).default_max_new_tokens
+        self._max_new_tokens = self.max_completion_tokens or self.max_tokens or default
+        return self
+
+    def sampling(self) -> SamplingParams:
         stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
         temperature = 1.0 if self.temperature is None else self.temperature
         return SamplingParams.build(
-            max_new_tokens=self.max_completion_tokens or self.max_tokens or default_max_new_tokens,
+            max_new_tokens=self._max_new_tokens,
             do_sample=temperature > 0,
             temperature=_floored(temperature),
             top_p=None if self.top_p is None else max(self.top_p, MIN_TOP_P),
@@ -157,18 +207,13 @@ class ChatRequest(_Strict):
         return [{"role": m.role, "content": m.text()} for m in self.messages]
 
 
-def parse_request(body: Any, *, max_new_tokens_cap: int) -> GenerateRequest | ChatRequest:
-    """Pick the request shape by its keys (as TGI's /invocations does) and validate; 422 names the field."""
-    if not isinstance(body, dict):
-        raise ValidationError("body: expected a JSON object with `inputs` (TGI style) or `messages` (OpenAI chat)")
-    if "messages" in body:
-        model: type[GenerateRequest | ChatRequest] = ChatRequest
-    elif "inputs" in body:
-        model = GenerateRequest
-    else:
-        raise ValidationError("body: expected a JSON object with `inputs` (TGI style) or `messages` (OpenAI chat)")
+RequestModel = TypeVar("RequestModel", GenerateRequest, ChatRequest)
+
+
+def validate(model: type[RequestModel], body: Any, limits: GenerationLimits) -> RequestModel:
+    """`body` as a `model` request within the server's `limits`; a 422 naming the field when it is not one."""
     try:
-        return model.model_validate(body, context={"max_new_tokens_cap": max_new_tokens_cap})
+        return model.model_validate(body, context={"limits": limits})
     except PydanticValidationError as e:
         raise ValidationError(describe(e)) from None
 

@@ -1,0 +1,156 @@
+"""Loading the training image's artifact: the model, its tokenizer and what serving needs to know about them.
+
+The artifact is a Transformers directory (merged safetensors weights, tokenizer with the training prompt
+format as its chat template, generation_config.json) or a LoRA adapter (adapter_config.json +
+adapter_model.safetensors) on top of a base model, merged at load. Pickle weights are refused.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from serve import cpu_kernels
+from serve.config import ServeConfig
+
+log = logging.getLogger("serve.artifact")
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
+# Used when neither the model config nor the tokenizer states a usable context length.
+FALLBACK_CONTEXT_LENGTH = 2048
+
+
+class ArtifactError(Exception):
+    """The model directory is missing, unsafe or unreadable."""
+
+
+@dataclass
+class LoadedModel:
+    model: Any
+    tokenizer: Any
+    eos_token_ids: list[int]
+    context_length: int
+    name: str
+
+
+def load_artifact(model_dir: Path, config: ServeConfig) -> LoadedModel:
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise ArtifactError(f"model directory {model_dir} does not exist (set SAGEMAKER_BASE_DIR?)")
+    _refuse_pickles(model_dir)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = _dtype(config.dtype, device)
+    if device == "cuda":
+        # cuDNN's attention backend builds an execution plan per new shape (hundreds of ms each, see
+        # pytorch/pytorch#155958); a decode's KV length changes every step. Flash / mem-efficient don't.
+        torch.backends.cuda.enable_cudnn_sdp(False)
+    trust = config.trust_remote_code
+    adapter_config = model_dir / "adapter_config.json"
+    if adapter_config.exists() and not (model_dir / "config.json").exists():
+        from peft import PeftModel  # only adapter artifacts need it, and it takes seconds to import
+
+        base = json.loads(adapter_config.read_text()).get("base_model_name_or_path")
+        if not base:
+            raise ArtifactError(f"{adapter_config} has no base_model_name_or_path")
+        if not (model_dir / "adapter_model.safetensors").exists():
+            raise ArtifactError(f"{model_dir} has no adapter_model.safetensors (only safetensors are loaded)")
+        if Path(base).is_dir():
+            _refuse_pickles(Path(base))
+        log.info("loading base model %s and merging the LoRA adapter in %s", base, model_dir)
+        model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype, use_safetensors=True, trust_remote_code=trust)
+        model = PeftModel.from_pretrained(model, str(model_dir)).merge_and_unload()
+        tokenizer_source = model_dir if _has_tokenizer(model_dir) else base
+        name = str(base)
+    else:
+        if not (model_dir / "config.json").exists():
+            raise ArtifactError(f"{model_dir} has neither config.json (a model) nor adapter_config.json (LoRA)")
+        model = AutoModelForCausalLM.from_pretrained(
+            model_dir, dtype=dtype, use_safetensors=True, trust_remote_code=trust
+        )
+        tokenizer_source = model_dir
+        name = _manifest_name(model_dir)
+    model.to(device).eval()
+    if device == "cpu":
+        _choose_cpu_matmul(model, config.cpu_matmul)
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_source, trust_remote_code=trust)
+    return LoadedModel(model, tokenizer, _eos_ids(model, tokenizer), _context_length(model, tokenizer, config), name)
+
+
+def _choose_cpu_matmul(model: Any, setting: str) -> None:
+    """`auto`/`packed`: oneDNN-packed fp32 linears (much faster batched steps, see serve.cpu_kernels)."""
+    if setting == "stock":
+        return
+    onednn = cpu_kernels.available()
+    if model.dtype != torch.float32 or not onednn:
+        if setting == "packed":
+            raise ArtifactError(
+                f"SERVE_CPU_MATMUL=packed needs an fp32 model and a PyTorch built with oneDNN (model dtype "
+                f"{model.dtype}, oneDNN available: {onednn}); use auto or stock"
+            )
+        return
+    count = cpu_kernels.pack_linears(model)
+    log.info("packed %d linear layers for oneDNN (SERVE_CPU_MATMUL=%s); batches of %d+ rows use them",
+             count, setting, cpu_kernels.DEFAULT_MIN_ROWS)
+
+
+def _refuse_pickles(directory: Path) -> None:
+    pickles = sorted(p.name for p in directory.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if pickles and not any(p.suffix == ".safetensors" for p in directory.iterdir()):
+        raise ArtifactError(
+            f"{directory} holds only pickle weights {pickles}; this server loads safetensors "
+            "only (pickles can run code on load). Re-save with save_pretrained(safe_serialization"
+            "=True)."
+        )
+
+
+def _dtype(name: str, device: str) -> Any:
+    if name == "auto":
+        return torch.bfloat16 if device == "cuda" else torch.float32
+    return getattr(torch, name)
+
+
+def _has_tokenizer(directory: Path) -> bool:
+    return (directory / "tokenizer.json").exists() or (directory / "tokenizer_config.json").exists()
+
+
+def _manifest_name(model_dir: Path) -> str:
+    try:  # informational only: name the fine-tuned model after its base when the manifest says so
+        manifest = json.loads((model_dir / "manifest.json").read_text())
+        return f"{manifest['base_model']} ({manifest.get('method', 'fine-tuned')})"
+    except (OSError, ValueError, KeyError, TypeError):
+        return model_dir.resolve().name
+
+
+def _eos_ids(model: Any, tokenizer: Any) -> list[int]:
+    """Stop on any end token the artifact names: generation_config eos (may be a list), tokenizer eos."""
+    ids: set[int] = set()
+    for source in (getattr(model, "generation_config", None), model.config):
+        eos = getattr(source, "eos_token_id", None)
+        if eos is not None:
+            ids.update(eos if isinstance(eos, list) else [eos])
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return sorted(ids)
+
+
+def _context_length(model: Any, tokenizer: Any, config: ServeConfig) -> int:
+    if config.max_input_tokens:
+        return config.max_input_tokens
+    text_config = model.config.get_text_config()
+    for value in (getattr(text_config, "max_position_embeddings", None), tokenizer.model_max_length):
+        if isinstance(value, int) and 0 < value < 1_000_000:
+            return value
+    return FALLBACK_CONTEXT_LENGTH
+
+
+def set_torch_threads(config: ServeConfig) -> None:
+    # Each worker gets its share of the cores; oversubscribing makes every step slower.
+    threads = config.torch_threads or max(1, (os.cpu_count() or 1) // config.workers)
+    torch.set_num_threads(threads)

@@ -1,0 +1,81 @@
+"""How each sequence picks its next token from the logits, as TGI's NextTokenChooser does it.
+
+Greedy rows without a repetition penalty (the common case) are chosen together with one argmax over the
+batch; every other row goes through its own chooser: repetition penalty, then greedy or seeded sampling
+with temperature, top-k and top-p.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from serve.generation import SamplingParams
+
+
+class NextTokenChooser:
+    """One sequence's token choice. Sampling draws from its own generator, so a seed reproduces an answer
+    whatever else is in the batch."""
+
+    def __init__(self, params: SamplingParams, prompt_ids: Sequence[int], device: torch.device | str) -> None:
+        self.params = params
+        self.generator = torch.Generator(device=device).manual_seed(params.seed) if params.do_sample else None
+        self._penalised = params.repetition_penalty != 1.0
+        self._seen: set[int] = set(prompt_ids) if self._penalised else set()  # ids the penalty applies to
+
+    @property
+    def batched_argmax(self) -> bool:
+        """Plain greedy: its row can share the batch's one argmax."""
+        return not self.params.do_sample and not self._penalised
+
+    def choose(self, row: torch.Tensor) -> tuple[int, float]:
+        """(token id, its log-probability before top-k/top-p filtering) from one row of float32 logits."""
+        p = self.params
+        if self._penalised:
+            seen = torch.tensor(sorted(self._seen), device=row.device)
+            scores = row[seen]
+            row = row.clone()
+            row[seen] = torch.where(scores < 0, scores * p.repetition_penalty, scores / p.repetition_penalty)
+        if not p.do_sample:
+            token_id = int(row.argmax())
+            logprob = float(torch.log_softmax(row, -1)[token_id])
+        else:
+            token_id, logprob = self._sample(row)
+        if self._penalised:
+            self._seen.add(token_id)
+        return token_id, logprob
+
+    def _sample(self, row: torch.Tensor) -> tuple[int, float]:
+        p = self.params
+        row = row / p.temperature
+        logprobs = torch.log_softmax(row, -1)
+        filtered = row
+        if p.top_k and p.top_k < row.numel():
+            kth = torch.topk(row, p.top_k).values[-1]
+            filtered = filtered.masked_fill(filtered < kth, float("-inf"))
+        if p.top_p < 1.0:
+            sorted_logits, order = torch.sort(filtered, descending=True)
+            cumulative = sorted_logits.softmax(-1).cumsum(-1)
+            drop = cumulative - sorted_logits.softmax(-1) >= p.top_p  # keep the smallest set reaching top_p
+            filtered = filtered.scatter(0, order, sorted_logits.masked_fill(drop, float("-inf")))
+        probs = filtered.softmax(-1)
+        token_id = int(torch.multinomial(probs, 1, generator=self.generator))
+        return token_id, float(logprobs[token_id])
+
+
+def choose_next_tokens(choosers: Sequence[NextTokenChooser], logits: torch.Tensor) -> list[tuple[int, float]]:
+    """(token id, log-probability) for each row of `logits` [batch, vocab], row i chosen by choosers[i]."""
+    logits = logits.float()
+    chosen: list[tuple[int, float] | None] = [None] * len(choosers)
+    greedy = [i for i, chooser in enumerate(choosers) if chooser.batched_argmax]
+    if greedy:
+        rows = logits[greedy]
+        ids = rows.argmax(-1)
+        logprobs = torch.log_softmax(rows, -1).gather(-1, ids[:, None])[:, 0]
+        for i, token_id, logprob in zip(greedy, ids.tolist(), logprobs.tolist(), strict=True):
+            chosen[i] = (token_id, logprob)
+    for i, chooser in enumerate(choosers):
+        if chosen[i] is None:
+            chosen[i] = chooser.choose(logits[i])
+    return chosen  # type: ignore[return-value]  # every row is filled above
