@@ -56,6 +56,7 @@ train-demo: $(STAMP)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 	infra/lint.sh
 
 bench-train: $(STAMP)

@@ -31,13 +31,19 @@ REPO = Path(__file__).resolve().parents[1]
 ASK_URL = "http://127.0.0.1:3000/prod/ask"
 # The report's first line: the runner prints it after a deferred evaluation, the training job logs it in-job.
 REPORT_MARKERS = {"deferred": "Before / after fine-tuning", "in_job": "A/B on validation"}
-VARIANTS = {"deferred": "evaluation after the page (today's make demo)",
-            "in_job": "evaluation before the page (`--hp evaluation=in_job`, as make demo did before)"}
+VARIANTS = {
+    "deferred": "evaluation after the page (today's make demo)",
+    "in_job": "evaluation before the page (`--hp evaluation=in_job`, as make demo did before)",
+}
 
 
 def answered() -> bool:
-    request = urllib.request.Request(ASK_URL, data=json.dumps({"question": "What does make demo do?"}).encode(),
-                                     headers={"Content-Type": "application/json"}, method="POST")
+    request = urllib.request.Request(
+        ASK_URL,
+        data=json.dumps({"question": "What does make demo do?"}).encode(),
+        headers={"Content-Type": "application/json"},
+        method="POST",
+    )
     try:
         with urllib.request.urlopen(request, timeout=60) as response:
             return bool(json.loads(response.read()).get("answer", "").strip())
@@ -49,8 +55,13 @@ def run_demo(variant: str, timeout_s: float) -> dict:
     cache_warm = (default_cache_dir() / "SmolLM2-135M-Instruct" / "config.json").exists()
     log = Path(tempfile.mkstemp(prefix=f"demo-{variant}-", suffix=".log")[1])
     started = time.monotonic()
-    demo = subprocess.Popen(["make", "demo", f"DEMO_ARGS=--hp evaluation={variant}"], cwd=REPO,
-                            stdout=log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True)
+    demo = subprocess.Popen(
+        ["make", "demo", f"DEMO_ARGS=--hp evaluation={variant}"],
+        cwd=REPO,
+        stdout=log.open("wb"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     first_answer = report = None
     try:
         while time.monotonic() - started < timeout_s and demo.poll() is None:

@@ -203,9 +203,7 @@ def stand_in_cases(direct: Side, emulated: Side, args) -> list[dict]:
     rows = []
     for model_ms, count in [(0, args.requests)] + [(ms, args.model_requests) for ms in args.model_ms]:
         body = json.dumps({"inputs": "What is SageMaker?", "model_ms": model_ms}).encode()
-        rows.append(
-            compare_invoke(direct, emulated, body, count, f"InvokeEndpoint, model time {model_ms} ms")
-        )
+        rows.append(compare_invoke(direct, emulated, body, count, f"InvokeEndpoint, model time {model_ms} ms"))
     body = {"inputs": "hi", "stream": True, "model_ms": args.model_ms[0], "tokens": 20, "token_ms": 5}
     rows += compare_stream(
         direct,
@@ -216,11 +214,7 @@ def stand_in_cases(direct: Side, emulated: Side, args) -> list[dict]:
     )
     slow = json.dumps({"inputs": "hi", "stream": True, "tokens": 20, "token_ms": 50}).encode()
     walls = {s.name: concurrent_streams(s, slow, args.concurrency) for s in (direct, emulated)}
-    rows.append(
-        row(
-            f"{args.concurrency} concurrent streams of 1 s, wall time", [walls["direct"]], [walls["emulator"]]
-        )
-    )
+    rows.append(row(f"{args.concurrency} concurrent streams of 1 s, wall time", [walls["direct"]], [walls["emulator"]]))
     return rows
 
 
@@ -316,9 +310,7 @@ def verdict(rows: list[dict]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument(
-        "--requests", type=int, default=300, help="InvokeEndpoint calls per side, no model time"
-    )
+    parser.add_argument("--requests", type=int, default=300, help="InvokeEndpoint calls per side, no model time")
     parser.add_argument(
         "--model-ms",
         type=int,

@@ -38,10 +38,22 @@ TRAIN = ROOT / "containers" / "train" / "train"
 
 SHAPES = {
     # Llama 3.2 1B's shape (16 layers, d=2048, GQA 32/8 heads, MLP 8192), untied head, SmolLM2's vocabulary.
-    "1b": dict(hidden_size=2048, num_hidden_layers=16, intermediate_size=8192, num_attention_heads=32,
-               num_key_value_heads=8, max_position_embeddings=4096),
-    "tiny": dict(hidden_size=64, num_hidden_layers=2, intermediate_size=128, num_attention_heads=4,
-                 num_key_value_heads=2, max_position_embeddings=2048),
+    "1b": dict(
+        hidden_size=2048,
+        num_hidden_layers=16,
+        intermediate_size=8192,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        max_position_embeddings=4096,
+    ),
+    "tiny": dict(
+        hidden_size=64,
+        num_hidden_layers=2,
+        intermediate_size=128,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+    ),
 }
 # Dense bf16 peak (no sparsity) by device name, from NVIDIA's data sheets (SXM parts).
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
@@ -50,8 +62,13 @@ PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokenizer", type=Path, required=True, help="a tokenizer directory (SmolLM2's)")
-    parser.add_argument("--faq", type=Path, required=True, metavar="PATH",
-                        help="the Amazon SageMaker FAQ CSV to train on; scripts/fetch_faq_dataset.py downloads it")
+    parser.add_argument(
+        "--faq",
+        type=Path,
+        required=True,
+        metavar="PATH",
+        help="the Amazon SageMaker FAQ CSV to train on; scripts/fetch_faq_dataset.py downloads it",
+    )
     parser.add_argument("--out", type=Path, required=True, help="where results.json, section.md and logs go")
     parser.add_argument("--work", type=Path, default=None, help="scratch space for models and jobs (default: OUT/work)")
     parser.add_argument("--size", choices=sorted(SHAPES), default="1b")
@@ -112,9 +129,14 @@ def build_model(size: str, tokenizer_dir: Path, target: Path) -> tuple[Path, dic
     from transformers import AutoTokenizer, GenerationConfig, LlamaConfig, LlamaForCausalLM
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    config = LlamaConfig(vocab_size=len(tokenizer), tie_word_embeddings=False, rope_theta=500000.0,
-                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                         **SHAPES[size])
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        tie_word_embeddings=False,
+        rope_theta=500000.0,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        **SHAPES[size],
+    )
     torch.manual_seed(0)
     with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
         model = LlamaForCausalLM(config).to(torch.bfloat16)
@@ -123,8 +145,12 @@ def build_model(size: str, tokenizer_dir: Path, target: Path) -> tuple[Path, dic
     tokenizer.save_pretrained(target)
     total = sum(p.numel() for p in model.parameters())
     embedding = model.get_input_embeddings().weight.numel()
-    params = {"total": total, "non_embedding": total - embedding, "layers": config.num_hidden_layers,
-              "hidden": config.hidden_size}
+    params = {
+        "total": total,
+        "non_embedding": total - embedding,
+        "layers": config.num_hidden_layers,
+        "hidden": config.hidden_size,
+    }
     del model
     return target, params
 
@@ -137,12 +163,20 @@ def train(method: str, model_dir: Path, args, job_dir: Path, params: dict) -> di
     (job_dir / "input" / "data" / "train").mkdir(parents=True)
     shutil.copy(args.faq, job_dir / "input" / "data" / "train" / "faq.csv")
     hyperparameters = {
-        "model_id": str(model_dir), "method": method, "deepspeed": "zero3", "precision": "bf16" if gpu() else "fp32",
-        "max_steps": args.steps, "per_device_batch_size": args.batch_size, "logging_steps": 5,
+        "model_id": str(model_dir),
+        "method": method,
+        "deepspeed": "zero3",
+        "precision": "bf16" if gpu() else "fp32",
+        "max_steps": args.steps,
+        "per_device_batch_size": args.batch_size,
+        "logging_steps": 5,
         "learning_rate": 2e-4 if method == "lora" else 2e-5,
         # No checkpoints mid-run (a full ZeRO-3 checkpoint of this model is ~14 GB); a short evaluation only:
         # the weights are random, so answer quality means nothing here.
-        "save_steps": 100000, "eval_base_model": False, "eval_max_samples": 4, "eval_train_samples": 0,
+        "save_steps": 100000,
+        "eval_base_model": False,
+        "eval_max_samples": 4,
+        "eval_train_samples": 0,
         "eval_max_new_tokens": 16,
     }
     (config / "hyperparameters.json").write_text(json.dumps({k: str(v) for k, v in hyperparameters.items()}))
@@ -153,8 +187,9 @@ def train(method: str, model_dir: Path, args, job_dir: Path, params: dict) -> di
     log = proc.stdout + proc.stderr
     (args.out / f"train-{method}.log").write_text(log)
     if proc.returncode != 0:
-        raise RuntimeError(f"{method} training failed ({proc.returncode}); log in {args.out}/train-{method}.log:\n"
-                         + log[-3000:])
+        raise RuntimeError(
+            f"{method} training failed ({proc.returncode}); log in {args.out}/train-{method}.log:\n" + log[-3000:]
+        )
     done = re.search(r"training done: (\d+) steps, (\d+) s, ([\d.]+) tokens/s", log)
     interval_rates = [float(r) for r in re.findall(r"tokens_per_second=([\d.]+)", log)]
     steady = statistics.median(interval_rates[1:]) if len(interval_rates) > 1 else float(done.group(3))
@@ -164,10 +199,13 @@ def train(method: str, model_dir: Path, args, job_dir: Path, params: dict) -> di
     flops_per_token = (6 if method == "full" else 4) * params["non_embedding"]
     peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in device_name()), None)
     return {
-        "steps": int(done.group(1)), "tokens_per_s_whole_run": float(done.group(3)),
-        "tokens_per_s_steady": steady, "job_wall_s": round(wall, 1),
+        "steps": int(done.group(1)),
+        "tokens_per_s_whole_run": float(done.group(3)),
+        "tokens_per_s_steady": steady,
+        "job_wall_s": round(wall, 1),
         "peak_gpu_memory_gib": float(memory.group(1)) if memory else None,
-        "mfu": steady * flops_per_token / peak if peak else None, "flops_per_token": flops_per_token,
+        "mfu": steady * flops_per_token / peak if peak else None,
+        "flops_per_token": flops_per_token,
         "batch_size": args.batch_size,
     }
 
@@ -182,8 +220,10 @@ def attention_probe() -> dict:
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     batch, heads, head_dim, lengths = 8, 32, 64, range(200, 232)
-    options = {"default": None,
-               "without_cudnn": [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]}
+    options = {
+        "default": None,
+        "without_cudnn": [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH],
+    }
     kv = [torch.randn(batch, heads, lengths[-1], head_dim, device="cuda", dtype=torch.bfloat16) for _ in range(2)]
     results = {}
     for label, backends in options.items():
@@ -192,13 +232,13 @@ def attention_probe() -> dict:
             started = time.perf_counter()
             for length in lengths:
                 q_len = query_len or length
-                q = torch.randn(batch, heads, q_len, head_dim, device="cuda", dtype=torch.bfloat16,
-                                requires_grad=query_len is None)
+                q = torch.randn(
+                    batch, heads, q_len, head_dim, device="cuda", dtype=torch.bfloat16, requires_grad=query_len is None
+                )
                 mask = torch.ones(batch, 1, q_len, length, dtype=torch.bool, device="cuda").tril(length - q_len)
                 mask[0, :, :, :8] = False  # left padding in one row, as in a mixed batch
                 with sdpa_kernel(backends) if backends else contextlib.nullcontext():
-                    out = F.scaled_dot_product_attention(q, kv[0][:, :, :length], kv[1][:, :, :length],
-                                                         attn_mask=mask)
+                    out = F.scaled_dot_product_attention(q, kv[0][:, :, :length], kv[1][:, :, :length], attn_mask=mask)
                     if query_len is None:
                         out.sum().backward()
             torch.cuda.synchronize()
@@ -237,8 +277,11 @@ def serve(model_dir: Path, args) -> dict:
             tokens = sum(reply["details"]["generated_tokens"] for reply, _ in replies)
             latencies = sorted(latency for _, latency in replies)
             results[str(clients)] = {
-                "tokens_per_s": tokens / elapsed, "requests": len(replies), "tokens": tokens,
-                "latency_p50_s": statistics.median(latencies), "latency_max_s": latencies[-1],
+                "tokens_per_s": tokens / elapsed,
+                "requests": len(replies),
+                "tokens": tokens,
+                "latency_p50_s": statistics.median(latencies),
+                "latency_max_s": latencies[-1],
             }
             print(f"serve c={clients}: {json.dumps(results[str(clients)])}", flush=True)
     return results
@@ -272,11 +315,16 @@ def render(results: dict, args) -> str:
         )
     probe = results.get("attention")
     if probe and "error" not in probe:
-        lines += ["", "| attention call, new shape each call (ms per call) | PyTorch's default backend "
-                  "| cuDNN backend off |", "|---|---|---|"]
+        lines += [
+            "",
+            "| attention call, new shape each call (ms per call) | PyTorch's default backend | cuDNN backend off |",
+            "|---|---|---|",
+        ]
         for case in ("decode_masked", "train_masked_fwd_bwd"):
-            lines.append(f"| {case.replace('_', ' ')} | {probe[f'default_{case}_ms']:.2f} "
-                         f"| {probe[f'without_cudnn_{case}_ms']:.2f} |")
+            lines.append(
+                f"| {case.replace('_', ' ')} | {probe[f'default_{case}_ms']:.2f} "
+                f"| {probe[f'without_cudnn_{case}_ms']:.2f} |"
+            )
     s = results["serving"]
     if s.get("error"):
         lines += ["", f"Serving failed: {s['error'][:300]}"]
@@ -289,8 +337,10 @@ def render(results: dict, args) -> str:
         ]
         for key, r in s.items():
             if key.isdigit():
-                lines.append(f"| {key} concurrent client(s) | {r['tokens_per_s']:.0f} | {r['latency_p50_s']:.2f} s "
-                             f"| {r['requests']} |")
+                lines.append(
+                    f"| {key} concurrent client(s) | {r['tokens_per_s']:.0f} | {r['latency_p50_s']:.2f} s "
+                    f"| {r['requests']} |"
+                )
         lines.append(f"| `serve` start to first 200 from /ping | {s['startup_s']} s | | |")
     lines += [
         "",

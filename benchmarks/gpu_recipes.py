@@ -58,8 +58,14 @@ RECIPES: dict[str, dict] = {
 }
 # Every job: fp32 as on the CPU; no base-model evaluation (the same for every recipe); every training question and
 # every held-out one answered, 32 at a time; no checkpoints (nothing is resumed here, and they cost disk and time).
-COMMON = {"precision": "fp32", "eval_base_model": False, "eval_max_samples": 1000, "eval_train_samples": 1000,
-          "eval_batch_size": 32, "save_steps": 100000}
+COMMON = {
+    "precision": "fp32",
+    "eval_base_model": False,
+    "eval_max_samples": 1000,
+    "eval_train_samples": 1000,
+    "eval_batch_size": 32,
+    "save_steps": 100000,
+}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -71,8 +77,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--seeds", type=int, nargs="+", default=list(range(42, 48)))
     parser.add_argument("--parallel", type=int, default=14, help="jobs at a time (each gets one CPU core)")
     parser.add_argument("--budget-s", type=float, default=400.0, help="start no job after this many seconds")
-    parser.add_argument("--grace-s", type=float, default=120.0,
-                        help="then wait this long for running jobs before stopping them")
+    parser.add_argument(
+        "--grace-s", type=float, default=120.0, help="then wait this long for running jobs before stopping them"
+    )
     parser.add_argument("--max-steps", type=int, default=0, help="a smoke run: stop each job after this many steps")
     parser.add_argument("--collect", type=Path, nargs="+", metavar="RESULTS", help="run nothing; tabulate these")
     parser.add_argument("--write", action="store_true", help="with --collect: also write docs/benchmarks.md")
@@ -124,11 +131,22 @@ def run_queue(queue: list[tuple[str, int]], args, work: Path, cache: Path, smoke
             job = work / f"{job_name(recipe)}-seed-{seed}"
             shutil.rmtree(job, ignore_errors=True)
             write_job_tree(job, {**COMMON, **RECIPES[recipe], "seed": seed, **smoke}, faq=args.faq)
-            env = {**os.environ, "SAGEMAKER_BASE_DIR": str(job), "TRAINER_CACHE_DIR": str(cache),
-                   "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+            env = {
+                **os.environ,
+                "SAGEMAKER_BASE_DIR": str(job),
+                "TRAINER_CACHE_DIR": str(cache),
+                "PYTHONUNBUFFERED": "1",
+                "OMP_NUM_THREADS": "1",
+                "TOKENIZERS_PARALLELISM": "false",
+            }
             with open(job / "log.txt", "w") as log:
-                process = subprocess.Popen([sys.executable, str(TRAIN)], env=env, stdout=log, stderr=subprocess.STDOUT,
-                                           preexec_fn=lambda cpus=slot: os.sched_setaffinity(0, cpus))
+                process = subprocess.Popen(
+                    [sys.executable, str(TRAIN)],
+                    env=env,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    preexec_fn=lambda cpus=slot: os.sched_setaffinity(0, cpus),
+                )
             running[(recipe, seed)] = (process, time.monotonic(), slot, job)
             print(f"[{elapsed:4.0f} s] {recipe}, seed {seed}: started", flush=True)
         if elapsed >= args.budget_s and queue:
@@ -151,8 +169,11 @@ def run_queue(queue: list[tuple[str, int]], args, work: Path, cache: Path, smoke
                 print(f"{key[0]}, seed {key[1]}: FAILED (exit {process.returncode})\n{tail}", flush=True)
                 continue
             results.append(collect(job, key[0], seconds))
-            print(f"[{time.monotonic() - started_at:4.0f} s] {key[0]}, seed {key[1]}: done in {seconds:.0f} s, "
-                  f"ROUGE-L {results[-1]['train_rouge_l']:.3f} on training questions", flush=True)
+            print(
+                f"[{time.monotonic() - started_at:4.0f} s] {key[0]}, seed {key[1]}: done in {seconds:.0f} s, "
+                f"ROUGE-L {results[-1]['train_rouge_l']:.3f} on training questions",
+                flush=True,
+            )
             save(args.out, results)
     return results
 
@@ -169,20 +190,30 @@ def collect(job: Path, recipe: str, seconds: float) -> dict:
     manifest = json.loads((job / "model" / "manifest.json").read_text())
     sent = json.loads((job / "input" / "config" / "hyperparameters.json").read_text())
     rows = [json.loads(line) for line in (job / "output" / "data" / "sample_answers.jsonl").read_text().splitlines()]
-    per_question = {name: [round(rouge_l(r["tuned_answer"], r["reference"]), 4) for r in rows if r["set"] == name]
-                    for name in ("train_sample", "validation")}
+    per_question = {
+        name: [round(rouge_l(r["tuned_answer"], r["reference"]), 4) for r in rows if r["set"] == name]
+        for name in ("train_sample", "validation")
+    }
     metrics = manifest["metrics"]
     for weights in job.glob("model/*.safetensors"):
         weights.unlink()
-    return {"recipe": recipe, "hyperparameters": sent, "seed": int(sent["seed"]),
-            "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU",
-            "date": manifest["created_at"][:10], "seconds": round(seconds, 1), "steps": manifest["training"]["steps"],
-            "train_rouge_l": metrics["train_sample"]["rouge_l"]["tuned"],
-            "train_loss": metrics["train_sample"]["loss"]["tuned"],
-            "validation_rouge_l": metrics["validation"]["rouge_l"]["tuned"],
-            "validation_loss": metrics["validation"]["loss"]["tuned"],
-            "train_questions": metrics["train_sample"]["count"], "validation_questions": metrics["validation"]["count"],
-            "final_train_loss": manifest["training"]["final_train_loss"], "per_question": per_question}
+    return {
+        "recipe": recipe,
+        "hyperparameters": sent,
+        "seed": int(sent["seed"]),
+        "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU",
+        "date": manifest["created_at"][:10],
+        "seconds": round(seconds, 1),
+        "steps": manifest["training"]["steps"],
+        "train_rouge_l": metrics["train_sample"]["rouge_l"]["tuned"],
+        "train_loss": metrics["train_sample"]["loss"]["tuned"],
+        "validation_rouge_l": metrics["validation"]["rouge_l"]["tuned"],
+        "validation_loss": metrics["validation"]["loss"]["tuned"],
+        "train_questions": metrics["train_sample"]["count"],
+        "validation_questions": metrics["validation"]["count"],
+        "final_train_loss": manifest["training"]["final_train_loss"],
+        "per_question": per_question,
+    }
 
 
 def save(out: Path, results: list[dict]) -> None:
@@ -211,22 +242,29 @@ def summary(results: list[dict]) -> str:
         by_recipe.setdefault(label(run["hyperparameters"]), []).append(run)
     devices = ", ".join(sorted({run["device"] for run in results}))
     dates = ", ".join(sorted({run["date"] for run in results}))
-    counts = ", ".join(sorted({f"{run['train_questions']} training and {run['validation_questions']} held-out"
-                               for run in results}))
-    lines = [f"Measured {dates} on {devices}, `benchmarks/gpu_recipes.py --faq Amazon_SageMaker_FAQs.csv`: "
-             f"{len(results)} jobs of the training image "
-             f"in fp32, SmolLM2-135M-Instruct (embedded) on the FAQ, 3 epochs; each tuned model answers every question "
-             f"({counts}) greedily, up to 256 new tokens. A row is one recipe: its mean over seeds ± the standard "
-             f"error between seeds, then each run (seed). Sorted by ROUGE-L on training questions.", "",
-             "| recipe (what differs from the defaults) | ROUGE-L, training questions | runs (seed) | "
-             "answer loss, training | ROUGE-L, held-out | answer loss, held-out |", "|---|---|---|---|---|---|"]
+    counts = ", ".join(
+        sorted({f"{run['train_questions']} training and {run['validation_questions']} held-out" for run in results})
+    )
+    lines = [
+        f"Measured {dates} on {devices}, `benchmarks/gpu_recipes.py --faq Amazon_SageMaker_FAQs.csv`: "
+        f"{len(results)} jobs of the training image "
+        f"in fp32, SmolLM2-135M-Instruct (embedded) on the FAQ, 3 epochs; each tuned model answers every question "
+        f"({counts}) greedily, up to 256 new tokens. A row is one recipe: its mean over seeds ± the standard "
+        f"error between seeds, then each run (seed). Sorted by ROUGE-L on training questions.",
+        "",
+        "| recipe (what differs from the defaults) | ROUGE-L, training questions | runs (seed) | "
+        "answer loss, training | ROUGE-L, held-out | answer loss, held-out |",
+        "|---|---|---|---|---|---|",
+    ]
     for recipe, runs in sorted(by_recipe.items(), key=lambda item: -_mean(item[1], "train_rouge_l")):
         scores = [run["train_rouge_l"] for run in runs]
         spread = f" ± {statistics.stdev(scores) / len(scores) ** 0.5:.3f}" if len(scores) > 1 else ""
         per_run = ", ".join(f"{run['train_rouge_l']:.3f} ({run['seed']})" for run in sorted(runs, key=seed_of))
-        lines.append(f"| {recipe} | **{_mean(runs, 'train_rouge_l'):.3f}**{spread} | {per_run} | "
-                     f"{_mean(runs, 'train_loss'):.3f} | {_mean(runs, 'validation_rouge_l'):.3f} | "
-                     f"{_mean(runs, 'validation_loss'):.3f} |")
+        lines.append(
+            f"| {recipe} | **{_mean(runs, 'train_rouge_l'):.3f}**{spread} | {per_run} | "
+            f"{_mean(runs, 'train_loss'):.3f} | {_mean(runs, 'validation_rouge_l'):.3f} | "
+            f"{_mean(runs, 'validation_loss'):.3f} |"
+        )
     return "\n".join(lines)
 
 

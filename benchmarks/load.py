@@ -130,8 +130,11 @@ class LevelReport:
 
     @property
     def violations(self) -> list[str]:
-        bad = [r.status for r in self.results if not (r.status == 200 or (isinstance(r.status, int) and (
-            r.status < 500 or r.status in BACK_PRESSURE)))]
+        bad = [
+            r.status
+            for r in self.results
+            if not (r.status == 200 or (isinstance(r.status, int) and (r.status < 500 or r.status in BACK_PRESSURE)))
+        ]
         return [f"{self.target} x{self.clients}: {s}" for s in sorted(set(map(str, bad)))]
 
 
@@ -152,12 +155,15 @@ def one_request(target: Target, question: str, timeout: float) -> Result:
     return Result(status, time.perf_counter() - started)
 
 
-def drive(target: Target, clients: int, seconds: float, max_requests: int, questions: list[str],
-          timeout: float) -> LevelReport:
+def drive(
+    target: Target, clients: int, seconds: float, max_requests: int, questions: list[str], timeout: float
+) -> LevelReport:
     """`clients` closed-loop clients for `seconds` (or `max_requests` in all), after one uncounted request
     each (so new Lambda environments' cold starts and first batches are not measured)."""
-    warmup = [threading.Thread(target=one_request, args=(target, questions[i % len(questions)], timeout))
-              for i in range(clients)]
+    warmup = [
+        threading.Thread(target=one_request, args=(target, questions[i % len(questions)], timeout))
+        for i in range(clients)
+    ]
     for t in warmup:
         t.start()
     for t in warmup:
@@ -203,30 +209,83 @@ def start_stack(model_dir: Path, lambda_concurrency: int):
             s.bind(("127.0.0.1", 0))
             return s.getsockname()[1]
 
-    ports = Ports(web=free(), apigw=free(), lambda_runtime=free(), runtime_emulator=free(), serve=free(),
-                  serve_base=free(), s3=free())
+    ports = Ports(
+        web=free(),
+        apigw=free(),
+        lambda_runtime=free(),
+        runtime_emulator=free(),
+        serve=free(),
+        serve_base=free(),
+        s3=free(),
+    )
     workdir = Path(tempfile.mkdtemp(prefix="load-stack-"))
     stack = Stack(workdir)
     base = workdir / "endpoint"
     base.mkdir()
     (base / "model").symlink_to(model_dir.resolve(), target_is_directory=True)
     clean = {k: v for k, v in os.environ.items() if not k.startswith(("SERVE_", "SAGEMAKER_"))}
-    stack.start("serve", [sys.executable, str(ROOT / "containers" / "serve" / "serve")],
-                {**clean, "SAGEMAKER_BASE_DIR": str(base), "SAGEMAKER_BIND_TO_PORT": str(ports.serve),
-                 "SERVE_HOST": "127.0.0.1", "PYTHONUNBUFFERED": "1"})
+    stack.start(
+        "serve",
+        [sys.executable, str(ROOT / "containers" / "serve" / "serve")],
+        {
+            **clean,
+            "SAGEMAKER_BASE_DIR": str(base),
+            "SAGEMAKER_BIND_TO_PORT": str(ports.serve),
+            "SERVE_HOST": "127.0.0.1",
+            "PYTHONUNBUFFERED": "1",
+        },
+    )
     stack.wait_healthy("serve", f"http://127.0.0.1:{ports.serve}/ping", 300)
     config = endpoint_config(ports, ab=False)
     (workdir / "endpoints.json").write_text(json.dumps(config))
-    stack.start("runtime-emulator", [sys.executable, "-m", "runtime_emulator", "--config",
-                                     str(workdir / "endpoints.json"), "--port", str(ports.runtime_emulator)],
-                python_env())
-    stack.start("lambda", [sys.executable, "-m", "lambda_runtime_emulator", "--port", str(ports.lambda_runtime),
-                           "--handler", "qa_function.handler.handler", "--task-root", "lambda/src", "--timeout", "29",
-                           "--max-concurrency", str(lambda_concurrency), "--prewarm"],
-                python_env(ENDPOINT_NAME=ENDPOINT,
-                           AWS_ENDPOINT_URL_SAGEMAKER_RUNTIME=f"http://127.0.0.1:{ports.runtime_emulator}"))
-    stack.start("apigw", [sys.executable, "-m", "apigw_emulator", "--port", str(ports.apigw),
-                          "--lambda-endpoint-url", f"http://127.0.0.1:{ports.lambda_runtime}"], python_env())
+    stack.start(
+        "runtime-emulator",
+        [
+            sys.executable,
+            "-m",
+            "runtime_emulator",
+            "--config",
+            str(workdir / "endpoints.json"),
+            "--port",
+            str(ports.runtime_emulator),
+        ],
+        python_env(),
+    )
+    stack.start(
+        "lambda",
+        [
+            sys.executable,
+            "-m",
+            "lambda_runtime_emulator",
+            "--port",
+            str(ports.lambda_runtime),
+            "--handler",
+            "qa_function.handler.handler",
+            "--task-root",
+            "lambda/src",
+            "--timeout",
+            "29",
+            "--max-concurrency",
+            str(lambda_concurrency),
+            "--prewarm",
+        ],
+        python_env(
+            ENDPOINT_NAME=ENDPOINT, AWS_ENDPOINT_URL_SAGEMAKER_RUNTIME=f"http://127.0.0.1:{ports.runtime_emulator}"
+        ),
+    )
+    stack.start(
+        "apigw",
+        [
+            sys.executable,
+            "-m",
+            "apigw_emulator",
+            "--port",
+            str(ports.apigw),
+            "--lambda-endpoint-url",
+            f"http://127.0.0.1:{ports.lambda_runtime}",
+        ],
+        python_env(),
+    )
     stack.wait_healthy("runtime-emulator", f"http://127.0.0.1:{ports.runtime_emulator}/ping", 30)
     stack.wait_healthy("lambda", f"http://127.0.0.1:{ports.lambda_runtime}/_emulator/health", 60)
     stack.wait_healthy("apigw", f"http://127.0.0.1:{ports.apigw}/_emulator/health", 30)
@@ -287,8 +346,11 @@ class SoakReport:
 
     @property
     def violations(self) -> list[str]:
-        bad = [f"soak: {name} grew {start:.0f} -> {end:.0f} MiB" for name, (start, end, _) in self.drift().items()
-               if end > start * 1.10 + 20]
+        bad = [
+            f"soak: {name} grew {start:.0f} -> {end:.0f} MiB"
+            for name, (start, end, _) in self.drift().items()
+            if end > start * 1.10 + 20
+        ]
         return bad + self.level.violations
 
 
@@ -319,15 +381,19 @@ def fmt_ms(seconds: float | None) -> str:
 
 
 def level_table(reports: list[LevelReport], anchor: dict[int, float] | None = None) -> str:
-    lines = ["| path | clients | requests | answers/s | p50 ms | p99 ms | status mix | vs direct |",
-             "|---|---:|---:|---:|---:|---:|---|---:|"]
+    lines = [
+        "| path | clients | requests | answers/s | p50 ms | p99 ms | status mix | vs direct |",
+        "|---|---:|---:|---:|---:|---:|---|---:|",
+    ]
     for r in reports:
         ratio = ""
         if anchor and anchor.get(r.clients):
             ratio = f"{r.throughput / anchor[r.clients]:.2f}x"
         mix = ", ".join(f"{k}: {v}" for k, v in r.mix.items())
-        lines.append(f"| {r.target} | {r.clients} | {len(r.results)} | {r.throughput:.2f} | "
-                     f"{fmt_ms(r.percentile(0.5))} | {fmt_ms(r.percentile(0.99))} | {mix} | {ratio} |")
+        lines.append(
+            f"| {r.target} | {r.clients} | {len(r.results)} | {r.throughput:.2f} | "
+            f"{fmt_ms(r.percentile(0.5))} | {fmt_ms(r.percentile(0.99))} | {mix} | {ratio} |"
+        )
     return "\n".join(lines)
 
 
@@ -356,8 +422,9 @@ def main(argv=None) -> int:
         one_request(api, "warm up", args.timeout)
         direct_reports, api_reports = [], []
         for clients in args.direct_levels:
-            direct_reports.append(drive(direct, clients, args.level_seconds, args.max_requests, questions,
-                                        args.timeout))
+            direct_reports.append(
+                drive(direct, clients, args.level_seconds, args.max_requests, questions, args.timeout)
+            )
             print(level_table(direct_reports[-1:]).splitlines()[-1], flush=True)
         anchor = {r.clients: r.throughput for r in direct_reports}
         for clients in args.api_levels:
@@ -398,13 +465,26 @@ def render(args, model, direct_reports, api_reports, soaked, violations) -> str:
     ]
     if soaked:
         answered = len(soaked.level.answered)
-        parts += ["", f"Soak: {soaked.clients} clients through the public API for {soaked.seconds:.0f} s: "
-                      f"{len(soaked.level.results)} requests, {answered} answered, status mix "
-                      f"{soaked.level.mix}, p50 {fmt_ms(soaked.level.percentile(0.5))} ms, "
-                      f"p99 {fmt_ms(soaked.level.percentile(0.99))} ms. Resident memory:", "", soak_table(soaked)]
-    parts += ["", "Checks: " + ("all held (no 5xx besides 429/503, every request answered, no worker replaced"
-                                + (", memory flat" if soaked else "") + ")." if not violations
-                                else "FAILED: " + "; ".join(violations))]
+        parts += [
+            "",
+            f"Soak: {soaked.clients} clients through the public API for {soaked.seconds:.0f} s: "
+            f"{len(soaked.level.results)} requests, {answered} answered, status mix "
+            f"{soaked.level.mix}, p50 {fmt_ms(soaked.level.percentile(0.5))} ms, "
+            f"p99 {fmt_ms(soaked.level.percentile(0.99))} ms. Resident memory:",
+            "",
+            soak_table(soaked),
+        ]
+    parts += [
+        "",
+        "Checks: "
+        + (
+            "all held (no 5xx besides 429/503, every request answered, no worker replaced"
+            + (", memory flat" if soaked else "")
+            + ")."
+            if not violations
+            else "FAILED: " + "; ".join(violations)
+        ),
+    ]
     return "\n".join(parts)
 
 

@@ -42,6 +42,7 @@ def embedded_default_model() -> Path:
 
     return embedded_model_dir()
 
+
 PROMPTS = [
     "The history of cloud computing begins with",
     "Amazon SageMaker is a managed service that lets teams",
@@ -56,8 +57,12 @@ PROMPTS = [
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", type=Path, default=None,
-                        help="a Transformers model directory (default: the embedded SmolLM2-135M-Instruct)")
+    parser.add_argument(
+        "--model",
+        type=Path,
+        default=None,
+        help="a Transformers model directory (default: the embedded SmolLM2-135M-Instruct)",
+    )
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--requests-per-client", type=int, default=2, help="each client sends these back to back")

@@ -87,7 +87,7 @@ def run_jobs(recipes: list[str], jobs_dir: Path, parallel: int, smoke: dict, faq
     share = len(cores) // parallel
     pending = [r for r in recipes if not (jobs_dir / job_name(r) / "model" / "manifest.json").exists()]
     running: dict[str, tuple[subprocess.Popen, float, list[int]]] = {}
-    free = [cores[i:i + share] for i in range(0, share * parallel, share)]
+    free = [cores[i : i + share] for i in range(0, share * parallel, share)]
     while pending or running:
         while pending and free:
             recipe, slot = pending.pop(0), free.pop(0)
@@ -95,12 +95,21 @@ def run_jobs(recipes: list[str], jobs_dir: Path, parallel: int, smoke: dict, faq
             if job.exists():
                 shutil.rmtree(job)  # an unfinished earlier try
             write_job_tree(job, {**EVALUATION, **RECIPES[recipe], **smoke}, faq)
-            env = {**os.environ, "SAGEMAKER_BASE_DIR": str(job), "PYTHONUNBUFFERED": "1",
-                   "OMP_NUM_THREADS": str(len(slot)), "OMP_WAIT_POLICY": "PASSIVE"}
+            env = {
+                **os.environ,
+                "SAGEMAKER_BASE_DIR": str(job),
+                "PYTHONUNBUFFERED": "1",
+                "OMP_NUM_THREADS": str(len(slot)),
+                "OMP_WAIT_POLICY": "PASSIVE",
+            }
             with open(job / "log.txt", "w") as log:  # the child keeps its own copy of the descriptor
-                process = subprocess.Popen([sys.executable, str(TRAIN)], env=env, stdout=log,
-                                           stderr=subprocess.STDOUT,
-                                           preexec_fn=lambda cpus=slot: os.sched_setaffinity(0, cpus))
+                process = subprocess.Popen(
+                    [sys.executable, str(TRAIN)],
+                    env=env,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    preexec_fn=lambda cpus=slot: os.sched_setaffinity(0, cpus),
+                )
             running[recipe] = (process, time.monotonic(), slot)
             print(f"{recipe}: started on cores {slot}, log {job / 'log.txt'}", flush=True)
         time.sleep(5)
@@ -120,8 +129,11 @@ def differences(hyperparameters: dict) -> str:
 
     defaults = TrainConfig()
     ignored = {*EVALUATION, "max_steps", "seed", "lora_train_token_embeddings"}
-    changed = [f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in sorted(hyperparameters.items())
-               if k not in ignored and hasattr(defaults, k) and getattr(defaults, k) != v]
+    changed = [
+        f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}"
+        for k, v in sorted(hyperparameters.items())
+        if k not in ignored and hasattr(defaults, k) and getattr(defaults, k) != v
+    ]
     # Compared by effect, for LoRA only: jobs from before `auto` became the default recorded true or false, and
     # jobs from before the option existed trained no embeddings.
     keys = ("method", "deepspeed", "lora_train_token_embeddings")
@@ -161,14 +173,22 @@ def table(jobs_dir: Path, command: str = "benchmarks/train_recipes.py") -> str:
         metrics = manifest["metrics"]
         if not metrics.get("train_sample") or not metrics.get("validation"):
             continue
-        runs.setdefault(differences(manifest["hyperparameters"]), []).append({
-            "seed": manifest["hyperparameters"]["seed"], "train": metrics["train_sample"],
-            "validation": metrics["validation"], "steps": manifest["training"]["steps"],
-            "error": sampling_error(manifest_path.parent.parent)})
+        runs.setdefault(differences(manifest["hyperparameters"]), []).append(
+            {
+                "seed": manifest["hyperparameters"]["seed"],
+                "train": metrics["train_sample"],
+                "validation": metrics["validation"],
+                "steps": manifest["training"]["steps"],
+                "error": sampling_error(manifest_path.parent.parent),
+            }
+        )
     rows = sorted(runs.items(), key=lambda item: -_mean(item[1], "train", "rouge_l"))
     first = rows[0][1][0] if rows else None
-    counts = f"{first['train']['count']} training questions and {first['validation']['count']} held-out ones" \
-        if first else ""
+    counts = (
+        f"{first['train']['count']} training questions and {first['validation']['count']} held-out ones"
+        if first
+        else ""
+    )
     lines = [
         f"Measured {time.strftime('%Y-%m-%d')} on {os.cpu_count()} CPU cores, `{command}`: one job "
         "of the training image per recipe and seed, SmolLM2-135M-Instruct (embedded), the FAQ with a seeded 15% of "
@@ -185,7 +205,8 @@ def table(jobs_dir: Path, command: str = "benchmarks/train_recipes.py") -> str:
         per_run = ", ".join(map(_run_score, sorted(rr, key=lambda run: run["seed"])))
         lines.append(
             f"| {recipe} | **{_mean(rr, 'train', 'rouge_l'):.3f}** | {per_run} | {_mean(rr, 'train', 'loss'):.3f} | "
-            f"{_mean(rr, 'validation', 'rouge_l'):.3f} | {_mean(rr, 'validation', 'loss'):.3f} | {rr[0]['steps']} |")
+            f"{_mean(rr, 'validation', 'rouge_l'):.3f} | {_mean(rr, 'validation', 'loss'):.3f} | {rr[0]['steps']} |"
+        )
     return "\n".join(lines)
 
 
@@ -194,11 +215,16 @@ def main(argv=None) -> int:
     add_faq_argument(parser)
     parser.add_argument("--jobs-dir", type=Path, default=REPO / "runs" / "recipes")
     names = {job_name(recipe): recipe for recipe in RECIPES}
-    parser.add_argument("--only", nargs="+", choices=list(names), metavar="RECIPE",
-                        help=f"recipes to run, of: {', '.join(names)}")
+    parser.add_argument(
+        "--only", nargs="+", choices=list(names), metavar="RECIPE", help=f"recipes to run, of: {', '.join(names)}"
+    )
     parser.add_argument("--parallel", type=int, default=2, help="jobs at a time (they split the cores)")
-    parser.add_argument("--max-steps", type=int, default=0,
-                        help="stop each job after this many steps, and evaluate on 4 questions (a smoke run)")
+    parser.add_argument(
+        "--max-steps",
+        type=int,
+        default=0,
+        help="stop each job after this many steps, and evaluate on 4 questions (a smoke run)",
+    )
     parser.add_argument("--collect", action="store_true", help="run nothing; tabulate the jobs in --jobs-dir")
     parser.add_argument("--note", default="", help="a line added under the table (e.g. how the jobs were run)")
     parser.add_argument("--no-write", action="store_true", help="print only; leave docs/benchmarks.md alone")
@@ -206,8 +232,13 @@ def main(argv=None) -> int:
     if not args.collect:
         check_faq(args.faq)
         smoke = {"max_steps": args.max_steps, "eval_max_samples": 4, "eval_train_samples": 4} if args.max_steps else {}
-        run_jobs([names[n] for n in args.only] if args.only else list(RECIPES), args.jobs_dir, max(1, args.parallel),
-                 smoke, args.faq)
+        run_jobs(
+            [names[n] for n in args.only] if args.only else list(RECIPES),
+            args.jobs_dir,
+            max(1, args.parallel),
+            smoke,
+            args.faq,
+        )
     command = f"benchmarks/train_recipes.py --faq {shown(args.faq)}"
     markdown = table(args.jobs_dir, command) + (f"\n\n{args.note}" if args.note else "")
     print("\n" + markdown)

@@ -51,15 +51,21 @@ def run_measured(command: list[str], env: dict) -> tuple[int, float, float, str]
 def add_faq_argument(parser: argparse.ArgumentParser, default: Path | None = DEFAULT_FAQ) -> None:
     """`--faq PATH`, the dataset the benchmark trains on; it is not in the repository."""
     where = f" (default: {shown(default)})" if default else ""
-    parser.add_argument("--faq", type=Path, default=default, metavar="PATH",
-                        help=f"the Amazon SageMaker FAQ CSV to train on{where}; scripts/fetch_faq_dataset.py "
-                             "downloads it")
+    parser.add_argument(
+        "--faq",
+        type=Path,
+        default=default,
+        metavar="PATH",
+        help=f"the Amazon SageMaker FAQ CSV to train on{where}; scripts/fetch_faq_dataset.py downloads it",
+    )
 
 
 def check_faq(path: Path) -> None:
     if not path.is_file():
-        sys.exit(f"no FAQ dataset at {path}: download it with `.venv/bin/python scripts/fetch_faq_dataset.py "
-                 f"--output {path}`, or pass --faq PATH")
+        sys.exit(
+            f"no FAQ dataset at {path}: download it with `.venv/bin/python scripts/fetch_faq_dataset.py "
+            f"--output {path}`, or pass --faq PATH"
+        )
 
 
 def shown(path: Path) -> str:
@@ -77,7 +83,8 @@ def write_job_tree(job: Path, hyperparameters: dict, faq: Path) -> None:
     (job / "input" / "config").mkdir(parents=True)
     (job / "input" / "data" / "train" / faq.name).write_bytes(faq.read_bytes())
     (job / "input" / "config" / "hyperparameters.json").write_text(
-        json.dumps({k: str(v) for k, v in hyperparameters.items()}))
+        json.dumps({k: str(v) for k, v in hyperparameters.items()})
+    )
 
 
 def run_ours(workdir: Path, hyperparameters: dict, faq: Path) -> dict:
@@ -90,11 +97,16 @@ def run_ours(workdir: Path, hyperparameters: dict, faq: Path) -> dict:
         sys.exit(f"our training run failed (exit {code}):\n{output[-4000:]}")
     manifest = json.loads((job / "model" / "manifest.json").read_text())
     embeddings = re.search(r"and the embeddings of (\d+) tokens", output)
-    return {"tokens_per_second": manifest["training"]["tokens_per_second"],
-            "embedding_tokens": int(embeddings.group(1)) if embeddings else 0,
-            "train_runtime_s": manifest["training"]["runtime_s"], "steps": manifest["training"]["steps"],
-            "final_train_loss": manifest["training"]["final_train_loss"], "peak_rss_gib": peak_gib,
-            "wall_s": wall, "metrics": manifest["metrics"]}
+    return {
+        "tokens_per_second": manifest["training"]["tokens_per_second"],
+        "embedding_tokens": int(embeddings.group(1)) if embeddings else 0,
+        "train_runtime_s": manifest["training"]["runtime_s"],
+        "steps": manifest["training"]["steps"],
+        "final_train_loss": manifest["training"]["final_train_loss"],
+        "peak_rss_gib": peak_gib,
+        "wall_s": wall,
+        "metrics": manifest["metrics"],
+    }
 
 
 TRL_SCRIPT = textwrap.dedent("""
@@ -132,14 +144,22 @@ TRL_SCRIPT = textwrap.dedent("""
 def run_trl(workdir: Path, model_dir: Path, train_rows: list, hyperparameters: dict) -> dict:
     data = workdir / "trl_train.jsonl"
     data.write_text("".join(json.dumps({"question": e.question, "answer": e.answer}) + "\n" for e in train_rows))
-    spec = {"data": str(data), "model": str(model_dir), "output_dir": str(workdir / "trl"),
-            "learning_rate": hyperparameters["learning_rate"], "batch_size": hyperparameters["per_device_batch_size"],
-            "epochs": hyperparameters["epochs"], "max_steps": hyperparameters.get("max_steps", -1),
-            "lora_r": hyperparameters["lora_r"], "lora_alpha": hyperparameters["lora_alpha"],
-            "lora_dropout": hyperparameters["lora_dropout"]}
+    spec = {
+        "data": str(data),
+        "model": str(model_dir),
+        "output_dir": str(workdir / "trl"),
+        "learning_rate": hyperparameters["learning_rate"],
+        "batch_size": hyperparameters["per_device_batch_size"],
+        "epochs": hyperparameters["epochs"],
+        "max_steps": hyperparameters.get("max_steps", -1),
+        "lora_r": hyperparameters["lora_r"],
+        "lora_alpha": hyperparameters["lora_alpha"],
+        "lora_dropout": hyperparameters["lora_dropout"],
+    }
     print("TRL SFTTrainer: training ...", flush=True)
-    code, wall, peak_gib, output = run_measured([sys.executable, "-c", TRL_SCRIPT, json.dumps(spec)],
-                                                {**os.environ, "PYTHONUNBUFFERED": "1"})
+    code, wall, peak_gib, output = run_measured(
+        [sys.executable, "-c", TRL_SCRIPT, json.dumps(spec)], {**os.environ, "PYTHONUNBUFFERED": "1"}
+    )
     match = re.search(r"^RESULT (.*)$", output, re.MULTILINE)
     if code != 0 or not match:
         sys.exit(f"the TRL run failed (exit {code}):\n{output[-4000:]}")
@@ -150,8 +170,10 @@ def _verdicts(ratio: float, ours: dict, validation: dict, train_sample: dict) ->
     def verdict(ok: bool) -> str:
         return "met" if ok else "**missed**"
 
-    out = [f"tokens/s >= 1.3x TRL: {verdict(ratio >= 1.3)}",
-           f"peak memory <= 4 GiB: {verdict(ours['peak_rss_gib'] <= 4)}"]
+    out = [
+        f"tokens/s >= 1.3x TRL: {verdict(ratio >= 1.3)}",
+        f"peak memory <= 4 GiB: {verdict(ours['peak_rss_gib'] <= 4)}",
+    ]
     if train_sample:
         out.append(f"ROUGE-L on training questions >= 0.5: {verdict(train_sample['rouge_l']['tuned'] >= 0.5)}")
     if validation and validation["rouge_l"]["base"] is not None:
@@ -168,9 +190,13 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_faq_argument(parser)
     parser.add_argument("--max-steps", type=int, default=-1, help="stop both runs early (smoke test of the script)")
-    parser.add_argument("--epochs", type=float, default=None,
-                        help="epochs for both runs (default: the image's default, 3); a shorter run still compares "
-                             "tokens/s and memory, not the 3-epoch answer quality")
+    parser.add_argument(
+        "--epochs",
+        type=float,
+        default=None,
+        help="epochs for both runs (default: the image's default, 3); a shorter run still compares "
+        "tokens/s and memory, not the 3-epoch answer quality",
+    )
     parser.add_argument("--no-write", action="store_true", help="print only; leave docs/benchmarks.md alone")
     parser.add_argument("--note", default="", help="a line added to the docs section (e.g. machine load)")
     args = parser.parse_args(argv)
@@ -181,9 +207,14 @@ def main(argv=None) -> int:
     from trainer.modeling import embedded_model_dir
 
     defaults = TrainConfig()
-    hyperparameters = {"epochs": defaults.epochs, "learning_rate": defaults.learning_rate,
-                       "per_device_batch_size": defaults.per_device_batch_size, "lora_r": defaults.lora_r,
-                       "lora_alpha": defaults.lora_alpha, "lora_dropout": defaults.lora_dropout}
+    hyperparameters = {
+        "epochs": defaults.epochs,
+        "learning_rate": defaults.learning_rate,
+        "per_device_batch_size": defaults.per_device_batch_size,
+        "lora_r": defaults.lora_r,
+        "lora_alpha": defaults.lora_alpha,
+        "lora_dropout": defaults.lora_dropout,
+    }
     if args.epochs is not None:
         hyperparameters["epochs"] = args.epochs
     if args.max_steps > 0:  # a smoke run: few steps, few questions
@@ -236,14 +267,21 @@ def main(argv=None) -> int:
             lines.append(
                 f"| {name}, {rows['count']} | {rows['rouge_l']['base']:.3f} | **{rows['rouge_l']['tuned']:.3f}** | "
                 f"{rows['exact_match']['base']:.2f} → {rows['exact_match']['tuned']:.2f} | "
-                f"{rows['loss']['base']:.3f} → {rows['loss']['tuned']:.3f} |")
+                f"{rows['loss']['base']:.3f} → {rows['loss']['tuned']:.3f} |"
+            )
     checkpointing = "on" if trl["gradient_checkpointing"] else "off"
-    lines += ["", f"TRL ran with gradient checkpointing {checkpointing} (its default)."
-              " Ours: no gradient checkpointing (the model fits), length-grouped batches, and the LM head applied to"
-              " answer tokens only"
-              + (f"; it also trains the embeddings of the {ours['embedding_tokens']} tokens the data uses (the image's"
-                 " default, `lora_train_token_embeddings=auto`), which TRL's LoRA does not."
-                 if ours.get("embedding_tokens") else ".")]
+    lines += [
+        "",
+        f"TRL ran with gradient checkpointing {checkpointing} (its default)."
+        " Ours: no gradient checkpointing (the model fits), length-grouped batches, and the LM head applied to"
+        " answer tokens only"
+        + (
+            f"; it also trains the embeddings of the {ours['embedding_tokens']} tokens the data uses (the image's"
+            " default, `lora_train_token_embeddings=auto`), which TRL's LoRA does not."
+            if ours.get("embedding_tokens")
+            else "."
+        ),
+    ]
     lines += ["", "Targets (3 epochs): " + "; ".join(_verdicts(ratio, ours, validation, train_sample)) + "."]
     if args.note:
         lines += ["", args.note]

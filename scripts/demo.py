@@ -28,10 +28,19 @@ TRAIN = REPO / "containers" / "train" / "train"
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", type=Path, default=SAMPLE_DATA,
-                        help="a CSV/JSONL/Parquet file or a directory of them (default: the sample dataset)")
-    parser.add_argument("--hp", action="append", default=[], metavar="KEY=VALUE",
-                        help="a hyperparameter, as SageMaker would pass it (repeatable); see README")
+    parser.add_argument(
+        "--data",
+        type=Path,
+        default=SAMPLE_DATA,
+        help="a CSV/JSONL/Parquet file or a directory of them (default: the sample dataset)",
+    )
+    parser.add_argument(
+        "--hp",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a hyperparameter, as SageMaker would pass it (repeatable); see README",
+    )
     parser.add_argument("--job-dir", type=Path, default=None, help="job tree to use (default: runs/<timestamp>)")
     return parser.parse_args(argv)
 

@@ -25,10 +25,14 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 FILE_NAME = "Amazon_SageMaker_FAQs.csv"
 SHA256 = "a2e5c5880e5669bf218ecb5ad722117b78900f6c98814699dfbf986b4567996e"
-JUMPSTART_URL = ("https://jumpstart-cache-prod-{region}.s3.{region}.amazonaws.com/"
-                 "training-datasets/Amazon_SageMaker_FAQs/" + FILE_NAME)
-GITHUB_URL = ("https://raw.githubusercontent.com/aws-samples/multi-tenant-chatbot-using-rag-with-amazon-bedrock/"
-              "main/data/" + FILE_NAME)
+JUMPSTART_URL = (
+    "https://jumpstart-cache-prod-{region}.s3.{region}.amazonaws.com/"
+    "training-datasets/Amazon_SageMaker_FAQs/" + FILE_NAME
+)
+GITHUB_URL = (
+    "https://raw.githubusercontent.com/aws-samples/multi-tenant-chatbot-using-rag-with-amazon-bedrock/"
+    "main/data/" + FILE_NAME
+)
 
 
 def sources(region: str, url: str | None) -> list[str]:
@@ -42,8 +46,11 @@ def download(url: str, timeout: float) -> bytes:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--region", default=os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
-                        or "us-east-1", help="JumpStart bucket region (default: AWS_REGION or us-east-1)")
+    parser.add_argument(
+        "--region",
+        default=os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1",
+        help="JumpStart bucket region (default: AWS_REGION or us-east-1)",
+    )
     parser.add_argument("--output", type=Path, default=REPO / "data" / FILE_NAME, help="where to write the CSV")
     parser.add_argument("--url", help="download from this URL instead (a mirror); the checksum still applies")
     parser.add_argument("--no-verify", action="store_true", help="accept a file whose checksum differs")

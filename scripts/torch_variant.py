@@ -34,8 +34,9 @@ class Machine:
     local_cpu_wheel: bool  # a torch-<version>+cpu wheel sits in one of pip's find-links folders
 
 
-def pip_arguments(machine: Machine, variant: str = "auto", index_url: str = "",
-                  version: str = TORCH_VERSION) -> list[str]:
+def pip_arguments(
+    machine: Machine, variant: str = "auto", index_url: str = "", version: str = TORCH_VERSION
+) -> list[str]:
     """The `pip install` arguments for torch on this machine; ValueError names a bad TORCH_VARIANT."""
     variant = (variant or "auto").strip().lower()
     if variant not in VARIANTS:
@@ -73,8 +74,11 @@ def find_links_dirs(python: str) -> list[Path]:
     values = [os.environ.get("PIP_FIND_LINKS", "")]
     try:
         config = subprocess.run([python, "-m", "pip", "config", "list"], capture_output=True, text=True, timeout=60)
-        values += [line.split("=", 1)[1].strip("'\"") for line in config.stdout.splitlines()
-                   if line.split("=", 1)[0].endswith("find-links")]
+        values += [
+            line.split("=", 1)[1].strip("'\"")
+            for line in config.stdout.splitlines()
+            if line.split("=", 1)[0].endswith("find-links")
+        ]
     except (OSError, subprocess.TimeoutExpired):
         pass
     return [Path(p.removeprefix("file://")) for value in values for p in value.split() if p]
@@ -89,8 +93,9 @@ def main(argv: list[str] | None = None) -> int:
     python = argv[0] if argv else sys.executable
     machine = Machine(platform.system(), has_nvidia_gpu(), has_local_cpu_wheel(find_links_dirs(python)))
     try:
-        arguments = pip_arguments(machine, os.environ.get("TORCH_VARIANT", "auto"),
-                                  os.environ.get("TORCH_INDEX_URL", ""))
+        arguments = pip_arguments(
+            machine, os.environ.get("TORCH_VARIANT", "auto"), os.environ.get("TORCH_INDEX_URL", "")
+        )
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -82,9 +82,7 @@ def create_app(config: GatewayConfig, invoke: Invoker | None = None, log=None) -
     app = Flask("apigw_emulator")
     invoke = invoke or lambda_invoker(config)
     throttle = Throttle(config.throttle_rate, config.throttle_burst)
-    log = log or (
-        lambda **fields: print(json.dumps({"logger": "apigw", **fields}), file=sys.stderr, flush=True)
-    )
+    log = log or (lambda **fields: print(json.dumps({"logger": "apigw", **fields}), file=sys.stderr, flush=True))
 
     def gateway_response(status: int, message: str, error_type: str | None = None) -> Response:
         response = Response(json.dumps({"message": message}), status=status, content_type="application/json")

@@ -35,9 +35,7 @@ class GatewayConfig:
 
     def __post_init__(self) -> None:
         if self.payload_format not in ("1.0", "2.0"):
-            raise ValueError(
-                f"payload format must be 1.0 (REST) or 2.0 (HTTP API), not {self.payload_format!r}"
-            )
+            raise ValueError(f"payload format must be 1.0 (REST) or 2.0 (HTTP API), not {self.payload_format!r}")
         if self.throttle_rate <= 0 or self.throttle_burst < 1:
             raise ValueError("throttle rate must be positive and burst at least 1")
         if not 0 < self.integration_timeout_s <= 900:
@@ -47,9 +45,7 @@ class GatewayConfig:
 
 
 def parse_args(argv: list[str] | None = None, env: Mapping[str, str] = os.environ) -> GatewayConfig:
-    p = argparse.ArgumentParser(
-        prog="python -m apigw_emulator", description="Local API Gateway -> Lambda proxy"
-    )
+    p = argparse.ArgumentParser(prog="python -m apigw_emulator", description="Local API Gateway -> Lambda proxy")
     p.add_argument("--host", default=env.get("APIGW_HOST", "127.0.0.1"))
     p.add_argument("--port", type=int, default=int(env.get("APIGW_PORT", "3000")))
     p.add_argument(
@@ -77,9 +73,7 @@ def parse_args(argv: list[str] | None = None, env: Mapping[str, str] = os.enviro
         type=float,
         default=float(env.get("APIGW_INTEGRATION_TIMEOUT_S", INTEGRATION_TIMEOUT_S)),
     )
-    p.add_argument(
-        "--max-payload-bytes", type=int, default=int(env.get("APIGW_MAX_PAYLOAD_BYTES", MAX_PAYLOAD_BYTES))
-    )
+    p.add_argument("--max-payload-bytes", type=int, default=int(env.get("APIGW_MAX_PAYLOAD_BYTES", MAX_PAYLOAD_BYTES)))
     p.add_argument("--binary-media-types", default=env.get("APIGW_BINARY_MEDIA_TYPES", ""))
     p.add_argument(
         "--gateway-responses-allow-origin",

@@ -31,9 +31,7 @@ from lambda_runtime_emulator.service import EnvironmentPool, create_app
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     env = os.environ
-    parser = argparse.ArgumentParser(
-        prog="python -m lambda_runtime_emulator", description=__doc__.split("\n")[0]
-    )
+    parser = argparse.ArgumentParser(prog="python -m lambda_runtime_emulator", description=__doc__.split("\n")[0])
     parser.add_argument("--host", default=env.get("LAMBDA_EMULATOR_HOST", "127.0.0.1"))
     parser.add_argument("--port", type=int, default=int(env.get("LAMBDA_EMULATOR_PORT", "3001")))
     parser.add_argument("--handler", default=env.get("LAMBDA_HANDLER", "qa_function.handler.handler"))

@@ -155,9 +155,7 @@ class ExecutionEnvironment:
             invocation.finish(
                 _error_payload(
                     "Sandbox.Timedout",
-                    _failure(
-                        invocation.request_id, f"Task timed out after {self.spec.timeout_s:.2f} seconds"
-                    ),
+                    _failure(invocation.request_id, f"Task timed out after {self.spec.timeout_s:.2f} seconds"),
                 ),
                 "Unhandled",
             )

@@ -115,16 +115,13 @@ def create_app(pool: EnvironmentPool, log=print) -> Flask:
         if invocation_type == "DryRun":
             return Response(status=204)
         if invocation_type not in ("RequestResponse", "Event"):
-            return _aws_error(
-                400, "InvalidParameterValueException", f"Unsupported invocation type {invocation_type}"
-            )
+            return _aws_error(400, "InvalidParameterValueException", f"Unsupported invocation type {invocation_type}")
         length = request.content_length or 0
         if length > MAX_SYNC_PAYLOAD_BYTES:
             return _aws_error(
                 413,
                 "RequestEntityTooLargeException",
-                f"Request must be smaller than {MAX_SYNC_PAYLOAD_BYTES} bytes "
-                "for the InvokeFunction operation",
+                f"Request must be smaller than {MAX_SYNC_PAYLOAD_BYTES} bytes for the InvokeFunction operation",
             )
         payload = request.get_data() or b"{}"
 

@@ -55,8 +55,7 @@ def make_parser(env: dict[str, str]) -> argparse.ArgumentParser:
         "--invocation-timeout",
         type=float,
         default=_optional_float(env.get("RUNTIME_EMULATOR_INVOCATION_TIMEOUT_S")),
-        help="seconds a container has to answer (default 60, as SageMaker) "
-        "[RUNTIME_EMULATOR_INVOCATION_TIMEOUT_S]",
+        help="seconds a container has to answer (default 60, as SageMaker) [RUNTIME_EMULATOR_INVOCATION_TIMEOUT_S]",
     )
     parser.add_argument(
         "--routing-seed",
@@ -137,15 +136,12 @@ def main(argv: list[str] | None = None) -> int:
         extra={
             "url": f"http://{args.host}:{args.port}",
             "endpoints": {
-                n: [f"{v.name}={v.url} (weight {v.weight:g})" for v in e.variants]
-                for n, e in config.endpoints.items()
+                n: [f"{v.name}={v.url} (weight {v.weight:g})" for v in e.variants] for n, e in config.endpoints.items()
             },
             "hint": f"export AWS_ENDPOINT_URL_SAGEMAKER_RUNTIME=http://{args.host}:{args.port}",
         },
     )
-    web.run_app(
-        create_app(config), host=args.host, port=args.port, access_log=None, print=None, loop=_event_loop()
-    )
+    web.run_app(create_app(config), host=args.host, port=args.port, access_log=None, print=None, loop=_event_loop())
     return 0
 
 

@@ -174,9 +174,7 @@ async def _invoke(request: web.Request, api: str, forward) -> web.StreamResponse
     call = _start(request, api)
     try:
         endpoint, body = await _validated_request(request, call)
-        variant = pick_variant(
-            endpoint, request.app[RNG_KEY], request.headers.get("X-Amzn-SageMaker-Target-Variant")
-        )
+        variant = pick_variant(endpoint, request.app[RNG_KEY], request.headers.get("X-Amzn-SageMaker-Target-Variant"))
         call.variant = variant.name
         return await forward(request, call, endpoint, variant, body)
     except RuntimeApiError as exc:
@@ -190,9 +188,7 @@ async def not_emulated(request: web.Request) -> web.Response:
     try:
         return _error_response(
             call,
-            validation_error(
-                "InvokeEndpointAsync is not emulated locally; use InvokeEndpoint or the stream."
-            ),
+            validation_error("InvokeEndpointAsync is not emulated locally; use InvokeEndpoint or the stream."),
         )
     finally:
         call.log()
@@ -430,8 +426,7 @@ async def _relay(call: Invocation, upstream: aiohttp.ClientResponse, out: web.St
         except TimeoutError:
             call.error = "ModelStreamError:ModelInvocationTimeExceeded"
             message = (
-                f"Your model {CONTAINER_NAME} did not complete sending the inference response "
-                "in the allotted time."
+                f"Your model {CONTAINER_NAME} did not complete sending the inference response in the allotted time."
             )
             await _end_stream(call, out, "ModelStreamError", message, "ModelInvocationTimeExceeded")
             return

@@ -158,9 +158,7 @@ def parse_config(data: dict[str, Any]) -> EmulatorConfig:
         connect_timeout_s=_positive_number(
             "connect_timeout_s", data.get("connect_timeout_s", defaults.connect_timeout_s)
         ),
-        ping_timeout_s=_positive_number(
-            "ping_timeout_s", data.get("ping_timeout_s", defaults.ping_timeout_s)
-        ),
+        ping_timeout_s=_positive_number("ping_timeout_s", data.get("ping_timeout_s", defaults.ping_timeout_s)),
         max_body_bytes=max_body,
         region=str(data.get("region", defaults.region)),
         account_id=str(data.get("account_id", defaults.account_id)),

@@ -41,8 +41,7 @@ def internal_failure(message: str) -> RuntimeApiError:
 def log_stream_arn(region: str, account_id: str, endpoint: str, variant: str) -> str:
     # Shaped like the real log stream ARN; locally the "log stream" is the container's own stdout.
     return (
-        f"arn:aws:logs:{region}:{account_id}:log-group:/aws/sagemaker/Endpoints/{endpoint}"
-        f":log-stream:{variant}/local"
+        f"arn:aws:logs:{region}:{account_id}:log-group:/aws/sagemaker/Endpoints/{endpoint}:log-stream:{variant}/local"
     )
 
 

@@ -59,8 +59,7 @@ def payload_part(data: bytes) -> bytes:
     if len(data) <= MAX_PART_BYTES:
         return encode_message(_PAYLOAD_PART_HEADERS, data)
     return b"".join(
-        encode_message(_PAYLOAD_PART_HEADERS, data[i : i + MAX_PART_BYTES])
-        for i in range(0, len(data), MAX_PART_BYTES)
+        encode_message(_PAYLOAD_PART_HEADERS, data[i : i + MAX_PART_BYTES]) for i in range(0, len(data), MAX_PART_BYTES)
     )
 
 

@@ -16,8 +16,7 @@ def pick_variant(endpoint: Endpoint, rng: random.Random, target_variant: str | N
         if variant is None:
             names = ", ".join(v.name for v in endpoint.variants)
             raise validation_error(
-                f"Variant {target_variant} does not exist on endpoint {endpoint.name} "
-                f"(its variants are: {names})."
+                f"Variant {target_variant} does not exist on endpoint {endpoint.name} (its variants are: {names})."
             )
         return variant
     if len(endpoint.variants) == 1:

@@ -77,9 +77,7 @@ def make_parser(env: dict[str, str]) -> argparse.ArgumentParser:
 
     seed = commands.add_parser("seed", help="create the bucket and upload the dataset (and a model artifact)")
     seed.add_argument("--bucket", required=True)
-    seed.add_argument(
-        "--dataset", type=Path, action="append", default=[], help="a dataset file to upload; repeatable"
-    )
+    seed.add_argument("--dataset", type=Path, action="append", default=[], help="a dataset file to upload; repeatable")
     seed.add_argument("--dataset-prefix", default="datasets/", help="key prefix for datasets")
     seed.add_argument("--model", type=Path, help="a model directory (packed as model.tar.gz) or a .tar.gz")
     seed.add_argument("--model-key", default="models/base/model.tar.gz")
@@ -90,14 +88,10 @@ def make_parser(env: dict[str, str]) -> argparse.ArgumentParser:
     download = commands.add_parser("download", help="download one object")
     download.add_argument("uri")
     download.add_argument("path", type=Path)
-    upload_model = commands.add_parser(
-        "upload-model", help="pack a model directory as model.tar.gz and upload"
-    )
+    upload_model = commands.add_parser("upload-model", help="pack a model directory as model.tar.gz and upload")
     upload_model.add_argument("model_dir", type=Path)
     upload_model.add_argument("uri")
-    fetch_model = commands.add_parser(
-        "fetch-model", help="download a model.tar.gz and unpack it into a directory"
-    )
+    fetch_model = commands.add_parser("fetch-model", help="download a model.tar.gz and unpack it into a directory")
     fetch_model.add_argument("uri")
     fetch_model.add_argument("dest", type=Path)
     return parser
@@ -160,9 +154,7 @@ def seed(s3, args: argparse.Namespace) -> dict:
 def main(argv: list[str] | None = None) -> int:
     env = dict(os.environ)
     args = make_parser(env).parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr
-    )
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
     logging.getLogger("botocore").setLevel(logging.WARNING)
 
     if args.command == "serve":

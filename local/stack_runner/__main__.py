@@ -39,8 +39,12 @@ TRAIN_IMAGE = REPO / "containers" / "train"
 SAMPLE_DATA = REPO / "data" / "sample" / "toolkit_faq.jsonl"
 ENDPOINT_NAME = "faq-assistant"
 BUCKET = "sagemaker-local"
-FAKE_AWS = {"AWS_ACCESS_KEY_ID": "local", "AWS_SECRET_ACCESS_KEY": "local", "AWS_DEFAULT_REGION": "us-east-1",
-            "AWS_REGION": "us-east-1"}
+FAKE_AWS = {
+    "AWS_ACCESS_KEY_ID": "local",
+    "AWS_SECRET_ACCESS_KEY": "local",
+    "AWS_DEFAULT_REGION": "us-east-1",
+    "AWS_REGION": "us-east-1",
+}
 
 
 @dataclass(frozen=True)
@@ -70,8 +74,9 @@ class Stack:
         `to_terminal` shows the output (a training job's progress) instead of writing a log."""
         self.logs.mkdir(parents=True, exist_ok=True)
         log = None if to_terminal else (self.logs / f"{name}.log").open("ab")
-        process = subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                   start_new_session=True)
+        process = subprocess.Popen(
+            command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
         if log is not None:
             log.close()  # the child has its own copy
         self.processes.append((name, process))
@@ -143,11 +148,15 @@ def train_through_s3(stack: Stack, ports: Ports, data: Path, hyperparameters: li
     model_uri = f"s3://{BUCKET}/models/{ENDPOINT_NAME}/model.tar.gz"
     s3 = [sys.executable, "-m", "s3_standin"]
     run([*s3, "seed", "--bucket", BUCKET, "--dataset", str(data)], s3_env, "upload the dataset to S3")
-    run([*s3, "download", dataset_uri, str(job / "input" / "data" / "train" / data.name)], s3_env,
-        "download the train channel")
+    run(
+        [*s3, "download", dataset_uri, str(job / "input" / "data" / "train" / data.name)],
+        s3_env,
+        "download the train channel",
+    )
     (job / "input" / "config").mkdir(parents=True, exist_ok=True)
     (job / "input" / "config" / "hyperparameters.json").write_text(
-        json.dumps(dict(item.split("=", 1) for item in hyperparameters)))
+        json.dumps(dict(item.split("=", 1) for item in hyperparameters))
+    )
     print(f"  job tree {job}", flush=True)
     stack.start("train", [sys.executable, str(TRAIN_IMAGE / "train")], job_env(job), to_terminal=True)
     code = stack.wait_exit("train")
@@ -189,30 +198,81 @@ def start_serving(stack: Stack, name: str, model_dir: Path, port: int) -> None:
         if link.is_symlink() or link.exists():
             link.unlink()
         link.symlink_to(model_dir.resolve(), target_is_directory=True)
-    stack.start(name, [sys.executable, str(REPO / "containers" / "serve" / "serve")],
-                {**os.environ, "SAGEMAKER_BASE_DIR": str(base), "SAGEMAKER_BIND_TO_PORT": str(port),
-                 "SERVE_HOST": "127.0.0.1", "PYTHONUNBUFFERED": "1"})
+    stack.start(
+        name,
+        [sys.executable, str(REPO / "containers" / "serve" / "serve")],
+        {
+            **os.environ,
+            "SAGEMAKER_BASE_DIR": str(base),
+            "SAGEMAKER_BIND_TO_PORT": str(port),
+            "SERVE_HOST": "127.0.0.1",
+            "PYTHONUNBUFFERED": "1",
+        },
+    )
 
 
 def start_front(stack: Stack, ports: Ports, ab: bool, api_key: str | None) -> None:
     config_path = stack.workdir / "endpoints.json"
     config_path.write_text(json.dumps(endpoint_config(ports, ab), indent=2))
-    stack.start("runtime-emulator", [sys.executable, "-m", "runtime_emulator", "--config", str(config_path),
-                                     "--port", str(ports.runtime_emulator)], python_env())
+    stack.start(
+        "runtime-emulator",
+        [sys.executable, "-m", "runtime_emulator", "--config", str(config_path), "--port", str(ports.runtime_emulator)],
+        python_env(),
+    )
     web_origin = f"http://127.0.0.1:{ports.web}"
-    stack.start("lambda", [sys.executable, "-m", "lambda_runtime_emulator", "--port", str(ports.lambda_runtime),
-                           "--handler", "qa_function.handler.handler", "--task-root", "lambda/src",
-                           "--timeout", "29", "--max-concurrency", "8", "--prewarm"],
-                python_env(ENDPOINT_NAME=ENDPOINT_NAME, CORS_ALLOW_ORIGINS=web_origin,
-                           AWS_ENDPOINT_URL_SAGEMAKER_RUNTIME=f"http://127.0.0.1:{ports.runtime_emulator}"))
-    apigw = [sys.executable, "-m", "apigw_emulator", "--port", str(ports.apigw),
-             "--lambda-endpoint-url", f"http://127.0.0.1:{ports.lambda_runtime}",
-             "--gateway-responses-allow-origin", web_origin]
+    stack.start(
+        "lambda",
+        [
+            sys.executable,
+            "-m",
+            "lambda_runtime_emulator",
+            "--port",
+            str(ports.lambda_runtime),
+            "--handler",
+            "qa_function.handler.handler",
+            "--task-root",
+            "lambda/src",
+            "--timeout",
+            "29",
+            "--max-concurrency",
+            "8",
+            "--prewarm",
+        ],
+        python_env(
+            ENDPOINT_NAME=ENDPOINT_NAME,
+            CORS_ALLOW_ORIGINS=web_origin,
+            AWS_ENDPOINT_URL_SAGEMAKER_RUNTIME=f"http://127.0.0.1:{ports.runtime_emulator}",
+        ),
+    )
+    apigw = [
+        sys.executable,
+        "-m",
+        "apigw_emulator",
+        "--port",
+        str(ports.apigw),
+        "--lambda-endpoint-url",
+        f"http://127.0.0.1:{ports.lambda_runtime}",
+        "--gateway-responses-allow-origin",
+        web_origin,
+    ]
     if api_key:
         apigw += ["--api-keys", api_key]
     stack.start("apigw", apigw, python_env())
-    stack.start("web", [sys.executable, "-m", "static_site", "--port", str(ports.web), "--root", "web",
-                        "--api-base-url", f"http://127.0.0.1:{ports.apigw}/prod"], python_env())
+    stack.start(
+        "web",
+        [
+            sys.executable,
+            "-m",
+            "static_site",
+            "--port",
+            str(ports.web),
+            "--root",
+            "web",
+            "--api-base-url",
+            f"http://127.0.0.1:{ports.apigw}/prod",
+        ],
+        python_env(),
+    )
     stack.wait_healthy("runtime-emulator", f"http://127.0.0.1:{ports.runtime_emulator}/ping", 30)
     stack.wait_healthy("lambda", f"http://127.0.0.1:{ports.lambda_runtime}/_emulator/health", 60)
     stack.wait_healthy("apigw", f"http://127.0.0.1:{ports.apigw}/_emulator/health", 30)
@@ -221,8 +281,11 @@ def start_front(stack: Stack, ports: Ports, ab: bool, api_key: str | None) -> No
 
 def ask(ports: Ports, question: str, api_key: str | None = None, timeout: float = 60) -> dict:
     request = urllib.request.Request(
-        f"http://127.0.0.1:{ports.apigw}/prod/ask", data=json.dumps({"question": question}).encode(),
-        headers={"Content-Type": "application/json", **({"x-api-key": api_key} if api_key else {})}, method="POST")
+        f"http://127.0.0.1:{ports.apigw}/prod/ask",
+        data=json.dumps({"question": question}).encode(),
+        headers={"Content-Type": "application/json", **({"x-api-key": api_key} if api_key else {})},
+        method="POST",
+    )
     with urllib.request.urlopen(request, timeout=timeout) as response:
         return json.loads(response.read())
 
@@ -237,11 +300,34 @@ def up(args) -> int:
         model_dir, job, evaluate_later = args.model_dir, None, False
         if model_dir is None:
             print("S3 stand-in", flush=True)
-            stack.start("s3", [sys.executable, "-m", "s3_standin", "serve", "--data-dir", str(stack.workdir / "s3"),
-                               "--port", str(ports.s3)], python_env())
-            run([sys.executable, "-m", "s3_standin", "wait", "--timeout", "90",
-                 "--data-dir", str(stack.workdir / "s3")],
-                python_env(AWS_ENDPOINT_URL_S3=f"http://127.0.0.1:{ports.s3}"), "wait for S3")
+            stack.start(
+                "s3",
+                [
+                    sys.executable,
+                    "-m",
+                    "s3_standin",
+                    "serve",
+                    "--data-dir",
+                    str(stack.workdir / "s3"),
+                    "--port",
+                    str(ports.s3),
+                ],
+                python_env(),
+            )
+            run(
+                [
+                    sys.executable,
+                    "-m",
+                    "s3_standin",
+                    "wait",
+                    "--timeout",
+                    "90",
+                    "--data-dir",
+                    str(stack.workdir / "s3"),
+                ],
+                python_env(AWS_ENDPOINT_URL_S3=f"http://127.0.0.1:{ports.s3}"),
+                "wait for S3",
+            )
             print("Training job (the embedded default model on the sample data)", flush=True)
             job = RUNS_DIR / time.strftime("demo-%Y%m%d-%H%M%S")
             hyperparameters = with_deferred_evaluation(args.hp)
@@ -263,8 +349,10 @@ def up(args) -> int:
         print(f"\nThe stack is up. Open http://127.0.0.1:{ports.web}  (Ctrl-C stops it)", flush=True)
         if evaluate_later:
             stack.start("evaluate", [sys.executable, str(TRAIN_IMAGE / "evaluate")], job_env(job))
-            print("Evaluating the base and the tuned model in the background; the report follows when it is done.",
-                  flush=True)
+            print(
+                "Evaluating the base and the tuned model in the background; the report follows when it is done.",
+                flush=True,
+            )
         return watch(stack, job)
     except KeyboardInterrupt:
         return 0
@@ -293,8 +381,11 @@ def watch(stack: Stack, job: Path | None) -> int:
                 print("\n" + before_after_text(json.loads(report_path.read_text())), flush=True)
                 print(f"Reports, sample answers, loss curve: {report_path.parent}", flush=True)
             else:
-                print(f"\nThe evaluation failed (exit {process.returncode}); the page keeps serving:\n"
-                      f"{stack.tail(name)}", file=sys.stderr, flush=True)
+                print(
+                    f"\nThe evaluation failed (exit {process.returncode}); the page keeps serving:\n{stack.tail(name)}",
+                    file=sys.stderr,
+                    flush=True,
+                )
 
 
 def _interrupt(*_) -> None:
@@ -314,8 +405,9 @@ def _base_model_dir() -> Path:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m stack_runner", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m stack_runner", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     commands = parser.add_subparsers(dest="command", required=True)
     start = commands.add_parser("up", help="start the stack (training first, unless --model-dir)")
     start.add_argument("--data", type=Path, default=SAMPLE_DATA, help="training data file (default: the sample)")

@@ -35,38 +35,49 @@ def _deploy_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--image", required=True, help="serving image URI (from push-images)")
     parser.add_argument("--model-data", required=True, help="s3:// URI of the first variant's model.tar.gz")
     parser.add_argument("--variant-name", default="tuned", help="name of the first variant (default tuned)")
-    parser.add_argument("--variant", metavar="NAME=MODEL_DATA",
-                        help="a second variant for an A/B test, e.g. base=s3://.../base/model.tar.gz")
+    parser.add_argument(
+        "--variant",
+        metavar="NAME=MODEL_DATA",
+        help="a second variant for an A/B test, e.g. base=s3://.../base/model.tar.gz",
+    )
     parser.add_argument("--weights", nargs="+", type=float, metavar="W", help="variant weights (default 1 or 50 50)")
     parser.add_argument("--role", help="SageMaker execution role ARN (default: SAGEMAKER_ROLE_ARN)")
     parser.add_argument("--instance-type", default="ml.g5.xlarge", help="default ml.g5.xlarge")
     parser.add_argument("--instance-count", type=int, default=1, help="initial instances per variant")
     parser.add_argument("--min-instances", type=int, default=1, help="autoscaling minimum per variant")
     parser.add_argument("--max-instances", type=int, default=2, help="autoscaling maximum per variant")
-    parser.add_argument("--invocations-per-instance", type=float, default=60.0,
-                        help="target-tracking target, invocations per instance per minute (default 60)")
+    parser.add_argument(
+        "--invocations-per-instance",
+        type=float,
+        default=60.0,
+        help="target-tracking target, invocations per instance per minute (default 60)",
+    )
     parser.add_argument("--env", action="append", metavar="KEY=VALUE", help="serving container env (repeatable)")
     parser.add_argument("--tag", action="append", metavar="KEY=VALUE", help="resource tag (repeatable)")
     parser.add_argument("--no-wait", action="store_true", help="return once the endpoint is being created")
-    parser.add_argument("--local", action="store_true",
-                        help="serve through the SDK's local mode on this machine (file:// model data)")
+    parser.add_argument(
+        "--local", action="store_true", help="serve through the SDK's local mode on this machine (file:// model data)"
+    )
     parser.add_argument("--port", type=int, default=8080, help="--local: loopback port (default 8080)")
     parser.add_argument("--ask", help="--local: send this question once the endpoint is up; print the answer")
-    parser.add_argument("--smoke-test", action="store_true",
-                        help="--local: ask one question, print the answer, stop the endpoint, exit")
+    parser.add_argument(
+        "--smoke-test", action="store_true", help="--local: ask one question, print the answer, stop the endpoint, exit"
+    )
     parser.add_argument("--health-check-timeout", type=int, default=600, help="--local: seconds to wait for /ping")
 
 
 def build_parser() -> argparse.ArgumentParser:
     from llmft_aws import data, ecr, evaluate, training
 
-    parser = argparse.ArgumentParser(prog="llmft-aws", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="llmft-aws", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def command(name: str, module, help_text: str) -> argparse.ArgumentParser:
-        sub = commands.add_parser(name, help=help_text, description=module.__doc__,
-                                  formatter_class=argparse.RawDescriptionHelpFormatter)
+        sub = commands.add_parser(
+            name, help=help_text, description=module.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        )
         _common(sub)
         return sub
 
@@ -103,11 +114,17 @@ def _deploy_spec(args, role: str):
     if len(weights) != len(models):
         raise UsageError(f"--weights has {len(weights)} values for {len(models)} variants")
     return DeploySpec(
-        endpoint=args.endpoint, image=args.image, role=role,
+        endpoint=args.endpoint,
+        image=args.image,
+        role=role,
         variants=tuple(Variant(n, uri, w) for (n, uri), w in zip(models, weights, strict=True)),
-        instance_type=args.instance_type, instance_count=args.instance_count, min_instances=args.min_instances,
-        max_instances=args.max_instances, invocations_per_instance=args.invocations_per_instance,
-        environment=parse_pairs(args.env, "--env"), tags=parse_pairs(args.tag, "--tag"),
+        instance_type=args.instance_type,
+        instance_count=args.instance_count,
+        min_instances=args.min_instances,
+        max_instances=args.max_instances,
+        invocations_per_instance=args.invocations_per_instance,
+        environment=parse_pairs(args.env, "--env"),
+        tags=parse_pairs(args.tag, "--tag"),
     )
 
 

@@ -71,8 +71,7 @@ def resolve(region: str | None = None, profile: str | None = None, dry_run: bool
         raise UsageError(f"AWS profile {profile!r} not found in your AWS config ({e})") from e
     if not region:
         raise UsageError(
-            "no AWS region: pass --region, or set AWS_REGION (or AWS_DEFAULT_REGION), or `region` in your AWS "
-            "profile"
+            "no AWS region: pass --region, or set AWS_REGION (or AWS_DEFAULT_REGION), or `region` in your AWS profile"
         )
     if not dry_run:
         try:

@@ -59,7 +59,7 @@ def _split_csv(raw: bytes, fraction: float, seed: int) -> Split:
     rows = list(csv.reader(io.StringIO(text)))
     rows = [r for r in rows if any(cell.strip() for cell in r)]
     header = rows[:1] if rows and {c.strip().lower() for c in rows[0]} & HEADER_WORDS else []
-    body = rows[len(header):]
+    body = rows[len(header) :]
     train_idx, val_idx = split_rows(len(body), fraction, seed)
 
     def encode(indices):
@@ -125,8 +125,13 @@ def put_if_changed(ctx: AwsContext, s3, bucket: str, key: str, body: bytes, **ex
     log(f"uploading s3://{bucket}/{key} ({len(body)} bytes)")
     # No ServerSideEncryption here: the bucket's default applies (SSE-KMS for data, SSE-S3 for the web bucket,
     # in infra/template.yaml), and S3 encrypts every new object at least with SSE-S3 anyway.
-    s3.put_object(Bucket=bucket, Key=key, Body=body if not ctx.dry_run else f"<{len(body)} bytes>",
-                  Metadata={MD5_METADATA: md5}, **extra)
+    s3.put_object(
+        Bucket=bucket,
+        Key=key,
+        Body=body if not ctx.dry_run else f"<{len(body)} bytes>",
+        Metadata={MD5_METADATA: md5},
+        **extra,
+    )
 
 
 def upload(ctx: AwsContext, data: Path, s3_uri: str, fraction: float, seed: int) -> dict[str, str]:
@@ -145,10 +150,14 @@ def upload(ctx: AwsContext, data: Path, s3_uri: str, fraction: float, seed: int)
 def add_arguments(parser) -> None:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--data", type=Path, help="local dataset: .csv (question,answer), .jsonl or .parquet")
-    source.add_argument("--faq", action="store_true",
-                        help="fetch the public Amazon SageMaker FAQ dataset (scripts/fetch_faq_dataset.py) and use it")
-    parser.add_argument("--s3-uri", required=True,
-                        help="S3 prefix; channels go to PREFIX/train/ and PREFIX/validation/")
+    source.add_argument(
+        "--faq",
+        action="store_true",
+        help="fetch the public Amazon SageMaker FAQ dataset (scripts/fetch_faq_dataset.py) and use it",
+    )
+    parser.add_argument(
+        "--s3-uri", required=True, help="S3 prefix; channels go to PREFIX/train/ and PREFIX/validation/"
+    )
     parser.add_argument("--validation-fraction", type=float, default=0.1, help="share of rows held out (default 0.1)")
     parser.add_argument("--seed", type=int, default=42, help="seed of the row shuffle (same seed, same split)")
 
@@ -160,8 +169,10 @@ def run(ctx: AwsContext, args) -> int:
 
         data = fetch_faq_dataset.REPO / "data" / fetch_faq_dataset.FILE_NAME
         if not data.exists() and ctx.dry_run:
-            print(f"[dry-run] download the FAQ dataset to {data} (scripts/fetch_faq_dataset.py), then split and "
-                  f"upload it under {args.s3_uri}/train/ and /validation/")
+            print(
+                f"[dry-run] download the FAQ dataset to {data} (scripts/fetch_faq_dataset.py), then split and "
+                f"upload it under {args.s3_uri}/train/ and /validation/"
+            )
             return 0
         if not data.exists() and fetch_faq_dataset.main(["--region", ctx.region, "--output", str(data)]) != 0:
             raise CommandError("could not fetch the FAQ dataset (see the messages above)")

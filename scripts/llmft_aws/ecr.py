@@ -28,8 +28,12 @@ LIFECYCLE_POLICY = {
         {
             "rulePriority": 1,
             "description": "expire untagged images after 7 days",
-            "selection": {"tagStatus": "untagged", "countType": "sinceImagePushed", "countUnit": "days",
-                          "countNumber": 7},
+            "selection": {
+                "tagStatus": "untagged",
+                "countType": "sinceImagePushed",
+                "countUnit": "days",
+                "countNumber": 7,
+            },
             "action": {"type": "expire"},
         },
         {
@@ -56,9 +60,13 @@ class LocalImage:
 def docker(*args: str, input_text: str | None = None, capture: bool = True) -> str:
     """Runs the docker CLI; a failure becomes CommandError with docker's own message."""
     try:
-        proc = subprocess.run(["docker", *args], input=input_text, text=True,
-                              stdout=subprocess.PIPE if capture else sys.stderr,
-                              stderr=subprocess.PIPE)
+        proc = subprocess.run(
+            ["docker", *args],
+            input=input_text,
+            text=True,
+            stdout=subprocess.PIPE if capture else sys.stderr,
+            stderr=subprocess.PIPE,
+        )
     except FileNotFoundError as e:
         raise CommandError("the docker CLI is not installed (needed to push images)") from e
     if proc.returncode != 0:
@@ -89,8 +97,7 @@ def ensure_repository(ctx: AwsContext, ecr, repository: str) -> None:
             exists = False
     if exists:
         log(f"repository {repository} exists")
-        ecr.put_image_scanning_configuration(repositoryName=repository,
-                                             imageScanningConfiguration={"scanOnPush": True})
+        ecr.put_image_scanning_configuration(repositoryName=repository, imageScanningConfiguration={"scanOnPush": True})
     else:
         log(f"creating repository {repository}")
         ecr.create_repository(
@@ -152,8 +159,10 @@ def push_images(ctx: AwsContext, names: list[str], local_tag: str, registry_over
 def add_arguments(parser) -> None:
     parser.add_argument("--images", nargs="+", choices=IMAGES, default=list(IMAGES), help="which images to push")
     parser.add_argument("--local-tag", default="local", help="tag of the locally built images (default: local)")
-    parser.add_argument("--registry", help="push to this registry host instead of the one ECR names "
-                                           "(a pull-through cache or a local test registry)")
+    parser.add_argument(
+        "--registry",
+        help="push to this registry host instead of the one ECR names (a pull-through cache or a local test registry)",
+    )
 
 
 def run(ctx: AwsContext, args) -> int:

@@ -124,8 +124,11 @@ def create_models(ctx: AwsContext, sm, spec: DeploySpec) -> None:
         sm.create_model(
             ModelName=name,
             ExecutionRoleArn=spec.role,
-            PrimaryContainer={"Image": spec.image, "ModelDataUrl": variant.model_data,
-                              "Environment": dict(spec.environment)},
+            PrimaryContainer={
+                "Image": spec.image,
+                "ModelDataUrl": variant.model_data,
+                "Environment": dict(spec.environment),
+            },
             Tags=_tags(spec),
         )
 
@@ -134,15 +137,17 @@ def production_variants(ctx: AwsContext, spec: DeploySpec) -> list[dict]:
     variants = []
     for variant in spec.variants:
         timeout = startup_timeout_s(model_size(ctx, variant.model_data))
-        variants.append({
-            "VariantName": variant.name,
-            "ModelName": spec.model_name(variant),
-            "InitialInstanceCount": spec.instance_count,
-            "InstanceType": spec.instance_type,
-            "InitialVariantWeight": variant.weight,
-            "ContainerStartupHealthCheckTimeoutInSeconds": timeout,
-            "ModelDataDownloadTimeoutInSeconds": timeout,
-        })
+        variants.append(
+            {
+                "VariantName": variant.name,
+                "ModelName": spec.model_name(variant),
+                "InitialInstanceCount": spec.instance_count,
+                "InstanceType": spec.instance_type,
+                "InitialVariantWeight": variant.weight,
+                "ContainerStartupHealthCheckTimeoutInSeconds": timeout,
+                "ModelDataDownloadTimeoutInSeconds": timeout,
+            }
+        )
     return variants
 
 
@@ -151,8 +156,9 @@ def deploy(ctx: AwsContext, spec: DeploySpec, wait: bool = True) -> str:
     create_models(ctx, sm, spec)
     if ctx.dry_run or not _exists(lambda: sm.describe_endpoint_config(EndpointConfigName=spec.config_name)):
         log(f"creating endpoint config {spec.config_name}")
-        sm.create_endpoint_config(EndpointConfigName=spec.config_name,
-                                  ProductionVariants=production_variants(ctx, spec), Tags=_tags(spec))
+        sm.create_endpoint_config(
+            EndpointConfigName=spec.config_name, ProductionVariants=production_variants(ctx, spec), Tags=_tags(spec)
+        )
     current = None if ctx.dry_run else _describe_endpoint(sm, spec.endpoint)
     if current is None:
         log(f"creating endpoint {spec.endpoint}")
@@ -196,15 +202,22 @@ def register_autoscaling(ctx: AwsContext, spec: DeploySpec) -> None:
     autoscaling = ctx.client("application-autoscaling")
     for variant in spec.variants:
         resource_id = f"endpoint/{spec.endpoint}/variant/{variant.name}"
-        log(f"autoscaling {resource_id}: {spec.min_instances}..{spec.max_instances} instances, "
-            f"target {spec.invocations_per_instance:g} invocations per instance per minute")
+        log(
+            f"autoscaling {resource_id}: {spec.min_instances}..{spec.max_instances} instances, "
+            f"target {spec.invocations_per_instance:g} invocations per instance per minute"
+        )
         autoscaling.register_scalable_target(
-            ServiceNamespace="sagemaker", ResourceId=resource_id, ScalableDimension=SCALABLE_DIMENSION,
-            MinCapacity=spec.min_instances, MaxCapacity=spec.max_instances,
+            ServiceNamespace="sagemaker",
+            ResourceId=resource_id,
+            ScalableDimension=SCALABLE_DIMENSION,
+            MinCapacity=spec.min_instances,
+            MaxCapacity=spec.max_instances,
         )
         autoscaling.put_scaling_policy(
             PolicyName=f"{spec.endpoint}-{variant.name}-invocations",
-            ServiceNamespace="sagemaker", ResourceId=resource_id, ScalableDimension=SCALABLE_DIMENSION,
+            ServiceNamespace="sagemaker",
+            ResourceId=resource_id,
+            ScalableDimension=SCALABLE_DIMENSION,
             PolicyType="TargetTrackingScaling",
             TargetTrackingScalingPolicyConfiguration={
                 "TargetValue": spec.invocations_per_instance,
@@ -222,7 +235,8 @@ def _deregister_autoscaling(ctx: AwsContext, endpoint: str, variant_names: list[
         resource_id = f"endpoint/{endpoint}/variant/{name}"
         try:
             autoscaling.deregister_scalable_target(
-                ServiceNamespace="sagemaker", ResourceId=resource_id, ScalableDimension=SCALABLE_DIMENSION)
+                ServiceNamespace="sagemaker", ResourceId=resource_id, ScalableDimension=SCALABLE_DIMENSION
+            )
             log(f"removed autoscaling of {resource_id}")
         except Exception as e:
             if "ObjectNotFound" not in str(e) and "not found" not in str(e).lower():
@@ -262,8 +276,13 @@ def delete(ctx: AwsContext, endpoint: str) -> list[str]:
         sm.delete_endpoint(EndpointName=endpoint)
         deleted.append(f"endpoint/{endpoint}")
     for kind, lister, key, deleter, arg in (
-        ("endpoint-config", sm.list_endpoint_configs, "EndpointConfigs", sm.delete_endpoint_config,
-         "EndpointConfigName"),
+        (
+            "endpoint-config",
+            sm.list_endpoint_configs,
+            "EndpointConfigs",
+            sm.delete_endpoint_config,
+            "EndpointConfigName",
+        ),
         ("model", sm.list_models, "Models", sm.delete_model, "ModelName"),
     ):
         for name in [] if ctx.dry_run else _tagged(sm, lister, key, arg, endpoint):

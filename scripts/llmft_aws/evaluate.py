@@ -82,12 +82,16 @@ def answer_text(body: bytes) -> str:
 def ask_variant(runtime, endpoint: str, variant: str, questions: list[str], max_new_tokens: int) -> VariantResult:
     result = VariantResult(variant)
     for number, question in enumerate(questions, 1):
-        body = json.dumps({"inputs": question, "parameters": {"max_new_tokens": max_new_tokens,
-                                                              "do_sample": False}})
+        body = json.dumps({"inputs": question, "parameters": {"max_new_tokens": max_new_tokens, "do_sample": False}})
         t0 = time.perf_counter()
         try:
-            response = runtime.invoke_endpoint(EndpointName=endpoint, TargetVariant=variant, Body=body,
-                                               ContentType="application/json", Accept="application/json")
+            response = runtime.invoke_endpoint(
+                EndpointName=endpoint,
+                TargetVariant=variant,
+                Body=body,
+                ContentType="application/json",
+                Accept="application/json",
+            )
             raw = response["Body"].read()
             elapsed = time.perf_counter() - t0
             invoked = response.get("InvokedProductionVariant")
@@ -105,8 +109,9 @@ def ask_variant(runtime, endpoint: str, variant: str, questions: list[str], max_
     return result
 
 
-def evaluate(runtime, endpoint: str, variants: list[str], pairs: list[tuple[str, str]],
-             max_new_tokens: int) -> list[VariantResult]:
+def evaluate(
+    runtime, endpoint: str, variants: list[str], pairs: list[tuple[str, str]], max_new_tokens: int
+) -> list[VariantResult]:
     # The A/B scores must be the very numbers the training job reports, so the scoring code is the training
     # image's own module, not a copy: its source folder goes on the path (scoring imports no torch).
     from trainer.evaluation import latency_summary, score_answers
@@ -147,8 +152,9 @@ def write_chart(results: list[VariantResult], path: Path) -> None:
     plt.close(fig)
 
 
-def write_report(results: list[VariantResult], endpoint: str, data: Path, out_dir: Path,
-                 pairs: list[tuple[str, str]]) -> Path:
+def write_report(
+    results: list[VariantResult], endpoint: str, data: Path, out_dir: Path, pairs: list[tuple[str, str]]
+) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     write_chart(results, out_dir / "scores.png")
     lines = [
@@ -163,9 +169,11 @@ def write_report(results: list[VariantResult], endpoint: str, data: Path, out_di
     ]
     for r in results:
         lat = r.latency
-        lines.append(f"| {r.variant} | {r.scores['rouge_l']:.3f} | {r.scores['exact_match']:.3f} | "
-                     f"{lat.get('p50_ms', float('nan')):.0f} | {lat.get('p90_ms', float('nan')):.0f} | "
-                     f"{lat.get('p99_ms', float('nan')):.0f} | {len(r.errors)} |")
+        lines.append(
+            f"| {r.variant} | {r.scores['rouge_l']:.3f} | {r.scores['exact_match']:.3f} | "
+            f"{lat.get('p50_ms', float('nan')):.0f} | {lat.get('p90_ms', float('nan')):.0f} | "
+            f"{lat.get('p99_ms', float('nan')):.0f} | {len(r.errors)} |"
+        )
     best = max(results, key=lambda r: (r.scores["rouge_l"], r.scores["exact_match"]))
     lines += ["", f"Highest ROUGE-L: **{best.variant}**.", "", "![scores](scores.png)", ""]
     if any(r.errors for r in results):
@@ -173,19 +181,32 @@ def write_report(results: list[VariantResult], endpoint: str, data: Path, out_di
         for r in results:
             lines += [f"- {r.variant}: {e}" for e in r.errors[:20]]
         lines.append("")
-    lines += ["## Sample answers", "", "| question | reference | " + " | ".join(r.variant for r in results) + " |",
-              "|---|---|" + "---|" * len(results)]
+    lines += [
+        "## Sample answers",
+        "",
+        "| question | reference | " + " | ".join(r.variant for r in results) + " |",
+        "|---|---|" + "---|" * len(results),
+    ]
     for i, (q, a) in enumerate(pairs[:5]):
         cells = [q, a, *(r.answers[i] for r in results)]
         lines.append("| " + " | ".join(c.replace("|", "\\|").replace("\n", " ")[:160] for c in cells) + " |")
     report = out_dir / "report.md"
     report.write_text("\n".join(lines) + "\n")
-    (out_dir / "results.json").write_text(json.dumps({
-        "endpoint": endpoint, "data": str(data), "questions": [q for q, _ in pairs],
-        "references": [a for _, a in pairs],
-        "variants": {r.variant: {"scores": r.scores, "latency": r.latency, "errors": r.errors, "answers": r.answers}
-                     for r in results},
-    }, indent=2))
+    (out_dir / "results.json").write_text(
+        json.dumps(
+            {
+                "endpoint": endpoint,
+                "data": str(data),
+                "questions": [q for q, _ in pairs],
+                "references": [a for _, a in pairs],
+                "variants": {
+                    r.variant: {"scores": r.scores, "latency": r.latency, "errors": r.errors, "answers": r.answers}
+                    for r in results
+                },
+            },
+            indent=2,
+        )
+    )
     return report
 
 
@@ -203,8 +224,12 @@ def add_arguments(parser) -> None:
     parser.add_argument("--variants", nargs="+", help="variants to compare (default: all of the endpoint's)")
     parser.add_argument("--max-samples", type=int, default=50, help="questions to send (default 50)")
     parser.add_argument("--max-new-tokens", type=int, default=128, help="answer length cap (default 128)")
-    parser.add_argument("--report", type=Path, default=Path("runs/ab-report"),
-                        help="output folder (default runs/ab-report, which git ignores)")
+    parser.add_argument(
+        "--report",
+        type=Path,
+        default=Path("runs/ab-report"),
+        help="output folder (default runs/ab-report, which git ignores)",
+    )
 
 
 def run(ctx: AwsContext, args) -> int:
@@ -214,19 +239,24 @@ def run(ctx: AwsContext, args) -> int:
     if ctx.dry_run:
         variants = args.variants or ["<each variant of the endpoint>"]
         for v in variants:
-            print(f"[dry-run] {len(pairs)} x sagemaker-runtime.invoke_endpoint EndpointName={args.endpoint} "
-                  f"TargetVariant={v}")
+            print(
+                f"[dry-run] {len(pairs)} x sagemaker-runtime.invoke_endpoint EndpointName={args.endpoint} "
+                f"TargetVariant={v}"
+            )
         return 0
     variants = args.variants or variants_of(ctx, args.endpoint)
     from botocore.config import Config
 
     # One attempt per question: a retried answer would hide errors and skew latency.
-    runtime = ctx.client("sagemaker-runtime", config=Config(retries={"max_attempts": 1, "mode": "standard"},
-                                                            read_timeout=120))
+    runtime = ctx.client(
+        "sagemaker-runtime", config=Config(retries={"max_attempts": 1, "mode": "standard"}, read_timeout=120)
+    )
     results = evaluate(runtime, args.endpoint, variants, pairs, args.max_new_tokens)
     report = write_report(results, args.endpoint, args.data, args.report, pairs)
     for r in results:
-        log(f"{r.variant}: ROUGE-L {r.scores['rouge_l']:.3f}, exact match {r.scores['exact_match']:.3f}, "
-            f"p50 {r.latency.get('p50_ms', float('nan')):.0f} ms, {len(r.errors)} errors")
+        log(
+            f"{r.variant}: ROUGE-L {r.scores['rouge_l']:.3f}, exact match {r.scores['exact_match']:.3f}, "
+            f"p50 {r.latency.get('p50_ms', float('nan')):.0f} ms, {len(r.errors)} errors"
+        )
     print(report)
     return 1 if all(len(r.errors) == len(pairs) for r in results) else 0

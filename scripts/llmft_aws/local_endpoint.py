@@ -42,8 +42,10 @@ class LocalEndpoint:
         try:
             from sagemaker.core.local.local_session import LocalSession
         except ImportError as e:
-            raise UsageError("the sagemaker SDK is not installed here: run the command through scripts/llmft-aws, "
-                             "whose venv has it (scripts/requirements.txt)") from e
+            raise UsageError(
+                "the sagemaker SDK is not installed here: run the command through scripts/llmft-aws, "
+                "whose venv has it (scripts/requirements.txt)"
+            ) from e
 
         self.container_root.mkdir(parents=True, exist_ok=True)
         # Region only: the local session sends nothing to AWS for an image that is not in ECR.
@@ -56,12 +58,26 @@ class LocalEndpoint:
         local_config["health_check_timeout"] = self.health_check_timeout_s
         sm = self.session.sagemaker_client
         model_name = self.spec.model_name(self.variant)
-        sm.create_model(ModelName=model_name, PrimaryContainer={
-            "Image": self.spec.image, "ModelDataUrl": self.variant.model_data,
-            "Environment": dict(self.spec.environment)})
-        sm.create_endpoint_config(EndpointConfigName=self.spec.config_name, ProductionVariants=[{
-            "VariantName": self.variant.name, "ModelName": model_name, "InitialInstanceCount": 1,
-            "InstanceType": "local", "InitialVariantWeight": 1}])
+        sm.create_model(
+            ModelName=model_name,
+            PrimaryContainer={
+                "Image": self.spec.image,
+                "ModelDataUrl": self.variant.model_data,
+                "Environment": dict(self.spec.environment),
+            },
+        )
+        sm.create_endpoint_config(
+            EndpointConfigName=self.spec.config_name,
+            ProductionVariants=[
+                {
+                    "VariantName": self.variant.name,
+                    "ModelName": model_name,
+                    "InitialInstanceCount": 1,
+                    "InstanceType": "local",
+                    "InitialVariantWeight": 1,
+                }
+            ],
+        )
         log(f"starting local endpoint {self.spec.endpoint} ({self.spec.image}) on 127.0.0.1:{self.port}")
         try:
             sm.create_endpoint(EndpointName=self.spec.endpoint, EndpointConfigName=self.spec.config_name)
@@ -72,8 +88,11 @@ class LocalEndpoint:
 
     def ask(self, question: str, max_new_tokens: int = 32) -> str:
         response = self.session.sagemaker_runtime_client.invoke_endpoint(
-            EndpointName=self.spec.endpoint, ContentType="application/json", Accept="application/json",
-            Body=json.dumps({"inputs": question, "parameters": {"max_new_tokens": max_new_tokens}}))
+            EndpointName=self.spec.endpoint,
+            ContentType="application/json",
+            Accept="application/json",
+            Body=json.dumps({"inputs": question, "parameters": {"max_new_tokens": max_new_tokens}}),
+        )
         body = response["Body"].read()
         status = response["ResponseMetadata"]["HTTPStatusCode"]
         if status != 200:
@@ -93,7 +112,6 @@ class LocalEndpoint:
             sm.delete_model(ModelName=self.spec.model_name(self.variant))
             log(f"local endpoint {self.spec.endpoint} stopped")
 
-
     def _compose_project(self) -> str | None:
         """The compose project the SDK started the container in (its temporary folder's name)."""
         local = self.session.sagemaker_client._endpoints.get(self.spec.endpoint)  # the SDK keeps no public handle
@@ -104,8 +122,12 @@ class LocalEndpoint:
 
 def _remove_compose_project(project: str) -> None:
     """The SDK stops the compose process but leaves the exited container behind; remove it."""
-    ids = subprocess.run(["docker", "ps", "-aq", "--filter", f"label=com.docker.compose.project={project}"],
-                         capture_output=True, text=True, timeout=60).stdout.split()
+    ids = subprocess.run(
+        ["docker", "ps", "-aq", "--filter", f"label=com.docker.compose.project={project}"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    ).stdout.split()
     if ids:
         subprocess.run(["docker", "rm", "-f", *ids], capture_output=True, timeout=120)
 

@@ -68,8 +68,11 @@ class TrainSpec:
             return
         if not self.instance_type.startswith("ml."):
             raise UsageError(f"--instance-type {self.instance_type!r} is not a SageMaker instance type (ml.*)")
-        for name, uri in [*self.channels.items(), ("output", self.output),
-                          ("checkpoint", self.checkpoint_s3_uri or "s3://")]:
+        for name, uri in [
+            *self.channels.items(),
+            ("output", self.output),
+            ("checkpoint", self.checkpoint_s3_uri or "s3://"),
+        ]:
             if not uri.startswith("s3://"):
                 raise UsageError(f"{name}: {uri!r} must be an s3:// URI")
         if self.spot:
@@ -97,8 +100,10 @@ def build_trainer(spec: TrainSpec, boto_session=None):
     try:
         from sagemaker.core.helper.session_helper import Session
     except ImportError as e:
-        raise UsageError("the sagemaker SDK is not installed here: run the command through scripts/llmft-aws, "
-                         "whose venv has it (scripts/requirements.txt)") from e
+        raise UsageError(
+            "the sagemaker SDK is not installed here: run the command through scripts/llmft-aws, "
+            "whose venv has it (scripts/requirements.txt)"
+        ) from e
     from sagemaker.core.shapes import MetricDefinition
     from sagemaker.train import ModelTrainer
     from sagemaker.train.configs import (
@@ -119,8 +124,9 @@ def build_trainer(spec: TrainSpec, boto_session=None):
         session = Session(boto_session=boto_session, sagemaker_config=TELEMETRY_OFF)
     stopping = StoppingCondition(max_runtime_in_seconds=spec.max_run_s)
     if spec.spot:
-        stopping = StoppingCondition(max_runtime_in_seconds=spec.max_run_s,
-                                     max_wait_time_in_seconds=spec.max_wait_s or 2 * spec.max_run_s)
+        stopping = StoppingCondition(
+            max_runtime_in_seconds=spec.max_run_s, max_wait_time_in_seconds=spec.max_wait_s or 2 * spec.max_run_s
+        )
     local_root = Path(spec.output.removeprefix("file://")) / spec.name if spec.local else None
     trainer = ModelTrainer(
         training_image=spec.image,
@@ -128,23 +134,30 @@ def build_trainer(spec: TrainSpec, boto_session=None):
         sagemaker_session=session,
         role=spec.role,
         base_job_name=spec.job_name,
-        compute=Compute(instance_type=spec.instance_type, instance_count=spec.instance_count,
-                        volume_size_in_gb=spec.volume_gb, enable_managed_spot_training=spec.spot or None),
+        compute=Compute(
+            instance_type=spec.instance_type,
+            instance_count=spec.instance_count,
+            volume_size_in_gb=spec.volume_gb,
+            enable_managed_spot_training=spec.spot or None,
+        ),
         stopping_condition=stopping,
         hyperparameters=dict(spec.hyperparameters),
-        input_data_config=[InputData(channel_name=name, data_source=uri.removeprefix("file://"))
-                           for name, uri in spec.channels.items()],
+        input_data_config=[
+            InputData(channel_name=name, data_source=uri.removeprefix("file://")) for name, uri in spec.channels.items()
+        ],
         output_data_config=OutputDataConfig(s3_output_path=spec.output),
         tags=[Tag(key=k, value=v) for k, v in spec.tags.items()] or None,
         **({"local_container_root": str(local_root)} if local_root else {}),
     )
     if spec.checkpoint_s3_uri:
         # The trainer saves to /opt/ml/checkpoints and resumes from it; SageMaker syncs it with S3.
-        trainer = trainer.with_checkpoint_config(CheckpointConfig(s3_uri=spec.checkpoint_s3_uri,
-                                                                  local_path="/opt/ml/checkpoints"))
+        trainer = trainer.with_checkpoint_config(
+            CheckpointConfig(s3_uri=spec.checkpoint_s3_uri, local_path="/opt/ml/checkpoints")
+        )
     if not spec.local:
         trainer = trainer.with_metric_definitions(
-            [MetricDefinition(name=m["Name"], regex=m["Regex"]) for m in metric_definitions()])
+            [MetricDefinition(name=m["Name"], regex=m["Regex"]) for m in metric_definitions()]
+        )
     return trainer
 
 
@@ -155,18 +168,32 @@ def dry_run_request(spec: TrainSpec) -> dict:
         stopping["MaxWaitTimeInSeconds"] = spec.max_wait_s or 2 * spec.max_run_s
     request = {
         "TrainingJobName": spec.name,
-        "AlgorithmSpecification": {"TrainingImage": spec.image, "TrainingInputMode": "File",
-                                   "MetricDefinitions": metric_definitions()},
+        "AlgorithmSpecification": {
+            "TrainingImage": spec.image,
+            "TrainingInputMode": "File",
+            "MetricDefinitions": metric_definitions(),
+        },
         "RoleArn": spec.role,
         "HyperParameters": dict(spec.hyperparameters),
         "InputDataConfig": [
-            {"ChannelName": name, "DataSource": {"S3DataSource": {
-                "S3DataType": "S3Prefix", "S3Uri": uri, "S3DataDistributionType": "FullyReplicated"}}}
+            {
+                "ChannelName": name,
+                "DataSource": {
+                    "S3DataSource": {
+                        "S3DataType": "S3Prefix",
+                        "S3Uri": uri,
+                        "S3DataDistributionType": "FullyReplicated",
+                    }
+                },
+            }
             for name, uri in spec.channels.items()
         ],
         "OutputDataConfig": {"S3OutputPath": spec.output},
-        "ResourceConfig": {"InstanceType": spec.instance_type, "InstanceCount": spec.instance_count,
-                           "VolumeSizeInGB": spec.volume_gb},
+        "ResourceConfig": {
+            "InstanceType": spec.instance_type,
+            "InstanceCount": spec.instance_count,
+            "VolumeSizeInGB": spec.volume_gb,
+        },
         "StoppingCondition": stopping,
         "EnableManagedSpotTraining": spec.spot,
         "Tags": [{"Key": k, "Value": v} for k, v in spec.tags.items()],
@@ -182,8 +209,10 @@ def train(ctx: AwsContext | None, spec: TrainSpec) -> str:
         print("[dry-run] sagemaker.create_training_job " + json.dumps(dry_run_request(spec), indent=2))
         return f"{spec.output.rstrip('/')}/{spec.name}/output/model.tar.gz"
     trainer = build_trainer(spec, boto_session=ctx.session if ctx else None)
-    log(f"starting training job {spec.job_name}-<timestamp> on {spec.instance_count} x {spec.instance_type} "
-        f"({spec.image})")
+    log(
+        f"starting training job {spec.job_name}-<timestamp> on {spec.instance_count} x {spec.instance_type} "
+        f"({spec.image})"
+    )
     try:
         # The SDK streams the job's log to stdout; stderr keeps stdout for the one result line.
         with contextlib.redirect_stdout(sys.stderr):
@@ -203,8 +232,10 @@ def train(ctx: AwsContext | None, spec: TrainSpec) -> str:
     job = trainer._latest_training_job  # the SDK keeps no public handle on the job it started
     job.refresh()
     if job.training_job_status != "Completed":
-        raise CommandError(f"training job {job.training_job_name} ended {job.training_job_status}: "
-                           f"{getattr(job, 'failure_reason', '')}")
+        raise CommandError(
+            f"training job {job.training_job_name} ended {job.training_job_status}: "
+            f"{getattr(job, 'failure_reason', '')}"
+        )
     return job.model_artifacts.s3_model_artifacts
 
 
@@ -218,8 +249,9 @@ def _remove_local_containers(root: Path) -> None:
     """The SDK leaves the job's exited containers behind; its compose file names them, so compose removes them."""
     compose_file = root / "docker-compose.yaml"
     if compose_file.exists():
-        subprocess.run(["docker", "compose", "-f", str(compose_file), "rm", "--force", "--stop"],
-                       capture_output=True, timeout=120)
+        subprocess.run(
+            ["docker", "compose", "-f", str(compose_file), "rm", "--force", "--stop"], capture_output=True, timeout=120
+        )
 
 
 def parse_pairs(pairs: list[str] | None, what: str) -> dict[str, str]:
@@ -233,8 +265,9 @@ def parse_pairs(pairs: list[str] | None, what: str) -> dict[str, str]:
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--image", required=True,
-                        help="training image URI (from push-images; with --local a local tag)")
+    parser.add_argument(
+        "--image", required=True, help="training image URI (from push-images; with --local a local tag)"
+    )
     parser.add_argument("--role", help="SageMaker execution role ARN (default: SAGEMAKER_ROLE_ARN)")
     parser.add_argument("--train", required=True, help="train channel: s3:// prefix (with --local: a directory)")
     parser.add_argument("--validation", help="validation channel (optional)")
@@ -242,16 +275,23 @@ def add_arguments(parser) -> None:
     parser.add_argument("--output", required=True, help="s3:// prefix for job output (with --local: file://DIR)")
     parser.add_argument("--instance-type", help="ml.* instance type (default ml.g5.2xlarge; --local: local_cpu)")
     parser.add_argument("--instance-count", type=int, default=1, help="instances (more than 1: multi-node)")
-    parser.add_argument("--hyperparameter", "-H", action="append", metavar="KEY=VALUE",
-                        help="repeatable; see containers/train/src/trainer/config.py for the names")
+    parser.add_argument(
+        "--hyperparameter",
+        "-H",
+        action="append",
+        metavar="KEY=VALUE",
+        help="repeatable; see containers/train/src/trainer/config.py for the names",
+    )
     parser.add_argument("--checkpoint", help="s3:// URI that /opt/ml/checkpoints syncs with (resume, spot)")
     parser.add_argument("--spot", action="store_true", help="managed spot training (up to ~70%% cheaper)")
     parser.add_argument("--max-run", type=int, default=24 * 3600, help="max training seconds (default 1 day)")
-    parser.add_argument("--max-wait", type=int, help="with --spot: max seconds incl. waiting for capacity "
-                                                     "(default 2 x --max-run)")
+    parser.add_argument(
+        "--max-wait", type=int, help="with --spot: max seconds incl. waiting for capacity (default 2 x --max-run)"
+    )
     parser.add_argument("--volume-gb", type=int, default=100, help="EBS volume per instance (default 100)")
-    parser.add_argument("--job-name", default="llmft",
-                        help="job name prefix; the SDK appends a timestamp (default llmft)")
+    parser.add_argument(
+        "--job-name", default="llmft", help="job name prefix; the SDK appends a timestamp (default llmft)"
+    )
     parser.add_argument("--tag", action="append", metavar="KEY=VALUE", help="repeatable resource tag")
     parser.add_argument("--local", action="store_true", help="run through the SDK's local mode on this machine")
 
@@ -263,9 +303,19 @@ def spec_from_args(args, role: str) -> TrainSpec:
     if args.model_channel:
         channels["model"] = args.model_channel
     return TrainSpec(
-        image=args.image, role=role, channels=channels, output=args.output,
+        image=args.image,
+        role=role,
+        channels=channels,
+        output=args.output,
         instance_type=args.instance_type or ("local_cpu" if args.local else "ml.g5.2xlarge"),
-        instance_count=args.instance_count, hyperparameters=parse_pairs(args.hyperparameter, "--hyperparameter"),
-        checkpoint_s3_uri=args.checkpoint, spot=args.spot, max_run_s=args.max_run, max_wait_s=args.max_wait,
-        volume_gb=args.volume_gb, job_name=args.job_name, tags=parse_pairs(args.tag, "--tag"), local=args.local,
+        instance_count=args.instance_count,
+        hyperparameters=parse_pairs(args.hyperparameter, "--hyperparameter"),
+        checkpoint_s3_uri=args.checkpoint,
+        spot=args.spot,
+        max_run_s=args.max_run,
+        max_wait_s=args.max_wait,
+        volume_gb=args.volume_gb,
+        job_name=args.job_name,
+        tags=parse_pairs(args.tag, "--tag"),
+        local=args.local,
     )

@@ -20,20 +20,32 @@ from llmft_aws.data import put_if_changed
 
 REPO = Path(__file__).resolve().parents[2]
 WEB_DIR = REPO / "web"
-CONTENT_TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; charset=utf-8",
-                 ".css": "text/css; charset=utf-8", ".svg": "image/svg+xml", ".png": "image/png",
-                 ".ico": "image/x-icon", ".json": "application/json"}
+CONTENT_TYPES = {
+    ".html": "text/html; charset=utf-8",
+    ".js": "text/javascript; charset=utf-8",
+    ".css": "text/css; charset=utf-8",
+    ".svg": "image/svg+xml",
+    ".png": "image/png",
+    ".ico": "image/x-icon",
+    ".json": "application/json",
+}
 
 
 def config_js(api_base_url: str) -> bytes:
-    return ("// Written by `scripts/llmft-aws publish-web` from the stack's outputs.\n"
-            f"window.QA_CONFIG = {{\n  apiBaseUrl: {json.dumps(api_base_url)},\n}};\n").encode()
+    return (
+        "// Written by `scripts/llmft-aws publish-web` from the stack's outputs.\n"
+        f"window.QA_CONFIG = {{\n  apiBaseUrl: {json.dumps(api_base_url)},\n}};\n"
+    ).encode()
 
 
 def stack_outputs(ctx: AwsContext, stack: str) -> dict[str, str]:
     if ctx.dry_run:
-        return {"WebBucketName": f"<{stack} WebBucketName>", "DistributionId": f"<{stack} DistributionId>",
-                "ApiBaseUrl": "/api", "WebUrl": f"<{stack} WebUrl>"}
+        return {
+            "WebBucketName": f"<{stack} WebBucketName>",
+            "DistributionId": f"<{stack} DistributionId>",
+            "ApiBaseUrl": "/api",
+            "WebUrl": f"<{stack} WebUrl>",
+        }
     cfn = ctx.client("cloudformation")
     try:
         described = cfn.describe_stacks(StackName=stack)["Stacks"][0]
@@ -49,13 +61,19 @@ def publish(ctx: AwsContext, bucket: str, distribution_id: str | None, api_base_
     s3 = ctx.client("s3")
     for path in files:
         body = config_js(api_base_url) if path.name == "config.js" else path.read_bytes()
-        content_type = (CONTENT_TYPES.get(path.suffix) or mimetypes.guess_type(path.name)[0]
-                        or "application/octet-stream")
+        content_type = (
+            CONTENT_TYPES.get(path.suffix) or mimetypes.guess_type(path.name)[0] or "application/octet-stream"
+        )
         put_if_changed(ctx, s3, bucket, path.name, body, ContentType=content_type, CacheControl="no-cache")
     if distribution_id:
         log(f"invalidating CloudFront distribution {distribution_id}")
-        ctx.client("cloudfront").create_invalidation(DistributionId=distribution_id, InvalidationBatch={
-            "Paths": {"Quantity": 1, "Items": ["/*"]}, "CallerReference": f"llmft-{_files_digest(files)}"})
+        ctx.client("cloudfront").create_invalidation(
+            DistributionId=distribution_id,
+            InvalidationBatch={
+                "Paths": {"Quantity": 1, "Items": ["/*"]},
+                "CallerReference": f"llmft-{_files_digest(files)}",
+            },
+        )
     return len(files)
 
 

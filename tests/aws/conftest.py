@@ -82,8 +82,9 @@ def run_cli(cli_venv):
     """Runs `scripts/llmft-aws ARGS` with a clean fake-AWS env; returns the CompletedProcess."""
 
     def run(*args: str, env: dict[str, str] | None = None, timeout: float = 300, cwd: Path = REPO):
-        return subprocess.run([str(CLI), *args], capture_output=True, text=True, timeout=timeout, cwd=cwd,
-                              env=clean_env(**(env or {})))
+        return subprocess.run(
+            [str(CLI), *args], capture_output=True, text=True, timeout=timeout, cwd=cwd, env=clean_env(**(env or {}))
+        )
 
     return run
 
@@ -114,8 +115,13 @@ class Servers:
 
     def start(self, name: str, args: list[str], ready_url: str, env: dict | None = None) -> subprocess.Popen:
         log = self.log_dir / f"{name}.log"
-        proc = subprocess.Popen(args, stdout=log.open("wb"), stderr=subprocess.STDOUT,
-                                env={**os.environ, **(env or {})}, start_new_session=True)
+        proc = subprocess.Popen(
+            args,
+            stdout=log.open("wb"),
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **(env or {})},
+            start_new_session=True,
+        )
         self.procs.append(proc)
         wait_http(ready_url, proc, log)
         return proc
@@ -136,14 +142,23 @@ def moto(cli_venv, servers) -> types.SimpleNamespace:
     """moto in server mode on loopback: the ECR, S3, SageMaker and Application Auto Scaling APIs."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    servers.start("moto", [str(cli_venv / "bin" / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
-                  f"{url}/moto-api/", env=clean_env())
+    servers.start(
+        "moto",
+        [str(cli_venv / "bin" / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+        f"{url}/moto-api/",
+        env=clean_env(),
+    )
 
     def client(service: str):
         import boto3
 
-        return boto3.client(service, endpoint_url=url, region_name="us-east-1", aws_access_key_id="testing",
-                            aws_secret_access_key="testing")
+        return boto3.client(
+            service,
+            endpoint_url=url,
+            region_name="us-east-1",
+            aws_access_key_id="testing",
+            aws_secret_access_key="testing",
+        )
 
     return types.SimpleNamespace(url=url, client=client, env={"AWS_ENDPOINT_URL": url})
 

@@ -80,8 +80,9 @@ def test_train_and_deploy_need_a_role(cli, role, message):
     ],
 )
 def test_train_argument_errors(cli, args, message):
-    code, _, err = cli("train", "--role", ROLE, "--image", "img", "--train", "s3://b/t/", "--output", "s3://b/o/",
-                       *args)
+    code, _, err = cli(
+        "train", "--role", ROLE, "--image", "img", "--train", "s3://b/t/", "--output", "s3://b/o/", *args
+    )
     assert code == 2, err
     assert message in err
 
@@ -115,16 +116,40 @@ def test_deploy_argument_errors(cli, args, message):
 
 
 def test_deploy_dry_run_prints_two_variants_and_autoscaling(cli):
-    code, out, err = cli("deploy", "--dry-run", "--role", ROLE, "--endpoint", "faq-assistant", "--image",
-                         "123456789012.dkr.ecr.us-east-1.amazonaws.com/sagemaker-llm-finetune-serve:abc",
-                         "--model-data", "s3://b/tuned/model.tar.gz", "--variant", "base=s3://b/base/model.tar.gz",
-                         "--weights", "80", "20", "--max-instances", "4", "--invocations-per-instance", "30")
+    code, out, err = cli(
+        "deploy",
+        "--dry-run",
+        "--role",
+        ROLE,
+        "--endpoint",
+        "faq-assistant",
+        "--image",
+        "123456789012.dkr.ecr.us-east-1.amazonaws.com/sagemaker-llm-finetune-serve:abc",
+        "--model-data",
+        "s3://b/tuned/model.tar.gz",
+        "--variant",
+        "base=s3://b/base/model.tar.gz",
+        "--weights",
+        "80",
+        "20",
+        "--max-instances",
+        "4",
+        "--invocations-per-instance",
+        "30",
+    )
     assert code == 0, err
     calls = dry_run_calls(out)
     ops = [op for op, _ in calls]
-    assert ops == ["sagemaker.create_model", "sagemaker.create_model", "sagemaker.create_endpoint_config",
-                   "sagemaker.create_endpoint"] + ["application-autoscaling.register_scalable_target",
-                                                   "application-autoscaling.put_scaling_policy"] * 2
+    assert (
+        ops
+        == [
+            "sagemaker.create_model",
+            "sagemaker.create_model",
+            "sagemaker.create_endpoint_config",
+            "sagemaker.create_endpoint",
+        ]
+        + ["application-autoscaling.register_scalable_target", "application-autoscaling.put_scaling_policy"] * 2
+    )
     config = calls[2][1]
     variants = {v["VariantName"]: v for v in config["ProductionVariants"]}
     assert variants["tuned"]["InitialVariantWeight"] == 80 and variants["base"]["InitialVariantWeight"] == 20
@@ -138,10 +163,33 @@ def test_deploy_dry_run_prints_two_variants_and_autoscaling(cli):
 
 
 def test_train_dry_run_prints_the_create_training_job_request(cli):
-    code, out, err = cli("train", "--dry-run", "--role", ROLE, "--image", "img:1", "--train", "s3://b/d/train/",
-                         "--validation", "s3://b/d/validation/", "--output", "s3://b/jobs/", "--instance-count", "2",
-                         "--spot", "--max-run", "3600", "--checkpoint", "s3://b/ckpt/", "-H", "max_steps=10",
-                         "--tag", "team=ml", "--job-name", "faq-1")
+    code, out, err = cli(
+        "train",
+        "--dry-run",
+        "--role",
+        ROLE,
+        "--image",
+        "img:1",
+        "--train",
+        "s3://b/d/train/",
+        "--validation",
+        "s3://b/d/validation/",
+        "--output",
+        "s3://b/jobs/",
+        "--instance-count",
+        "2",
+        "--spot",
+        "--max-run",
+        "3600",
+        "--checkpoint",
+        "s3://b/ckpt/",
+        "-H",
+        "max_steps=10",
+        "--tag",
+        "team=ml",
+        "--job-name",
+        "faq-1",
+    )
     assert code == 0, err
     request = json.loads(out.split("sagemaker.create_training_job ", 1)[1].rsplit("\n", 2)[0])
     metrics = json.loads((REPO / "containers/train/metric_definitions.json").read_text())
@@ -201,36 +249,70 @@ def test_deploy_over_a_running_endpoint_swaps_to_a_new_config_in_place(fake_aws,
     session = boto3.Session(region_name="us-east-1")
     clients = {name: session.client(name) for name in ("sagemaker", "application-autoscaling", "s3", "sts")}
     monkeypatch.setattr(context.AwsContext, "client", lambda self, service, **kw: clients[service])
-    spec = endpoint.DeploySpec(endpoint="faq", image="img", role=ROLE,
-                               variants=(endpoint.Variant("tuned", "s3://b/v2/model.tar.gz", 1.0),))
+    spec = endpoint.DeploySpec(
+        endpoint="faq", image="img", role=ROLE, variants=(endpoint.Variant("tuned", "s3://b/v2/model.tar.gz", 1.0),)
+    )
     not_found = {"service_error_code": "ValidationException", "service_message": "Could not find model"}
-    running = {"EndpointName": "faq", "EndpointArn": "arn:aws:sagemaker:us-east-1:123456789012:endpoint/faq",
-               "EndpointConfigName": "faq-old", "EndpointStatus": "InService",
-               "CreationTime": "2026-01-01T00:00:00Z", "LastModifiedTime": "2026-01-01T00:00:00Z",
-               "ProductionVariants": [{"VariantName": "tuned"}]}
-    with (Stubber(clients["sagemaker"]) as sm, Stubber(clients["application-autoscaling"]) as scaling,
-          Stubber(clients["s3"]) as s3, Stubber(clients["sts"]) as sts):
+    running = {
+        "EndpointName": "faq",
+        "EndpointArn": "arn:aws:sagemaker:us-east-1:123456789012:endpoint/faq",
+        "EndpointConfigName": "faq-old",
+        "EndpointStatus": "InService",
+        "CreationTime": "2026-01-01T00:00:00Z",
+        "LastModifiedTime": "2026-01-01T00:00:00Z",
+        "ProductionVariants": [{"VariantName": "tuned"}],
+    }
+    with (
+        Stubber(clients["sagemaker"]) as sm,
+        Stubber(clients["application-autoscaling"]) as scaling,
+        Stubber(clients["s3"]) as s3,
+        Stubber(clients["sts"]) as sts,
+    ):
         sm.add_client_error("describe_model", **not_found)
         sm.add_response("create_model", {"ModelArn": "arn:aws:sagemaker:us-east-1:123456789012:model/m"})
-        sm.add_client_error("describe_endpoint_config", service_error_code="ValidationException",
-                            service_message="Could not find endpoint configuration")
+        sm.add_client_error(
+            "describe_endpoint_config",
+            service_error_code="ValidationException",
+            service_message="Could not find endpoint configuration",
+        )
         s3.add_response("head_object", {"ContentLength": 5_000_000_000}, {"Bucket": "b", "Key": "v2/model.tar.gz"})
-        sm.add_response("create_endpoint_config", {"EndpointConfigArn": "arn:aws:sagemaker:us-east-1:1:ec/x"}, {
-            "EndpointConfigName": spec.config_name, "Tags": ANY, "ProductionVariants": [{
-                "VariantName": "tuned", "ModelName": spec.model_name(spec.variants[0]), "InitialInstanceCount": 1,
-                "InstanceType": "ml.g5.xlarge", "InitialVariantWeight": 1.0,
-                # 5 GB of model.tar.gz: 600 s + 5 x 300 s to download, unpack and load before /ping must answer
-                "ContainerStartupHealthCheckTimeoutInSeconds": 2100, "ModelDataDownloadTimeoutInSeconds": 2100}]})
+        sm.add_response(
+            "create_endpoint_config",
+            {"EndpointConfigArn": "arn:aws:sagemaker:us-east-1:1:ec/x"},
+            {
+                "EndpointConfigName": spec.config_name,
+                "Tags": ANY,
+                "ProductionVariants": [
+                    {
+                        "VariantName": "tuned",
+                        "ModelName": spec.model_name(spec.variants[0]),
+                        "InitialInstanceCount": 1,
+                        "InstanceType": "ml.g5.xlarge",
+                        "InitialVariantWeight": 1.0,
+                        # 5 GB of model.tar.gz: 600 s + 5 x 300 s to download, unpack and load before /ping must answer
+                        "ContainerStartupHealthCheckTimeoutInSeconds": 2100,
+                        "ModelDataDownloadTimeoutInSeconds": 2100,
+                    }
+                ],
+            },
+        )
         sm.add_response("describe_endpoint", running, {"EndpointName": "faq"})
-        scaling.add_response("deregister_scalable_target", {}, {
-            "ServiceNamespace": "sagemaker", "ResourceId": "endpoint/faq/variant/tuned", "ScalableDimension": ANY})
-        sm.add_response("update_endpoint", {"EndpointArn": running["EndpointArn"]},
-                        {"EndpointName": "faq", "EndpointConfigName": spec.config_name})
+        scaling.add_response(
+            "deregister_scalable_target",
+            {},
+            {"ServiceNamespace": "sagemaker", "ResourceId": "endpoint/faq/variant/tuned", "ScalableDimension": ANY},
+        )
+        sm.add_response(
+            "update_endpoint",
+            {"EndpointArn": running["EndpointArn"]},
+            {"EndpointName": "faq", "EndpointConfigName": spec.config_name},
+        )
         sm.add_response("describe_endpoint", running, {"EndpointName": "faq"})
         scaling.add_response("register_scalable_target", {}, None)
         scaling.add_response("put_scaling_policy", {"PolicyARN": "arn:p", "Alarms": []}, None)
-        sts.add_response("get_caller_identity", {"Account": "123456789012", "Arn": "arn:aws:iam::123456789012:user/x",
-                                                 "UserId": "x"})
+        sts.add_response(
+            "get_caller_identity", {"Account": "123456789012", "Arn": "arn:aws:iam::123456789012:user/x", "UserId": "x"}
+        )
         arn = endpoint.deploy(ctx, spec)
         for stub in (sm, scaling, s3, sts):
             stub.assert_no_pending_responses()

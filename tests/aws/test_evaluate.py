@@ -24,28 +24,60 @@ def emulator(servers, tmp_path_factory) -> str:
     tmp = tmp_path_factory.mktemp("evaluate-emulator")
     ports = {name: servers.free_port() for name in ("tuned", "base", "emulator")}
     for name in ("tuned", "base"):
-        servers.start(f"fake-{name}", [sys.executable, str(FAKE_CONTAINER), "--port", str(ports[name]), "--name", name],
-                      f"http://127.0.0.1:{ports[name]}/ping")
+        servers.start(
+            f"fake-{name}",
+            [sys.executable, str(FAKE_CONTAINER), "--port", str(ports[name]), "--name", name],
+            f"http://127.0.0.1:{ports[name]}/ping",
+        )
     config = tmp / "endpoints.json"
-    config.write_text(json.dumps({"invocation_timeout_s": 10, "endpoints": {"faq-ab": {"variants": [
-        {"name": "tuned", "url": f"http://127.0.0.1:{ports['tuned']}", "weight": 0.8},
-        {"name": "base", "url": f"http://127.0.0.1:{ports['base']}", "weight": 0.2},
-    ]}}}))
+    config.write_text(
+        json.dumps(
+            {
+                "invocation_timeout_s": 10,
+                "endpoints": {
+                    "faq-ab": {
+                        "variants": [
+                            {"name": "tuned", "url": f"http://127.0.0.1:{ports['tuned']}", "weight": 0.8},
+                            {"name": "base", "url": f"http://127.0.0.1:{ports['base']}", "weight": 0.2},
+                        ]
+                    }
+                },
+            }
+        )
+    )
     url = f"http://127.0.0.1:{ports['emulator']}"
-    servers.start("emulator", [sys.executable, "-m", "runtime_emulator", "--config", str(config)], f"{url}/ping",
-                  env={"PYTHONPATH": str(REPO / "local"), "RUNTIME_EMULATOR_PORT": str(ports["emulator"])})
+    servers.start(
+        "emulator",
+        [sys.executable, "-m", "runtime_emulator", "--config", str(config)],
+        f"{url}/ping",
+        env={"PYTHONPATH": str(REPO / "local"), "RUNTIME_EMULATOR_PORT": str(ports["emulator"])},
+    )
     return url
 
 
 def test_evaluate_scores_both_variants_and_writes_the_ab_report(run_cli, emulator, tmp_path):
     questions = [f"What is feature {i}?" for i in range(6)]
     data = tmp_path / "validation.jsonl"
-    data.write_text("".join(
-        json.dumps({"question": q, "answer": f"echo: {q}" if i % 2 == 0 else "Something else entirely."}) + "\n"
-        for i, q in enumerate(questions)))
+    data.write_text(
+        "".join(
+            json.dumps({"question": q, "answer": f"echo: {q}" if i % 2 == 0 else "Something else entirely."}) + "\n"
+            for i, q in enumerate(questions)
+        )
+    )
     report_dir = tmp_path / "report"
-    result = run_cli("evaluate", "--endpoint", "faq-ab", "--data", str(data), "--variants", "tuned", "base",
-                     "--report", str(report_dir), env={"AWS_ENDPOINT_URL_SAGEMAKER_RUNTIME": emulator})
+    result = run_cli(
+        "evaluate",
+        "--endpoint",
+        "faq-ab",
+        "--data",
+        str(data),
+        "--variants",
+        "tuned",
+        "base",
+        "--report",
+        str(report_dir),
+        env={"AWS_ENDPOINT_URL_SAGEMAKER_RUNTIME": emulator},
+    )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == str(report_dir / "report.md")
 
@@ -65,8 +97,18 @@ def test_evaluate_scores_both_variants_and_writes_the_ab_report(run_cli, emulato
 def test_evaluate_reports_an_unknown_variant_as_errors_and_fails(run_cli, emulator, tmp_path):
     data = tmp_path / "validation.csv"
     data.write_text("question,answer\nWhat is it?,A thing.\n")
-    result = run_cli("evaluate", "--endpoint", "faq-ab", "--data", str(data), "--variants", "canary",
-                     "--report", str(tmp_path / "r"), env={"AWS_ENDPOINT_URL_SAGEMAKER_RUNTIME": emulator})
+    result = run_cli(
+        "evaluate",
+        "--endpoint",
+        "faq-ab",
+        "--data",
+        str(data),
+        "--variants",
+        "canary",
+        "--report",
+        str(tmp_path / "r"),
+        env={"AWS_ENDPOINT_URL_SAGEMAKER_RUNTIME": emulator},
+    )
     assert result.returncode == 1, result.stderr
     errors = json.loads((tmp_path / "r" / "results.json").read_text())["variants"]["canary"]["errors"]
     assert len(errors) == 1 and "canary" in errors[0]

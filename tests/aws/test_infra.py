@@ -81,8 +81,10 @@ def test_endpoint_name_must_be_lower_case_because_the_arn_is(template):
 
 
 def test_api_needs_a_key_and_has_a_throttled_usage_plan(template):
-    methods = {r["Properties"]["HttpMethod"]: r["Properties"] for r in
-               resources_of(template, "AWS::ApiGateway::Method").values()}
+    methods = {
+        r["Properties"]["HttpMethod"]: r["Properties"]
+        for r in resources_of(template, "AWS::ApiGateway::Method").values()
+    }
     assert methods["POST"]["ApiKeyRequired"] is True
     assert methods["OPTIONS"]["ApiKeyRequired"] is False  # a CORS preflight carries no key
     for method in methods.values():
@@ -109,8 +111,10 @@ def test_gateway_errors_carry_cors_headers_when_other_origins_are_allowed(templa
 def test_buckets_are_private_encrypted_and_tls_only(template):
     buckets = resources_of(template, "AWS::S3::Bucket")
     assert {"DataBucket", "ArtifactsBucket", "WebBucket"} <= set(buckets)
-    policies = {p["Properties"]["Bucket"]["Ref"]: p["Properties"]["PolicyDocument"]["Statement"]
-                for p in resources_of(template, "AWS::S3::BucketPolicy").values()}
+    policies = {
+        p["Properties"]["Bucket"]["Ref"]: p["Properties"]["PolicyDocument"]["Statement"]
+        for p in resources_of(template, "AWS::S3::BucketPolicy").values()
+    }
     for name, bucket in buckets.items():
         props = bucket["Properties"]
         assert all(props["PublicAccessBlockConfiguration"].values()), name
@@ -127,8 +131,11 @@ def test_cloudfront_serves_the_page_through_oac_and_the_api_under_the_same_origi
     api_behaviour = next(b for b in config["CacheBehaviors"] if b["PathPattern"] == "/api/*")
     assert api_behaviour["TargetOriginId"] == "api" and "POST" in api_behaviour["AllowedMethods"]
     assert config["DefaultCacheBehavior"]["ViewerProtocolPolicy"] == "redirect-to-https"
-    web_policy = next(p for p in resources_of(template, "AWS::S3::BucketPolicy").values()
-                      if p["Properties"]["Bucket"] == {"Ref": "WebBucket"})
+    web_policy = next(
+        p
+        for p in resources_of(template, "AWS::S3::BucketPolicy").values()
+        if p["Properties"]["Bucket"] == {"Ref": "WebBucket"}
+    )
     allow = next(s for s in web_policy["Properties"]["PolicyDocument"]["Statement"] if s["Effect"] == "Allow")
     assert allow["Principal"] == {"Service": "cloudfront.amazonaws.com"} and allow["Action"] == "s3:GetObject"
     assert "distribution/${Distribution}" in allow["Condition"]["StringEquals"]["AWS:SourceArn"]["Fn::Sub"]
@@ -137,8 +144,17 @@ def test_cloudfront_serves_the_page_through_oac_and_the_api_under_the_same_origi
 def test_outputs_give_the_page_and_the_commands_what_they_need(template):
     outputs = template["Outputs"]
     assert outputs["ApiBaseUrl"]["Value"] == "/api"  # the page's config.js: same origin, through CloudFront
-    for name in ("WebUrl", "ApiKeyId", "DataBucketName", "ArtifactsBucketName", "SageMakerExecutionRoleArn",
-                 "WebBucketName", "DistributionId", "DirectApiBaseUrl", "LogsBucketName"):
+    for name in (
+        "WebUrl",
+        "ApiKeyId",
+        "DataBucketName",
+        "ArtifactsBucketName",
+        "SageMakerExecutionRoleArn",
+        "WebBucketName",
+        "DistributionId",
+        "DirectApiBaseUrl",
+        "LogsBucketName",
+    ):
         assert name in outputs
 
 
@@ -150,8 +166,12 @@ def function_as_deployed(template, monkeypatch):
     params = {"EndpointName": "faq-assistant", "AllowedOrigins": "https://chat.example.com"}
     for key, value in template["Resources"]["QaFunction"]["Properties"]["Environment"]["Variables"].items():
         monkeypatch.setenv(key, params[value["Ref"]] if isinstance(value, dict) else value)
-    for key, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-                       "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": "http://127.0.0.1:9"}.items():
+    for key, value in {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_ENDPOINT_URL": "http://127.0.0.1:9",
+    }.items():
         monkeypatch.setenv(key, value)
     handler.reset_cold_start()
     yield handler
@@ -187,13 +207,16 @@ def test_function_routes_the_cloudfront_path_to_the_templates_endpoint(function_
     with Stubber(runtime.client) as stub:
         stub.add_response(
             "invoke_endpoint",
-            {"Body": StreamingBody(io.BytesIO(answer), len(answer)), "ContentType": "application/json",
-             "InvokedProductionVariant": "tuned"},
+            {
+                "Body": StreamingBody(io.BytesIO(answer), len(answer)),
+                "ContentType": "application/json",
+                "InvokedProductionVariant": "tuned",
+            },
             {"EndpointName": "faq-assistant", "Body": ANY, "ContentType": ANY, "Accept": ANY},
         )
         result = function_as_deployed.handler(
-            _event("rest_v1_ask.json", "/api/ask", "https://chat.example.com", {"question": "What is SageMaker?"}),
-            None)
+            _event("rest_v1_ask.json", "/api/ask", "https://chat.example.com", {"question": "What is SageMaker?"}), None
+        )
         stub.assert_no_pending_responses()
     assert result["statusCode"] == 200, result["body"]
     assert json.loads(result["body"])["answer"] == "A managed ML service."

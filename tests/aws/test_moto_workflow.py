@@ -23,8 +23,10 @@ def test_upload_data_splits_uploads_and_skips_unchanged_files(run_cli, moto, buc
     data.write_text("".join(f'"What is thing {i}?","Thing {i} is a thing."\n' for i in range(30)))
     first = run_cli("upload-data", "--data", str(data), "--s3-uri", f"s3://{bucket}/datasets/faq", env=moto.env)
     assert first.returncode == 0, first.stderr
-    assert first.stdout.split() == [f"train=s3://{bucket}/datasets/faq/train/",
-                                    f"validation=s3://{bucket}/datasets/faq/validation/"]
+    assert first.stdout.split() == [
+        f"train=s3://{bucket}/datasets/faq/train/",
+        f"validation=s3://{bucket}/datasets/faq/validation/",
+    ]
     s3 = moto.client("s3")
     train = s3.get_object(Bucket=bucket, Key="datasets/faq/train/faq.csv")
     validation = s3.get_object(Bucket=bucket, Key="datasets/faq/validation/faq.csv")
@@ -42,10 +44,26 @@ def test_deploy_shift_and_delete_an_ab_endpoint(run_cli, moto, bucket):
     s3 = moto.client("s3")
     for name, size in (("tuned", 2_000_000), ("base", 1_000)):
         s3.put_object(Bucket=bucket, Key=f"models/{name}/model.tar.gz", Body=b"\0" * size)
-    deploy_args = ("deploy", "--endpoint", "faq-ab", "--role", ROLE, "--image", IMAGE,
-                   "--model-data", f"s3://{bucket}/models/tuned/model.tar.gz",
-                   "--variant", f"base=s3://{bucket}/models/base/model.tar.gz", "--weights", "80", "20",
-                   "--max-instances", "3", "--instance-type", "ml.g4dn.xlarge")  # moto knows older types
+    deploy_args = (
+        "deploy",
+        "--endpoint",
+        "faq-ab",
+        "--role",
+        ROLE,
+        "--image",
+        IMAGE,
+        "--model-data",
+        f"s3://{bucket}/models/tuned/model.tar.gz",
+        "--variant",
+        f"base=s3://{bucket}/models/base/model.tar.gz",
+        "--weights",
+        "80",
+        "20",
+        "--max-instances",
+        "3",
+        "--instance-type",
+        "ml.g4dn.xlarge",
+    )  # moto knows older types
     deployed = run_cli(*deploy_args, env=moto.env)
     assert deployed.returncode == 0, deployed.stderr
     assert deployed.stdout.strip() == "arn:aws:sagemaker:us-east-1:123456789012:endpoint/faq-ab"
@@ -62,7 +80,9 @@ def test_deploy_shift_and_delete_an_ab_endpoint(run_cli, moto, bucket):
     scaling = moto.client("application-autoscaling")
     targets = scaling.describe_scalable_targets(ServiceNamespace="sagemaker")["ScalableTargets"]
     assert {t["ResourceId"]: t["MaxCapacity"] for t in targets} == {
-        "endpoint/faq-ab/variant/tuned": 3, "endpoint/faq-ab/variant/base": 3}
+        "endpoint/faq-ab/variant/tuned": 3,
+        "endpoint/faq-ab/variant/base": 3,
+    }
     policies = scaling.describe_scaling_policies(ServiceNamespace="sagemaker")["ScalingPolicies"]
     assert {p["PolicyType"] for p in policies} == {"TargetTrackingScaling"}
 
@@ -70,11 +90,14 @@ def test_deploy_shift_and_delete_an_ab_endpoint(run_cli, moto, bucket):
     assert again.returncode == 0, again.stderr
     assert "already runs" in again.stderr and "creating" not in again.stderr
 
-    shifted = run_cli("shift-traffic", "--endpoint", "faq-ab", "--weight", "tuned=50", "--weight", "base=50",
-                      env=moto.env)
+    shifted = run_cli(
+        "shift-traffic", "--endpoint", "faq-ab", "--weight", "tuned=50", "--weight", "base=50", env=moto.env
+    )
     assert shifted.returncode == 0, shifted.stderr
-    current = {v["VariantName"]: v.get("CurrentWeight", v.get("DesiredWeight"))
-               for v in sm.describe_endpoint(EndpointName="faq-ab")["ProductionVariants"]}
+    current = {
+        v["VariantName"]: v.get("CurrentWeight", v.get("DesiredWeight"))
+        for v in sm.describe_endpoint(EndpointName="faq-ab")["ProductionVariants"]
+    }
     assert current == {"tuned": 50, "base": 50}
 
     unknown = run_cli("shift-traffic", "--endpoint", "faq-ab", "--weight", "canary=10", env=moto.env)
@@ -83,7 +106,11 @@ def test_deploy_shift_and_delete_an_ab_endpoint(run_cli, moto, bucket):
     deleted = run_cli("delete", "--endpoint", "faq-ab", env=moto.env)
     assert deleted.returncode == 0, deleted.stderr
     assert sorted(line.split("/")[0] for line in deleted.stdout.split()) == [
-        "endpoint", "endpoint-config", "model", "model"]
+        "endpoint",
+        "endpoint-config",
+        "model",
+        "model",
+    ]
     assert sm.list_endpoints()["Endpoints"] == []
     assert sm.list_models()["Models"] == []
     assert scaling.describe_scalable_targets(ServiceNamespace="sagemaker")["ScalableTargets"] == []
@@ -96,16 +123,33 @@ def test_publish_web_uploads_the_page_with_config_from_the_api_url_and_invalidat
     s3 = moto.client("s3")
     s3.create_bucket(Bucket="llmft-test-web")
     cloudfront = moto.client("cloudfront")
-    distribution = cloudfront.create_distribution(DistributionConfig={
-        "CallerReference": "test", "Comment": "", "Enabled": True,
-        "Origins": {"Quantity": 1, "Items": [{"Id": "web", "DomainName": "llmft-test-web.s3.amazonaws.com",
-                                              "S3OriginConfig": {"OriginAccessIdentity": ""}}]},
-        "DefaultCacheBehavior": {"TargetOriginId": "web", "ViewerProtocolPolicy": "redirect-to-https",
-                                 "MinTTL": 0, "ForwardedValues": {"QueryString": False, "Cookies": {"Forward": "none"}},
-                                 "TrustedSigners": {"Enabled": False, "Quantity": 0}},
-    })["Distribution"]
-    result = run_cli("publish-web", "--web-bucket", "llmft-test-web", "--distribution-id", distribution["Id"],
-                     env=moto.env)
+    distribution = cloudfront.create_distribution(
+        DistributionConfig={
+            "CallerReference": "test",
+            "Comment": "",
+            "Enabled": True,
+            "Origins": {
+                "Quantity": 1,
+                "Items": [
+                    {
+                        "Id": "web",
+                        "DomainName": "llmft-test-web.s3.amazonaws.com",
+                        "S3OriginConfig": {"OriginAccessIdentity": ""},
+                    }
+                ],
+            },
+            "DefaultCacheBehavior": {
+                "TargetOriginId": "web",
+                "ViewerProtocolPolicy": "redirect-to-https",
+                "MinTTL": 0,
+                "ForwardedValues": {"QueryString": False, "Cookies": {"Forward": "none"}},
+                "TrustedSigners": {"Enabled": False, "Quantity": 0},
+            },
+        }
+    )["Distribution"]
+    result = run_cli(
+        "publish-web", "--web-bucket", "llmft-test-web", "--distribution-id", distribution["Id"], env=moto.env
+    )
     assert result.returncode == 0, result.stderr
     index = s3.get_object(Bucket="llmft-test-web", Key="index.html")
     assert index["ContentType"] == "text/html; charset=utf-8" and index["CacheControl"] == "no-cache"
@@ -123,12 +167,35 @@ def test_train_starts_the_job_through_the_sdk_with_our_image_metrics_spot_and_ch
     # The v3 SDK's ModelTrainer against moto's SageMaker API. SAGEMAKER_VALIDATE_ROLE=false: the SDK checks the
     # role with iam:SimulatePrincipalPolicy first, which moto does not implement.
     image = "123456789012.dkr.ecr.us-east-1.amazonaws.com/sagemaker-llm-finetune-train:abc"
-    result = run_cli("train", "--role", ROLE, "--image", image, "--train", "s3://llmft-test-data/datasets/faq/train/",
-                     "--validation", "s3://llmft-test-data/datasets/faq/validation/", "--output",
-                     "s3://llmft-test-data/jobs/", "--instance-type", "ml.g5.2xlarge", "--instance-count", "2",
-                     "--spot", "--max-run", "3600", "--checkpoint", "s3://llmft-test-data/checkpoints/faq/",
-                     "-H", "epochs=3", "--tag", "team=ml", "--job-name", "faq-moto",
-                     env={**moto.env, "SAGEMAKER_VALIDATE_ROLE": "false"})
+    result = run_cli(
+        "train",
+        "--role",
+        ROLE,
+        "--image",
+        image,
+        "--train",
+        "s3://llmft-test-data/datasets/faq/train/",
+        "--validation",
+        "s3://llmft-test-data/datasets/faq/validation/",
+        "--output",
+        "s3://llmft-test-data/jobs/",
+        "--instance-type",
+        "ml.g5.2xlarge",
+        "--instance-count",
+        "2",
+        "--spot",
+        "--max-run",
+        "3600",
+        "--checkpoint",
+        "s3://llmft-test-data/checkpoints/faq/",
+        "-H",
+        "epochs=3",
+        "--tag",
+        "team=ml",
+        "--job-name",
+        "faq-moto",
+        env={**moto.env, "SAGEMAKER_VALIDATE_ROLE": "false"},
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     model_uri = result.stdout.strip().splitlines()[-1]
     job_name = model_uri.split("/")[-3]

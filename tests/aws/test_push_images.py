@@ -36,18 +36,28 @@ def registry(docker_engine, cli_venv, servers, tmp_path_factory) -> str:
         pytest.fail("no docker-registry binary: `make test` installs it (scripts/setup.d/30-registry.sh, as root)")
     root = tmp_path_factory.mktemp("registry")
     hashed = subprocess.run(  # bcrypt, as the registry wants; it comes with the CLI venv (paramiko)
-        [str(cli_venv / "bin" / "python"), "-c",
-         f"import bcrypt; print(bcrypt.hashpw(b'{MOTO_PASSWORD}', bcrypt.gensalt(rounds=4)).decode())"],
-        capture_output=True, text=True, check=True).stdout.strip()
+        [
+            str(cli_venv / "bin" / "python"),
+            "-c",
+            f"import bcrypt; print(bcrypt.hashpw(b'{MOTO_PASSWORD}', bcrypt.gensalt(rounds=4)).decode())",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
     (root / "htpasswd").write_text(f"AWS:{hashed}\n")
     port = servers.free_port()
-    (root / "config.yml").write_text(json.dumps({  # JSON is YAML
-        "version": 0.1,
-        "log": {"level": "warn"},
-        "storage": {"filesystem": {"rootdirectory": str(root / "data")}},
-        "http": {"addr": f"127.0.0.1:{port}"},
-        "auth": {"htpasswd": {"realm": "test", "path": str(root / "htpasswd")}},
-    }))
+    (root / "config.yml").write_text(
+        json.dumps(
+            {  # JSON is YAML
+                "version": 0.1,
+                "log": {"level": "warn"},
+                "storage": {"filesystem": {"rootdirectory": str(root / "data")}},
+                "http": {"addr": f"127.0.0.1:{port}"},
+                "auth": {"htpasswd": {"realm": "test", "path": str(root / "htpasswd")}},
+            }
+        )
+    )
     servers.start("registry", [binary, "serve", str(root / "config.yml")], f"http://127.0.0.1:{port}/v2/")
     return f"127.0.0.1:{port}"
 
@@ -62,16 +72,25 @@ def tiny_images(docker_engine, tmp_path_factory):
         (context / "hello.txt").write_text(f"{name} {tag}\n")
         (context / "Dockerfile").write_text("FROM scratch\nCOPY hello.txt /hello.txt\n")
         keys[name] = f"{name}{os.getpid():x}".ljust(16, "0")[:16]
-        _docker("build", "-q", "--label", f"{CONTENT_KEY_LABEL}={keys[name]}", "-t",
-                f"sagemaker-llm-finetune-{name}:{tag}", str(context))
+        _docker(
+            "build",
+            "-q",
+            "--label",
+            f"{CONTENT_KEY_LABEL}={keys[name]}",
+            "-t",
+            f"sagemaker-llm-finetune-{name}:{tag}",
+            str(context),
+        )
     yield tag, keys
     for name in keys:
         subprocess.run(["docker", "rmi", "-f", f"sagemaker-llm-finetune-{name}:{tag}"], capture_output=True)
 
 
 def _registry_tags(registry: str, repository: str) -> list[str]:
-    request = urllib.request.Request(f"http://{registry}/v2/{repository}/tags/list", headers={
-        "Authorization": "Basic " + b64encode(f"AWS:{MOTO_PASSWORD}".encode()).decode()})
+    request = urllib.request.Request(
+        f"http://{registry}/v2/{repository}/tags/list",
+        headers={"Authorization": "Basic " + b64encode(f"AWS:{MOTO_PASSWORD}".encode()).decode()},
+    )
     with urllib.request.urlopen(request, timeout=10) as response:
         return json.load(response)["tags"]
 

@@ -29,8 +29,20 @@ def local_training(run_cli, images, tiny_model_dir, tmp_path_factory) -> tuple[s
     train = root / "train"
     train.mkdir()
     (train / "faq.csv").write_text("question,answer\n" + "".join(f'"{q}","{a}"\n' for q, a in ROWS))
-    args = ["train", "--local", "--image", images.train, "--train", str(train), "--model-channel",
-            str(tiny_model_dir), "--output", (root / "jobs").as_uri(), "--job-name", "llmft-sdk-local-test"]
+    args = [
+        "train",
+        "--local",
+        "--image",
+        images.train,
+        "--train",
+        str(train),
+        "--model-channel",
+        str(tiny_model_dir),
+        "--output",
+        (root / "jobs").as_uri(),
+        "--job-name",
+        "llmft-sdk-local-test",
+    ]
     for hp in TINY_HYPERPARAMETERS:
         args += ["-H", hp]
     result = run_cli(*args, timeout=900)
@@ -53,9 +65,22 @@ def test_deploy_local_serves_the_artifact_and_a_predictor_call_answers(run_cli, 
     assert code == 0, err[-4000:]
     model_data = out.strip().splitlines()[-1]
     serving_before = _containers(images.serve)
-    result = run_cli("deploy", "--local", "--smoke-test", "--endpoint", "llmft-sdk-local-test", "--image",
-                     images.serve, "--model-data", model_data, "--port", str(servers.free_port()),
-                     "--ask", "What is a channel?", timeout=600)
+    result = run_cli(
+        "deploy",
+        "--local",
+        "--smoke-test",
+        "--endpoint",
+        "llmft-sdk-local-test",
+        "--image",
+        images.serve,
+        "--model-data",
+        model_data,
+        "--port",
+        str(servers.free_port()),
+        "--ask",
+        "What is a channel?",
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr[-4000:]
     assert "is InService" in result.stderr and "stopped" in result.stderr
     assert '"path": "/invocations", "status": 200' in result.stderr  # the serving container's own request log
@@ -67,9 +92,21 @@ def test_train_local_reports_the_containers_failure_reason(run_cli, images, tmp_
     train = tmp_path / "train"
     train.mkdir()
     (train / "faq.csv").write_text("question,answer\nq,a\nq2,a2\n")
-    result = run_cli("train", "--local", "--image", images.train, "--train", str(train), "--output",
-                     (tmp_path / "jobs").as_uri(), "--job-name", "llmft-sdk-local-bad", "-H", "no_such_knob=1",
-                     timeout=600)
+    result = run_cli(
+        "train",
+        "--local",
+        "--image",
+        images.train,
+        "--train",
+        str(train),
+        "--output",
+        (tmp_path / "jobs").as_uri(),
+        "--job-name",
+        "llmft-sdk-local-bad",
+        "-H",
+        "no_such_knob=1",
+        timeout=600,
+    )
     assert result.returncode == 1
     assert "unknown hyperparameter 'no_such_knob'" in result.stderr.splitlines()[-1]
 
@@ -79,5 +116,9 @@ def test_no_training_containers_are_left_behind(images, local_training):
 
 
 def _containers(image: str) -> list[str]:
-    return subprocess.run(["docker", "ps", "-a", "--filter", f"ancestor={image}", "--format", "{{.Names}}"],
-                          capture_output=True, text=True, timeout=60).stdout.split()
+    return subprocess.run(
+        ["docker", "ps", "-a", "--filter", f"ancestor={image}", "--format", "{{.Names}}"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    ).stdout.split()

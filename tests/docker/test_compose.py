@@ -31,8 +31,9 @@ SHORT_JOB = {"max_steps": "6", "eval_max_samples": "2", "eval_train_samples": "2
 
 
 def compose(*args: str, env: dict, timeout: float = 600, check: bool = True) -> subprocess.CompletedProcess:
-    result = subprocess.run(["docker", "compose", *args], cwd=REPO, env=env, capture_output=True, text=True,
-                            timeout=timeout)
+    result = subprocess.run(
+        ["docker", "compose", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout
+    )
     if check and result.returncode != 0:
         pytest.fail(f"docker compose {' '.join(args)} failed ({result.returncode}):\n{result.stderr[-4000:]}")
     return result
@@ -57,11 +58,15 @@ def get(url: str, timeout: float = 5) -> int:
 
 @pytest.fixture(scope="module")
 def stack(images):
-    env = {**os.environ, "TRAIN_HYPERPARAMETERS": json.dumps(SHORT_JOB), "COMPOSE_PROFILES": "ab",
-           "ENDPOINTS_FILE": "endpoints-ab.yaml",
-           # Short answers: two model servers share this machine's cores and a question must end well
-           # inside the Lambda's read timeout.
-           "DEFAULT_MAX_NEW_TOKENS": "32"}
+    env = {
+        **os.environ,
+        "TRAIN_HYPERPARAMETERS": json.dumps(SHORT_JOB),
+        "COMPOSE_PROFILES": "ab",
+        "ENDPOINTS_FILE": "endpoints-ab.yaml",
+        # Short answers: two model servers share this machine's cores and a question must end well
+        # inside the Lambda's read timeout.
+        "DEFAULT_MAX_NEW_TOKENS": "32",
+    }
     base = os.environ.get("DOCKER_BASE_IMAGE") or STAND_IN_BASE
     env.update(LOCAL_BASE_IMAGE=base, TRAIN_BASE_IMAGE=base, SERVE_BASE_IMAGE=base)
     compose("down", "-v", "--remove-orphans", env=env, check=False)
@@ -84,8 +89,12 @@ def stack(images):
 
 
 def ask_api(payload: dict) -> dict:
-    request = urllib.request.Request("http://127.0.0.1:3000/prod/ask", method="POST", data=json.dumps(payload).encode(),
-                                     headers={"Content-Type": "application/json"})
+    request = urllib.request.Request(
+        "http://127.0.0.1:3000/prod/ask",
+        method="POST",
+        data=json.dumps(payload).encode(),
+        headers={"Content-Type": "application/json"},
+    )
     with urllib.request.urlopen(request, timeout=120) as response:
         assert response.status == 200
         return json.loads(response.read())

@@ -23,8 +23,15 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory, tiny_model_dir, tiny_plain_model_dir):
-    ports = Ports(web=free_port(), apigw=free_port(), lambda_runtime=free_port(), runtime_emulator=free_port(),
-                  serve=free_port(), serve_base=free_port(), s3=free_port())
+    ports = Ports(
+        web=free_port(),
+        apigw=free_port(),
+        lambda_runtime=free_port(),
+        runtime_emulator=free_port(),
+        serve=free_port(),
+        serve_base=free_port(),
+        s3=free_port(),
+    )
     running = Stack(tmp_path_factory.mktemp("stack"))
     try:
         start_serving(running, "serve", tiny_model_dir, ports.serve)

@@ -36,8 +36,14 @@ class Demo:
     def __init__(self, log: Path):
         self.log = log
         self.runs_before = set(RUNS_DIR.glob("demo-*")) if RUNS_DIR.exists() else set()
-        self.process = subprocess.Popen(["make", "demo"], cwd=REPO, stdout=log.open("wb"), stderr=subprocess.STDOUT,
-                                        start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        self.process = subprocess.Popen(
+            ["make", "demo"],
+            cwd=REPO,
+            stdout=log.open("wb"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
         self.descendants: list[psutil.Process] = []
 
     def output(self) -> str:
@@ -97,8 +103,11 @@ def ports_in_use() -> list[int]:
 
 def ask_through_api_gateway(question: str) -> dict:
     request = urllib.request.Request(
-        f"http://127.0.0.1:{Ports().apigw}/prod/ask", data=json.dumps({"question": question}).encode(),
-        headers={"Content-Type": "application/json"}, method="POST")
+        f"http://127.0.0.1:{Ports().apigw}/prod/ask",
+        data=json.dumps({"question": question}).encode(),
+        headers={"Content-Type": "application/json"},
+        method="POST",
+    )
     with urllib.request.urlopen(request, timeout=60) as response:
         return json.loads(response.read())
 

@@ -65,9 +65,7 @@ class Processes:
     def start(self, name: str, args: list[str], env: dict[str, str], port: int, health_path: str) -> Proc:
         log_path = self.log_dir / f"{name}.log"
         log_file = log_path.open("wb")
-        popen = subprocess.Popen(
-            [sys.executable, *args], env=env, cwd=REPO, stdout=log_file, stderr=subprocess.STDOUT
-        )
+        popen = subprocess.Popen([sys.executable, *args], env=env, cwd=REPO, stdout=log_file, stderr=subprocess.STDOUT)
         log_file.close()
         proc = Proc(name, popen, f"http://127.0.0.1:{port}", log_path)
         self.procs.append(proc)

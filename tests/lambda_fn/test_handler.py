@@ -290,9 +290,7 @@ ERRORS = [
     ERRORS,
     ids=[f"{e[0]}->{e[3]}" for e in ERRORS],
 )
-def test_endpoint_errors_are_mapped(
-    one_attempt, stubbed, context, code, http_status, message, status, error_type
-):
+def test_endpoint_errors_are_mapped(one_attempt, stubbed, context, code, http_status, message, status, error_type):
     handler, stubber = stubbed
     stubber.add_client_error(
         "invoke_endpoint", service_error_code=code, service_message=message, http_status_code=http_status

@@ -83,9 +83,7 @@ def test_question_through_gateway_lambda_and_runtime(procs, qa_lambda, payload_f
     assert f'"payload_version": "{payload_format}"' in log
     assert "What is SageMaker" not in log  # the function's logs never carry the question
 
-    preflight = http(
-        "OPTIONS", gateway.url + path, headers={"Origin": ORIGIN, "Access-Control-Request-Method": "POST"}
-    )
+    preflight = http("OPTIONS", gateway.url + path, headers={"Origin": ORIGIN, "Access-Control-Request-Method": "POST"})
     assert preflight.status == 204
     assert "x-api-key" in preflight.headers["access-control-allow-headers"]
 
@@ -110,9 +108,7 @@ def test_api_key_and_throttling(procs, qa_lambda):
     assert (missing.status, missing.json()) == (403, {"message": "Forbidden"})
     wrong = http("POST", gateway.url + "/ask", ask, {"x-api-key": "not-a-key-not-a-key-not"})
     assert wrong.status == 403
-    assert (
-        http("OPTIONS", gateway.url + "/ask", headers={"Origin": ORIGIN}).status == 204
-    )  # no key on preflight
+    assert http("OPTIONS", gateway.url + "/ask", headers={"Origin": ORIGIN}).status == 204  # no key on preflight
 
     statuses = [http("POST", gateway.url + "/ask", ask, {"x-api-key": KEY_A}).status for _ in range(3)]
     assert statuses == [200, 200, 429]

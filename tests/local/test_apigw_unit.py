@@ -83,9 +83,7 @@ def test_v2_json_body_is_text_and_empty_body_is_absent():
     client = client_for(fake, payload_format="2.0", stage="$default")
     client.post("/ask", json={"question": "q"})
     client.get("/ask")
-    assert fake.events[0]["isBase64Encoded"] is False and json.loads(fake.events[0]["body"]) == {
-        "question": "q"
-    }
+    assert fake.events[0]["isBase64Encoded"] is False and json.loads(fake.events[0]["body"]) == {"question": "q"}
     assert "body" not in fake.events[1]
 
 

@@ -90,11 +90,7 @@ def test_example_config_parses_into_an_80_20_ab_endpoint():
         ({"endpoints": {"chat": {"variants": [{"url": "http://x", "weight": -1}]}}}, "number >= 0"),
         ({"endpoints": {"bad_name": {"variants": [{"url": "http://x"}]}}}, "endpoint name"),
         (
-            {
-                "endpoints": {
-                    "c": {"variants": [{"name": "a", "url": "http://x"}, {"name": "a", "url": "http://y"}]}
-                }
-            },
+            {"endpoints": {"c": {"variants": [{"name": "a", "url": "http://x"}, {"name": "a", "url": "http://y"}]}}},
             "unique",
         ),
         ({"endpoints": {}, "invocation_timeout_s": 0}, "invocation_timeout_s"),
@@ -179,6 +175,4 @@ def test_env_vars_configure_endpoints_and_flags_win(tmp_path):
     config = build_config(args, env)
     assert sorted(config.endpoints) == ["chat", "solo"]  # --endpoint replaces the env list, adds to the file
     with pytest.raises(ConfigError, match="defined twice"):
-        build_config(
-            make_parser(env).parse_args(["--config", str(EXAMPLE_CONFIG), "--endpoint", "chat=http://x"]), env
-        )
+        build_config(make_parser(env).parse_args(["--config", str(EXAMPLE_CONFIG), "--endpoint", "chat=http://x"]), env)

@@ -179,9 +179,7 @@ def test_model_tar_gz_round_trip_like_training_then_serving(s3_server, s3, tmp_p
     assert fetched.returncode == 0, fetched.stderr
 
     assert _tree_digest(tmp_path / "opt-ml-model") == _tree_digest(model)
-    with tarfile.open(
-        fileobj=io.BytesIO(s3.get_object(Bucket=BUCKET, Key=uri.split("/", 3)[3])["Body"].read())
-    ) as tar:
+    with tarfile.open(fileobj=io.BytesIO(s3.get_object(Bucket=BUCKET, Key=uri.split("/", 3)[3])["Body"].read())) as tar:
         # SageMaker's layout: model files at the archive root, no leading directory.
         assert sorted(tar.getnames())[:2] == ["config.json", "model.safetensors"]
 

@@ -26,10 +26,13 @@ def executable(path: Path, text: str) -> None:
 def tree(tmp_path):
     (tmp_path / "scripts" / "setup.d").mkdir(parents=True)
     shutil.copy(REPO / "scripts" / "setup-system.sh", tmp_path / "scripts" / "setup-system.sh")
-    executable(tmp_path / "scripts" / "setup.d" / "50-thing.sh", f"""#!/usr/bin/env bash
+    executable(
+        tmp_path / "scripts" / "setup.d" / "50-thing.sh",
+        f"""#!/usr/bin/env bash
 if [ "${{1:-}}" = --check ]; then [ -e "{tmp_path}/installed" ]; exit; fi
 echo "uid=$(id -u) via=${{VIA:-direct}}" > "{tmp_path}/installed"
-""")
+""",
+    )
     (tmp_path / "bin").mkdir()
     executable(tmp_path / "bin" / "docker", "#!/bin/sh\nexit 1\n")  # no engine: the base image step is skipped
     return tmp_path
@@ -49,8 +52,13 @@ def run(tree: Path, uid: int, sudo: str | None, **env: str) -> subprocess.Comple
         if not (tree / "bin" / tool).exists():
             (tree / "bin" / tool).symlink_to(shutil.which(tool))
     bash = tree / "bin" / "bash"
-    return subprocess.run([str(bash), str(tree / "scripts" / "setup-system.sh")], capture_output=True, text=True,
-                          env={**environ, "PATH": str(tree / "bin"), **env}, timeout=60)
+    return subprocess.run(
+        [str(bash), str(tree / "scripts" / "setup-system.sh")],
+        capture_output=True,
+        text=True,
+        env={**environ, "PATH": str(tree / "bin"), **env},
+        timeout=60,
+    )
 
 
 def installed(tree: Path) -> str | None:

@@ -24,22 +24,29 @@ LINUX_GPU = tv.Machine("Linux", has_nvidia_gpu=True, local_cpu_wheel=False)
 LINUX_CPU_WHEEL_ON_DISK = tv.Machine("Linux", has_nvidia_gpu=False, local_cpu_wheel=True)
 
 
-@pytest.mark.parametrize(("machine", "variant", "index_url", "expected"), [
-    # A laptop with no NVIDIA GPU: the CPU build from PyTorch's index, never PyPI's CUDA wheel.
-    (LINUX_CPU, "auto", "", [f"torch=={V}+cpu", "--extra-index-url", tv.CPU_INDEX_URL]),
-    # A GPU machine: PyPI's default Linux wheel, which is the CUDA build.
-    (LINUX_GPU, "auto", "", [f"torch=={V}"]),
-    # A machine that ships the CPU wheel on disk installs it offline, with no index.
-    (LINUX_CPU_WHEEL_ON_DISK, "auto", "", [f"torch=={V}+cpu"]),
-    # Overrides win over the detection, in any case.
-    (LINUX_GPU, "CPU", "", [f"torch=={V}+cpu", "--extra-index-url", tv.CPU_INDEX_URL]),
-    (LINUX_CPU, "cuda", "", [f"torch=={V}"]),
-    (LINUX_CPU, "cuda", "https://example.test/whl/cu126", [f"torch=={V}", "--index-url",
-                                                           "https://example.test/whl/cu126"]),
-    (LINUX_CPU, "auto", "https://mirror.test/cpu", [f"torch=={V}+cpu", "--index-url", "https://mirror.test/cpu"]),
-    # macOS has no `+cpu` build: PyPI's wheel is the CPU one.
-    (tv.Machine("Darwin", False, False), "auto", "", [f"torch=={V}"]),
-])
+@pytest.mark.parametrize(
+    ("machine", "variant", "index_url", "expected"),
+    [
+        # A laptop with no NVIDIA GPU: the CPU build from PyTorch's index, never PyPI's CUDA wheel.
+        (LINUX_CPU, "auto", "", [f"torch=={V}+cpu", "--extra-index-url", tv.CPU_INDEX_URL]),
+        # A GPU machine: PyPI's default Linux wheel, which is the CUDA build.
+        (LINUX_GPU, "auto", "", [f"torch=={V}"]),
+        # A machine that ships the CPU wheel on disk installs it offline, with no index.
+        (LINUX_CPU_WHEEL_ON_DISK, "auto", "", [f"torch=={V}+cpu"]),
+        # Overrides win over the detection, in any case.
+        (LINUX_GPU, "CPU", "", [f"torch=={V}+cpu", "--extra-index-url", tv.CPU_INDEX_URL]),
+        (LINUX_CPU, "cuda", "", [f"torch=={V}"]),
+        (
+            LINUX_CPU,
+            "cuda",
+            "https://example.test/whl/cu126",
+            [f"torch=={V}", "--index-url", "https://example.test/whl/cu126"],
+        ),
+        (LINUX_CPU, "auto", "https://mirror.test/cpu", [f"torch=={V}+cpu", "--index-url", "https://mirror.test/cpu"]),
+        # macOS has no `+cpu` build: PyPI's wheel is the CPU one.
+        (tv.Machine("Darwin", False, False), "auto", "", [f"torch=={V}"]),
+    ],
+)
 def test_pip_arguments(machine, variant, index_url, expected):
     assert tv.pip_arguments(machine, variant, index_url) == expected
 

@@ -112,10 +112,13 @@ def test_cpu_matmul_setting_packs_linears_and_keeps_the_logits(tiny_model_dir, m
     packed = [m for m in loaded.model.modules() if isinstance(m, PackedLinear)]
     assert bool(packed) == (setting != "stock")
     reference = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
-    assert loaded.model.get_output_embeddings().weight is loaded.model.get_input_embeddings().weight or not \
-        reference.config.tie_word_embeddings  # packing keeps tied weights tied
+    assert (
+        loaded.model.get_output_embeddings().weight is loaded.model.get_input_embeddings().weight
+        or not reference.config.tie_word_embeddings
+    )  # packing keeps tied weights tied
     with torch.inference_mode():
         for batch, length in [(1, 1), (1, 9), (4, 1), (3, 7)]:
             ids = torch.randint(0, reference.config.vocab_size, (batch, length))
-            torch.testing.assert_close(loaded.model(input_ids=ids).logits, reference(input_ids=ids).logits,
-                                       atol=1e-4, rtol=1e-4)
+            torch.testing.assert_close(
+                loaded.model(input_ids=ids).logits, reference(input_ids=ids).logits, atol=1e-4, rtol=1e-4
+            )

@@ -178,8 +178,9 @@ def test_engine_streams_join_to_the_result_and_stop_strings_never_leak(tiny_mode
     prompt = tokenizer(PROMPT, add_special_tokens=False).input_ids
     script = tokenizer(TEXT, add_special_tokens=False).input_ids
     scripted = ScriptedModel(model, script, tokenizer.eos_token_id, len(tokenizer), prompt_length=len(prompt))
-    engine = Engine(scripted, tokenizer, eos_token_ids=[tokenizer.eos_token_id], context_length=1024,
-                    max_batch_size=8, max_queue=64)
+    engine = Engine(
+        scripted, tokenizer, eos_token_ids=[tokenizer.eos_token_id], context_length=1024, max_batch_size=8, max_queue=64
+    )
     engine.start()
     try:
         deadline = time.monotonic() + 60

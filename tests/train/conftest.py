@@ -27,8 +27,13 @@ def csv_text(rows: list[list[str]], header: list[str] | None = None) -> str:
     return out.getvalue()
 
 
-def make_job(root: Path, hyperparameters: dict, files: dict[str, str | bytes] | None = None,
-             resource_config: dict | None = None, encode: str = "raw") -> Path:
+def make_job(
+    root: Path,
+    hyperparameters: dict,
+    files: dict[str, str | bytes] | None = None,
+    resource_config: dict | None = None,
+    encode: str = "raw",
+) -> Path:
     """A /opt/ml tree. `encode="sdk_v2"` JSON-encodes every value as SageMaker SDK v2 estimators do."""
     config = root / "input" / "config"
     config.mkdir(parents=True, exist_ok=True)
@@ -52,23 +57,38 @@ def make_job(root: Path, hyperparameters: dict, files: dict[str, str | bytes] | 
 def tiny_hyperparameters(model_dir: Path, **overrides) -> dict:
     """Fast settings for a tiny model: a few steps, short answers."""
     return {
-        "model_id": str(model_dir), "max_steps": 4, "save_steps": 2, "logging_steps": 1,
-        "per_device_batch_size": 4, "eval_max_new_tokens": 8, "eval_train_samples": 4, "max_seq_length": 2048,
+        "model_id": str(model_dir),
+        "max_steps": 4,
+        "save_steps": 2,
+        "logging_steps": 1,
+        "per_device_batch_size": 4,
+        "eval_max_new_tokens": 8,
+        "eval_train_samples": 4,
+        "max_seq_length": 2048,
         **overrides,
     }
 
 
 def run_train(job_dir: Path, timeout: float = 240, env: dict | None = None, **popen) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, str(TRAIN_EXECUTABLE)], env=job_env(job_dir, env), capture_output=True, text=True,
-        timeout=timeout, **popen,
+        [sys.executable, str(TRAIN_EXECUTABLE)],
+        env=job_env(job_dir, env),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        **popen,
     )
 
 
 def train_until_sigterm(job_dir: Path, at_step: int, env: dict | None = None, timeout: float = 180):
     """Start `train`, send SIGTERM once it logs step `at_step`; return (exit code, log, checkpoints by step)."""
-    process = subprocess.Popen([sys.executable, str(TRAIN_EXECUTABLE)], env=job_env(job_dir, env),
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    process = subprocess.Popen(
+        [sys.executable, str(TRAIN_EXECUTABLE)],
+        env=job_env(job_dir, env),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     log = []
     for line in process.stdout:
         log.append(line)
@@ -82,8 +102,13 @@ def train_until_sigterm(job_dir: Path, at_step: int, env: dict | None = None, ti
 
 
 def job_env(job_dir: Path, extra: dict | None = None) -> dict:
-    env = {**os.environ, "SAGEMAKER_BASE_DIR": str(job_dir), "PYTHONUNBUFFERED": "1",
-           "TOKENIZERS_PARALLELISM": "false", **(extra or {})}
+    env = {
+        **os.environ,
+        "SAGEMAKER_BASE_DIR": str(job_dir),
+        "PYTHONUNBUFFERED": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        **(extra or {}),
+    }
     env.pop("RANK", None)
     env.pop("LOCAL_RANK", None)
     return env

@@ -78,8 +78,9 @@ def test_answer_token_loss_equals_the_reference_and_the_full_logits_cross_entrop
     assert tokens.item() == 5 + 4 and loss.dtype == torch.float32
 
     full = lm_head(hidden).float()[:, :-1].reshape(-1, 50)
-    expected = torch.nn.functional.cross_entropy(full, labels[:, 1:].reshape(-1), reduction="sum",
-                                                 ignore_index=prompts.IGNORE_INDEX)
+    expected = torch.nn.functional.cross_entropy(
+        full, labels[:, 1:].reshape(-1), reduction="sum", ignore_index=prompts.IGNORE_INDEX
+    )
     torch.testing.assert_close(loss, expected)
 
 
@@ -111,8 +112,11 @@ def test_compute_loss_equals_the_reference(tiny, tmp_path, method):
     config = TrainConfig.from_hyperparameters({"method": method, "max_steps": "1"})
     model = _model(model_dir, tokenizer, config).eval()
     trainer = training.AnswerOnlyLossTrainer(
-        model=model, args=training.training_arguments(config, tmp_path, train_rows=len(encoded)),
-        processing_class=tokenizer, job_config=config)
+        model=model,
+        args=training.training_arguments(config, tmp_path, train_rows=len(encoded)),
+        processing_class=tokenizer,
+        job_config=config,
+    )
     batch = prompts.CompletionCollator(tokenizer.pad_token_id)(encoded[:4])
     with torch.no_grad():
         for num_items in (None, torch.tensor(57)):
@@ -124,14 +128,28 @@ def test_compute_loss_equals_the_reference(tiny, tmp_path, method):
 def test_training_logs_the_same_losses_as_with_the_reference_loss(tiny, tmp_path, monkeypatch):
     """A few accumulated steps of real training: the logged losses (and so the weights) do not change."""
     model_dir, tokenizer, encoded = tiny
-    config = TrainConfig.from_hyperparameters({
-        "max_steps": "3", "per_device_batch_size": "2", "gradient_accumulation_steps": "2", "logging_steps": "1",
-        "save_steps": "100", "learning_rate": "0.01"})
+    config = TrainConfig.from_hyperparameters(
+        {
+            "max_steps": "3",
+            "per_device_batch_size": "2",
+            "gradient_accumulation_steps": "2",
+            "logging_steps": "1",
+            "save_steps": "100",
+            "learning_rate": "0.01",
+        }
+    )
     collator = prompts.CompletionCollator(tokenizer.pad_token_id)
 
     def logged_losses(name):
-        outcome, _ = training.train(_model(model_dir, tokenizer, config), tokenizer, encoded, config,
-                                    tmp_path / name, threading.Event(), collator)
+        outcome, _ = training.train(
+            _model(model_dir, tokenizer, config),
+            tokenizer,
+            encoded,
+            config,
+            tmp_path / name,
+            threading.Event(),
+            collator,
+        )
         return [entry["loss"] for entry in outcome.log_history if "loss" in entry]
 
     losses = logged_losses("shared")
@@ -149,10 +167,11 @@ def test_evaluation_answer_loss_equals_the_reference(tiny):
     total, tokens = 0.0, 0
     model.eval()
     for start in range(0, len(encoded), 4):
-        batch = collator(encoded[start:start + 4])
+        batch = collator(encoded[start : start + 4])
         with torch.inference_mode():
-            hidden = model.get_decoder()(input_ids=batch["input_ids"],
-                                         attention_mask=batch["attention_mask"]).last_hidden_state
+            hidden = model.get_decoder()(
+                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+            ).last_hidden_state
             loss, count = reference_sum_and_count(hidden, batch["labels"], model.get_output_embeddings())
         total += loss.item()
         tokens += int(count)

@@ -35,8 +35,11 @@ def test_header_jsonl_and_parquet_with_configured_columns(tmp_path):
     (tmp_path / "b.jsonl").write_text(json.dumps({"instruction": "q2", "response": "a2", "context": "c"}) + "\n\n")
     pd.DataFrame({"instruction": ["q3"], "response": ["a3"]}).to_parquet(tmp_path / "c.parquet")
     examples, _ = load_channel(tmp_path, Columns("instruction", "response"))
-    assert [(e.question, e.answer, e.context) for e in examples] == [("q1", "a1", ""), ("q2", "a2", "c"),
-                                                                     ("q3", "a3", "")]
+    assert [(e.question, e.answer, e.context) for e in examples] == [
+        ("q1", "a1", ""),
+        ("q2", "a2", "c"),
+        ("q3", "a3", ""),
+    ]
 
 
 def test_empty_and_duplicate_rows_are_counted_not_silently_dropped(tmp_path):
@@ -49,13 +52,16 @@ def test_empty_and_duplicate_rows_are_counted_not_silently_dropped(tmp_path):
     assert "2 empty row(s) dropped, 1 exact duplicate(s) dropped" in report.summary()
 
 
-@pytest.mark.parametrize(("name", "content", "message"), [
-    ("e.csv", "", r"e\.csv: the file is empty"),
-    ("m.csv", 'question,answer\n"q1","a1"\n"q2","a2","extra"\n', r"m\.csv: malformed CSV .*Expected 2 fields"),
-    ("u.csv", "query,reply\nq,a\n", None),
-    ("j.jsonl", '{"question": "q"}\nnot json\n', r"j\.jsonl: line 2 is not valid JSON"),
-    ("one.csv", "just one column\n", r"expected at least 2 columns"),
-])
+@pytest.mark.parametrize(
+    ("name", "content", "message"),
+    [
+        ("e.csv", "", r"e\.csv: the file is empty"),
+        ("m.csv", 'question,answer\n"q1","a1"\n"q2","a2","extra"\n', r"m\.csv: malformed CSV .*Expected 2 fields"),
+        ("u.csv", "query,reply\nq,a\n", None),
+        ("j.jsonl", '{"question": "q"}\nnot json\n', r"j\.jsonl: line 2 is not valid JSON"),
+        ("one.csv", "just one column\n", r"expected at least 2 columns"),
+    ],
+)
 def test_bad_files_get_a_clear_error(tmp_path, name, content, message):
     (tmp_path / name).write_text(content)
     if message is None:  # a header row whose names don't match: the unknown-column error

@@ -21,8 +21,9 @@ def free_port() -> int:
 
 
 def test_two_processes_with_deepspeed_zero2(tmp_path, tiny_model_dir, faq_csv_small):
-    hyperparameters = tiny_hyperparameters(tiny_model_dir, deepspeed="zero2", nproc_per_node=2,
-                                           per_device_batch_size=2, eval_train_samples=2)
+    hyperparameters = tiny_hyperparameters(
+        tiny_model_dir, deepspeed="zero2", nproc_per_node=2, per_device_batch_size=2, eval_train_samples=2
+    )
     job = make_job(tmp_path, hyperparameters, {"train/faq.csv": faq_csv_small})
     result = run_train(job, timeout=600, env={"SM_MASTER_PORT": str(free_port())})
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
@@ -39,15 +40,22 @@ def test_two_hosts_meet_on_loopback(tmp_path, tiny_model_dir, faq_csv_small):
     port = str(free_port())
     jobs, processes = [], []
     for host in reversed(hosts):  # start the worker host first: the order must not matter
-        job = make_job(tmp_path / host, tiny_hyperparameters(tiny_model_dir, per_device_batch_size=2,
-                                                             eval_train_samples=2),
-                       {"train/faq.csv": faq_csv_small},
-                       resource_config={"current_host": host, "hosts": list(reversed(hosts)),
-                                        "network_interface_name": "lo"})
+        job = make_job(
+            tmp_path / host,
+            tiny_hyperparameters(tiny_model_dir, per_device_batch_size=2, eval_train_samples=2),
+            {"train/faq.csv": faq_csv_small},
+            resource_config={"current_host": host, "hosts": list(reversed(hosts)), "network_interface_name": "lo"},
+        )
         jobs.append(job)
-        processes.append(subprocess.Popen([sys.executable, str(TRAIN_EXECUTABLE)],
-                                          env=job_env(job, {"SM_MASTER_PORT": port}),
-                                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+        processes.append(
+            subprocess.Popen(
+                [sys.executable, str(TRAIN_EXECUTABLE)],
+                env=job_env(job, {"SM_MASTER_PORT": port}),
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+        )
     outputs = [p.communicate(timeout=600)[0] for p in processes]
     worker, master = jobs
     assert [p.returncode for p in processes] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
@@ -58,8 +66,9 @@ def test_two_hosts_meet_on_loopback(tmp_path, tiny_model_dir, faq_csv_small):
 
 
 def test_sigterm_reaches_every_worker_and_the_job_resumes(tmp_path, tiny_model_dir, faq_csv_small):
-    hyperparameters = tiny_hyperparameters(tiny_model_dir, nproc_per_node=2, max_steps=40, save_steps=100,
-                                           per_device_batch_size=1, eval_train_samples=2)
+    hyperparameters = tiny_hyperparameters(
+        tiny_model_dir, nproc_per_node=2, max_steps=40, save_steps=100, per_device_batch_size=1, eval_train_samples=2
+    )
     job = make_job(tmp_path, hyperparameters, {"train/faq.csv": faq_csv_small})
     code, text, checkpoints = train_until_sigterm(job, at_step=3, env={"SM_MASTER_PORT": str(free_port())})
     assert code == 143, text[-6000:]

@@ -52,8 +52,10 @@ def test_answer_loss_matches_full_logits_cross_entropy(prepared_tiny):
     from trainer.evaluation import answer_loss
 
     model, tokenizer = prepared_tiny
-    examples = [Example(question=q, answer=a, context="", source=f"row {i}")
-                for i, (q, a) in enumerate([("What is LoRA?", "Low-rank adapters."), ("Why?", "Because it is small.")])]
+    examples = [
+        Example(question=q, answer=a, context="", source=f"row {i}")
+        for i, (q, a) in enumerate([("What is LoRA?", "Low-rank adapters."), ("Why?", "Because it is small.")])
+    ]
     encoded = [prompts.encode_example(tokenizer, e) for e in examples]
     collator = prompts.CompletionCollator(tokenizer.pad_token_id)
 
@@ -61,7 +63,8 @@ def test_answer_loss_matches_full_logits_cross_entropy(prepared_tiny):
     with torch.inference_mode():
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     expected = torch.nn.functional.cross_entropy(
-        logits[:, :-1].reshape(-1, logits.shape[-1]), batch["labels"][:, 1:].reshape(-1), ignore_index=-100)
+        logits[:, :-1].reshape(-1, logits.shape[-1]), batch["labels"][:, 1:].reshape(-1), ignore_index=-100
+    )
     assert answer_loss(model, encoded, collator, batch_size=1) == pytest.approx(expected.item(), rel=1e-5)
 
 
@@ -79,8 +82,15 @@ def test_a_stop_request_ends_evaluation_within_a_decoding_step(prepared_tiny):
         return len(polls) > 5
 
     with pytest.raises(EvaluationStopped, match="stopped after 0 of 2 answers"):
-        generate_answers(model, tokenizer, ["What is LoRA?", "Why?"], max_new_tokens=10_000, batch_size=2,
-                         stop_token_ids=[], should_stop=stop_after_five_polls)
+        generate_answers(
+            model,
+            tokenizer,
+            ["What is LoRA?", "Why?"],
+            max_new_tokens=10_000,
+            batch_size=2,
+            stop_token_ids=[],
+            should_stop=stop_after_five_polls,
+        )
     assert len(polls) < 10  # polled per step: it did not run on towards 10,000 tokens
 
     encoded = [prompts.encode_example(tokenizer, Example("Why?", "Because.", "", "row 1"))]

@@ -23,7 +23,7 @@ def test_a_longer_message_starts_with_its_cut_reason_and_follows_in_full(tmp_pat
     message = first_line + "\n\nTraceback (most recent call last):\n" + '  File "x.py", line 1, in f\n' * 200
     reason = failure_reason(message)
     assert len(reason) == FAILURE_REASON_LIMIT and reason.endswith(FAILURE_REASON_CUT)
-    assert reason == message[:FAILURE_REASON_LIMIT - len(FAILURE_REASON_CUT)] + FAILURE_REASON_CUT
+    assert reason == message[: FAILURE_REASON_LIMIT - len(FAILURE_REASON_CUT)] + FAILURE_REASON_CUT
     written = _write(tmp_path, message)
     assert written[:FAILURE_REASON_LIMIT] == reason  # what SageMaker shows
     assert written == reason + "\n\n" + message  # nothing lost for whoever reads the file

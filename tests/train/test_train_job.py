@@ -55,8 +55,9 @@ def test_train_writes_a_servable_artifact_and_reports(tmp_path, tiny_model_dir, 
     generation = GenerationConfig.from_pretrained(model_dir)
     assert tokenizer.pad_token_id != tokenizer.eos_token_id
     assert tokenizer.eos_token_id in generation.eos_token_id
-    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "What is SageMaker?"}],
-                                           add_generation_prompt=True, tokenize=False)
+    prompt = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "What is SageMaker?"}], add_generation_prompt=True, tokenize=False
+    )
     inputs = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)
     output = model.generate(**inputs, max_new_tokens=5, do_sample=False)
     assert output.shape[1] > inputs["input_ids"].shape[1]
@@ -67,8 +68,10 @@ def test_model_and_validation_channels_full_fine_tuning_raw_encoding(tmp_path, t
     job = make_job(
         tmp_path,
         {**tiny_hyperparameters("ignored-because-of-the-model-channel"), "method": "full", "max_steps": 2},
-        {"train/train.jsonl": "".join(json.dumps({"instruction": q, "response": a}) + "\n" for q, a in rows[:12]),
-         "validation/val.csv": csv_text(rows[12:])},  # no header row, like the FAQ file
+        {
+            "train/train.jsonl": "".join(json.dumps({"instruction": q, "response": a}) + "\n" for q, a in rows[:12]),
+            "validation/val.csv": csv_text(rows[12:]),
+        },  # no header row, like the FAQ file
     )
     shutil.copytree(tiny_plain_model_dir, job / "input" / "data" / "model")
     result = run_train(job)
@@ -81,15 +84,18 @@ def test_model_and_validation_channels_full_fine_tuning_raw_encoding(tmp_path, t
     assert "### Instruction:" in template and "### End" in template
 
 
-@pytest.mark.parametrize(("case", "message"), [
-    ("missing train channel", "missing required input channel 'train'"),
-    ("empty file", "faq.csv: the file is empty"),
-    ("malformed csv", "faq.csv: malformed CSV"),
-    ("unknown column", "unknown column 'question'"),
-    ("unknown hyperparameter", "unknown hyperparameter 'lora_rank'"),
-    ("wrong type", "hyperparameter 'epochs': expected a number, got 'many'"),
-    ("lora rank 0", "hyperparameter 'lora_r': 0 must be at least 1"),
-])
+@pytest.mark.parametrize(
+    ("case", "message"),
+    [
+        ("missing train channel", "missing required input channel 'train'"),
+        ("empty file", "faq.csv: the file is empty"),
+        ("malformed csv", "faq.csv: malformed CSV"),
+        ("unknown column", "unknown column 'question'"),
+        ("unknown hyperparameter", "unknown hyperparameter 'lora_rank'"),
+        ("wrong type", "hyperparameter 'epochs': expected a number, got 'many'"),
+        ("lora rank 0", "hyperparameter 'lora_r': 0 must be at least 1"),
+    ],
+)
 def test_bad_input_fails_with_a_clear_reason(tmp_path, tiny_model_dir, faq_csv_small, case, message):
     hyperparameters = tiny_hyperparameters(tiny_model_dir)
     files = {"train/faq.csv": faq_csv_small}
@@ -119,9 +125,17 @@ def test_bad_input_fails_with_a_clear_reason(tmp_path, tiny_model_dir, faq_csv_s
 # The trained token embeddings live in the adapter checkpoint, beside LoRA: a resumed job must find them there.
 @pytest.mark.parametrize("token_embeddings", ["false", "auto"], ids=["lora", "lora+token-embeddings"])
 def test_sigterm_checkpoints_and_a_rerun_resumes(tmp_path, tiny_model_dir, faq_csv_small, token_embeddings):
-    job = make_job(tmp_path, tiny_hyperparameters(tiny_model_dir, max_steps=40, save_steps=100, per_device_batch_size=1,
-                                                  lora_train_token_embeddings=token_embeddings),
-                   {"train/faq.csv": faq_csv_small})
+    job = make_job(
+        tmp_path,
+        tiny_hyperparameters(
+            tiny_model_dir,
+            max_steps=40,
+            save_steps=100,
+            per_device_batch_size=1,
+            lora_train_token_embeddings=token_embeddings,
+        ),
+        {"train/faq.csv": faq_csv_small},
+    )
     code, log, checkpoints = train_until_sigterm(job, at_step=3)
     assert code == 143, log[-4000:]
     assert checkpoints, "no checkpoint saved on SIGTERM"
@@ -163,8 +177,13 @@ def test_deferred_evaluation_writes_the_same_report_later(tmp_path, tiny_model_d
     assert not (job / "output" / "data" / "eval_report.json").exists()
     assert "evaluation deferred" in result.stdout
 
-    evaluated = subprocess.run([sys.executable, str(TRAIN_EXECUTABLE.parent / "evaluate")], env=job_env(job),
-                               capture_output=True, text=True, timeout=240)
+    evaluated = subprocess.run(
+        [sys.executable, str(TRAIN_EXECUTABLE.parent / "evaluate")],
+        env=job_env(job),
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     assert evaluated.returncode == 0, evaluated.stdout[-3000:] + evaluated.stderr[-3000:]
     report = json.loads((job / "output" / "data" / "eval_report.json").read_text())
     assert set(report["comparison"]) == {"validation", "train_sample"}
@@ -179,8 +198,13 @@ def test_deferred_evaluation_writes_the_same_report_later(tmp_path, tiny_model_d
 
 def test_evaluate_before_training_says_what_to_run_first(tmp_path, tiny_model_dir, faq_csv_small):
     job = make_job(tmp_path, tiny_hyperparameters(tiny_model_dir), {"train/faq.csv": faq_csv_small})
-    result = subprocess.run([sys.executable, str(TRAIN_EXECUTABLE.parent / "evaluate")], env=job_env(job),
-                            capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, str(TRAIN_EXECUTABLE.parent / "evaluate")],
+        env=job_env(job),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 2
     assert "holds no finished artifact (no manifest.json): run the training job first" in result.stdout
     assert not (job / "output" / "failure").exists()  # the training job's verdict is not the evaluation's to write

@@ -57,8 +57,15 @@ def _learning_rates(trainer, steps: int) -> list[float]:
     ],
 )
 def test_learning_rate_schedules_warm_up_then_follow_their_shape(tiny_model_dir, tmp_path, scheduler, expected):
-    trainer = _trainer(tiny_model_dir, tmp_path, learning_rate="1.0", lr_scheduler=scheduler, warmup_ratio="0.1",
-                       lr_decay_ratio="0.3", max_steps="100")
+    trainer = _trainer(
+        tiny_model_dir,
+        tmp_path,
+        learning_rate="1.0",
+        lr_scheduler=scheduler,
+        warmup_ratio="0.1",
+        lr_decay_ratio="0.3",
+        max_steps="100",
+    )
     rates = _learning_rates(trainer, 100)
     assert rates[0] == 0.0 and rates[5] == pytest.approx(0.5)
     for step, rate in expected.items():
@@ -96,8 +103,9 @@ def test_trained_lora_and_dora_adapters_merge_into_plain_weights_with_the_same_o
 
 # With clipping off, the Trainer still measures the norm for its logs: a "clip" to infinity changes nothing.
 @pytest.mark.parametrize(("max_grad_norm", "clipped_to"), [("0.5", [0.5]), ("0", [float("inf")])])
-def test_gradients_are_clipped_to_max_grad_norm_and_not_at_all_with_zero(tiny_model_dir, tmp_path, max_grad_norm,
-                                                                         clipped_to):
+def test_gradients_are_clipped_to_max_grad_norm_and_not_at_all_with_zero(
+    tiny_model_dir, tmp_path, max_grad_norm, clipped_to
+):
     from datasets import Dataset
     from trainer.prompts import CompletionCollator
 
@@ -129,8 +137,9 @@ def test_the_adapters_random_start_comes_from_the_seed_hyperparameter(tiny_model
     assert not torch.equal(first_a("7"), first_a("8"))
 
 
-def test_trained_token_embeddings_merge_into_the_tied_embeddings_and_touch_only_the_data_tokens(tiny_model_dir,
-                                                                                                 tmp_path):
+def test_trained_token_embeddings_merge_into_the_tied_embeddings_and_touch_only_the_data_tokens(
+    tiny_model_dir, tmp_path
+):
     import torch
     from trainer.artifact import merge_for_serving
     from transformers import AutoModelForCausalLM
@@ -161,8 +170,9 @@ def test_row_sparse_token_embeddings_match_peft_outputs_and_gradients(tiny_model
     from transformers import AutoModelForCausalLM
 
     config = TrainConfig.from_hyperparameters({"lora_train_token_embeddings": "true"})
-    model = training.apply_lora(AutoModelForCausalLM.from_pretrained(tiny_model_dir), config,
-                                token_ids={3, 5, 6, 7, 8, 40})
+    model = training.apply_lora(
+        AutoModelForCausalLM.from_pretrained(tiny_model_dir), config, token_ids={3, 5, 6, 7, 8, 40}
+    )
     layers = [m for m in model.modules() if isinstance(m, TrainableTokensLayer)]
     assert len(layers) == 2 and all("forward" in vars(m) for m in layers)  # the embedding and the tied head
     with torch.no_grad():  # move the trained rows off their start, so that a wrong row would show

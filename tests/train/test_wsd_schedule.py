@@ -20,9 +20,17 @@ CASES = [
 
 
 def _config(batch, accumulation, epochs, max_steps, **extra) -> TrainConfig:
-    return TrainConfig.from_hyperparameters({
-        "lr_scheduler": "wsd", "lr_decay_ratio": "0.3", "per_device_batch_size": str(batch),
-        "gradient_accumulation_steps": str(accumulation), "epochs": epochs, "max_steps": max_steps, **extra})
+    return TrainConfig.from_hyperparameters(
+        {
+            "lr_scheduler": "wsd",
+            "lr_decay_ratio": "0.3",
+            "per_device_batch_size": str(batch),
+            "gradient_accumulation_steps": str(accumulation),
+            "epochs": epochs,
+            "max_steps": max_steps,
+            **extra,
+        }
+    )
 
 
 def _trainer(model_dir, tmp_path, config: TrainConfig, rows: int):
@@ -33,8 +41,12 @@ def _trainer(model_dir, tmp_path, config: TrainConfig, rows: int):
     dataset = Dataset.from_list([{"input_ids": [5, 6, 7, 8], "labels": [-100, -100, 7, 8], "length": 4}] * rows)
     args = training.training_arguments(config, tmp_path, train_rows=rows)
     return training.AnswerOnlyLossTrainer(
-        model=AutoModelForCausalLM.from_pretrained(model_dir), args=args, train_dataset=dataset,
-        data_collator=CompletionCollator(pad_token_id=0), job_config=config)
+        model=AutoModelForCausalLM.from_pretrained(model_dir),
+        args=args,
+        train_dataset=dataset,
+        data_collator=CompletionCollator(pad_token_id=0),
+        job_config=config,
+    )
 
 
 def _trainers_step_count(trainer, world_size: int) -> int:
@@ -48,15 +60,19 @@ def _trainers_step_count(trainer, world_size: int) -> int:
     else:
         dataset = trainer.train_dataset
         batches = BatchSampler(SequentialSampler(dataset), trainer.args.per_device_train_batch_size, drop_last=False)
-        loader = DataLoader(dataset, batch_sampler=BatchSamplerShard(
-            batches, num_processes=world_size, process_index=world_size - 1, even_batches=True))
+        loader = DataLoader(
+            dataset,
+            batch_sampler=BatchSamplerShard(
+                batches, num_processes=world_size, process_index=world_size - 1, even_batches=True
+            ),
+        )
     return trainer.set_initial_training_values(trainer.args, loader)[-1]
 
 
 @pytest.mark.parametrize(("rows", "batch", "accumulation", "epochs", "max_steps", "world_size"), CASES)
-def test_the_decay_starts_where_the_trainer_sized_it_from_its_step_count(tiny_model_dir, tmp_path, rows, batch,
-                                                                          accumulation, epochs, max_steps,
-                                                                          world_size):
+def test_the_decay_starts_where_the_trainer_sized_it_from_its_step_count(
+    tiny_model_dir, tmp_path, rows, batch, accumulation, epochs, max_steps, world_size
+):
     config = _config(batch, accumulation, epochs, max_steps)
     trainer = _trainer(tiny_model_dir, tmp_path, config, rows)
     steps = _trainers_step_count(trainer, world_size)
@@ -70,10 +86,12 @@ def test_the_decay_starts_where_the_trainer_sized_it_from_its_step_count(tiny_mo
         assert trainer.args.lr_scheduler_kwargs == expected
 
 
-@pytest.mark.parametrize(("rows", "batch", "accumulation", "epochs", "max_steps"),
-                         [case[:5] for case in CASES if case[5] == 1])
-def test_the_learning_rates_are_those_of_the_schedule_sized_inside_the_trainer(tiny_model_dir, tmp_path, rows, batch,
-                                                                                accumulation, epochs, max_steps):
+@pytest.mark.parametrize(
+    ("rows", "batch", "accumulation", "epochs", "max_steps"), [case[:5] for case in CASES if case[5] == 1]
+)
+def test_the_learning_rates_are_those_of_the_schedule_sized_inside_the_trainer(
+    tiny_model_dir, tmp_path, rows, batch, accumulation, epochs, max_steps
+):
     """Step by step, the rates equal those of HF's WSD schedule with its decay sized from the Trainer's own step
     count; and creating the schedule leaves the TrainingArguments as they were."""
     import torch
@@ -89,9 +107,12 @@ def test_the_learning_rates_are_those_of_the_schedule_sized_inside_the_trainer(t
 
     reference_optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
     reference = get_scheduler(
-        "warmup_stable_decay", optimizer=reference_optimizer,
-        num_warmup_steps=trainer.args.get_warmup_steps(steps), num_training_steps=steps,
-        scheduler_specific_kwargs={"num_decay_steps": round(0.3 * steps), "decay_type": "cosine"})
+        "warmup_stable_decay",
+        optimizer=reference_optimizer,
+        num_warmup_steps=trainer.args.get_warmup_steps(steps),
+        num_training_steps=steps,
+        scheduler_specific_kwargs={"num_decay_steps": round(0.3 * steps), "decay_type": "cosine"},
+    )
     rates, expected = [], []
     for _ in range(steps):
         rates.append(schedule.get_last_lr()[0])
@@ -122,17 +143,26 @@ def test_a_training_run_follows_the_schedule_sized_from_its_own_step_count(tiny_
     config = _config(2, 2, "2", "-1", learning_rate="0.01", warmup_ratio="0.2", logging_steps="1", save_steps="100")
     rows = [{"input_ids": [5, 6, 7, 8 + i], "labels": [-100, -100, 7, 8 + i]} for i in range(9)]
     outcome, trainer = training.train(
-        AutoModelForCausalLM.from_pretrained(tiny_model_dir), AutoTokenizer.from_pretrained(tiny_model_dir), rows,
-        config, tmp_path, threading.Event(), CompletionCollator(pad_token_id=0))
+        AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+        AutoTokenizer.from_pretrained(tiny_model_dir),
+        rows,
+        config,
+        tmp_path,
+        threading.Event(),
+        CompletionCollator(pad_token_id=0),
+    )
     steps = trainer.state.max_steps
     assert steps == training.optimizer_steps(config, len(rows)) == 6  # 5 batches, 3 steps an epoch, 2 epochs
     logged = [entry["learning_rate"] for entry in outcome.log_history if "learning_rate" in entry]
 
     optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.01)
     reference = get_scheduler(
-        "warmup_stable_decay", optimizer=optimizer, num_warmup_steps=trainer.args.get_warmup_steps(steps),
-        num_training_steps=steps, scheduler_specific_kwargs={"num_decay_steps": round(0.3 * steps),
-                                                             "decay_type": "cosine"})
+        "warmup_stable_decay",
+        optimizer=optimizer,
+        num_warmup_steps=trainer.args.get_warmup_steps(steps),
+        num_training_steps=steps,
+        scheduler_specific_kwargs={"num_decay_steps": round(0.3 * steps), "decay_type": "cosine"},
+    )
     expected = []
     for _ in range(steps):
         expected.append(reference.get_last_lr()[0])

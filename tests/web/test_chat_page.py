@@ -28,9 +28,7 @@ def site(tmp_path_factory):
     try:
         sagemaker = processes.fake_sagemaker(variant="tuned")
         function = processes.lambda_emulator(sagemaker_url=sagemaker.url, CORS_ALLOW_ORIGINS=origin)
-        gateway = processes.apigw(
-            function.url, "--api-keys", API_KEY, "--gateway-responses-allow-origin", origin
-        )
+        gateway = processes.apigw(function.url, "--api-keys", API_KEY, "--gateway-responses-allow-origin", origin)
         processes.static_site(api_base_url=f"{gateway.url}/prod", port=web_port)
         yield origin + "/"
     finally:
@@ -157,13 +155,10 @@ def test_api_query_parameter_overrides_config(site, browser):
     from selenium.webdriver.common.by import By
 
     browser.get(site + "?api=http://127.0.0.1:9/elsewhere/")
-    assert (
-        browser.find_element(By.ID, "api-url").get_attribute("textContent") == "http://127.0.0.1:9/elsewhere"
-    )
+    assert browser.find_element(By.ID, "api-url").get_attribute("textContent") == "http://127.0.0.1:9/elsewhere"
     entry = ask(browser, "Anyone there?")
     assert (
-        "Could not reach the API at http://127.0.0.1:9/elsewhere"
-        in entry.find_element(By.CSS_SELECTOR, ".error").text
+        "Could not reach the API at http://127.0.0.1:9/elsewhere" in entry.find_element(By.CSS_SELECTOR, ".error").text
     )
 
 
@@ -177,17 +172,13 @@ def test_pending_state_and_escape_to_cancel(site, browser):
     box = browser.find_element(By.ID, "question")
     box.send_keys("[sleep=1.5] A slow question")
     box.send_keys(Keys.ENTER)
-    pending = WebDriverWait(browser, 5).until(
-        lambda d: d.find_element(By.CSS_SELECTOR, "#transcript .pending")
-    )
+    pending = WebDriverWait(browser, 5).until(lambda d: d.find_element(By.CSS_SELECTOR, "#transcript .pending"))
     assert pending.text == "Waiting for the model…"
     assert browser.find_element(By.ID, "send").get_attribute("disabled") is not None
     assert browser.find_element(By.ID, "ask-form").get_attribute("aria-busy") == "true"
     WebDriverWait(browser, 5).until(lambda d: d.find_element(By.ID, "elapsed").text.endswith(" s"))
     screenshot(browser, "web-chat-pending.png")
-    entry = WebDriverWait(browser, 10).until(
-        lambda d: d.find_elements(By.CSS_SELECTOR, "#transcript .answer")
-    )
+    entry = WebDriverWait(browser, 10).until(lambda d: d.find_elements(By.CSS_SELECTOR, "#transcript .answer"))
     assert entry and browser.find_element(By.ID, "ask-form").get_attribute("aria-busy") == "false"
 
     box = browser.find_element(By.ID, "question")

@@ -115,23 +115,17 @@ def handler(event: dict[str, Any], context: Any) -> dict[str, Any]:
             response = _preflight(origin, config, aws_request_id)
         elif request.path.rstrip("/").endswith(ASK_PATH):
             if request.method != "POST":
-                raise RequestError(
-                    405, "MethodNotAllowed", f"{request.method} is not allowed on {ASK_PATH}; use POST"
-                )
+                raise RequestError(405, "MethodNotAllowed", f"{request.method} is not allowed on {ASK_PATH}; use POST")
             ask = parse_ask_request(request.body, config)
             fields.update(question_chars=len(ask.question), parameters=sorted(ask.parameters))
             answer = sagemaker.invoke(runtime.client, config, ask)
             fields.update(variant=answer.variant, model_latency_ms=round(answer.latency_ms, 1))
             response = _json_response(200, success_body(answer), cors_headers(origin, config))
         else:
-            raise RequestError(
-                404, "NotFound", f"No route for {request.method} {request.path}; use POST {ASK_PATH}"
-            )
+            raise RequestError(404, "NotFound", f"No route for {request.method} {request.path}; use POST {ASK_PATH}")
     except (RequestError, UpstreamError) as e:
         fields.update(error_type=e.error_type)
-        response = _error_response(
-            e.status, e.error_type, e.message, cors_headers(origin, config), aws_request_id
-        )
+        response = _error_response(e.status, e.error_type, e.message, cors_headers(origin, config), aws_request_id)
         if e.status == 405:
             response["headers"]["Allow"] = ALLOWED_METHODS
     except Exception as e:  # the one catch-all: the caller gets one JSON error shape, the log gets the type

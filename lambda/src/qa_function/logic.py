@@ -42,8 +42,10 @@ def _float_in(lo: float, hi: float, lo_open: bool = False):
 
 
 def _stop_list(v: Any) -> bool:
-    return isinstance(v, list) and len(v) <= 4 and all(
-        isinstance(s, str) and 0 < len(s) <= 64 and _is_unicode_text(s) for s in v
+    return (
+        isinstance(v, list)
+        and len(v) <= 4
+        and all(isinstance(s, str) and 0 < len(s) <= 64 and _is_unicode_text(s) for s in v)
     )
 
 
@@ -113,9 +115,7 @@ def parse_ask_request(body: bytes, config: FunctionConfig) -> AskRequest:
         raise RequestError(400, "BadRequest", 'Request body must be a JSON object like {"question": "..."}')
     unknown = sorted(set(payload) - set(REQUEST_KEYS))
     if unknown:
-        raise RequestError(
-            400, "BadRequest", f"Unknown field(s) {unknown}; allowed fields: {list(REQUEST_KEYS)}"
-        )
+        raise RequestError(400, "BadRequest", f"Unknown field(s) {unknown}; allowed fields: {list(REQUEST_KEYS)}")
 
     question = payload.get("question")
     if question is None:
@@ -124,9 +124,7 @@ def parse_ask_request(body: bytes, config: FunctionConfig) -> AskRequest:
         raise RequestError(400, "BadRequest", 'Field "question" must be a string')
     question = question.strip()
     if not _is_unicode_text(question):
-        raise RequestError(
-            400, "BadRequest", 'Field "question" holds a lone UTF-16 surrogate; send valid Unicode text'
-        )
+        raise RequestError(400, "BadRequest", 'Field "question" holds a lone UTF-16 surrogate; send valid Unicode text')
     if not question:
         raise RequestError(400, "BadRequest", 'Field "question" must not be empty')
     if len(question) > config.max_question_chars:
@@ -157,9 +155,7 @@ def _validate_parameters(raw: Any) -> dict[str, Any]:
         raise RequestError(400, "BadRequest", 'Field "parameters" must be a JSON object')
     unknown = sorted(set(raw) - set(PARAMETER_RULES))
     if unknown:
-        raise RequestError(
-            400, "BadRequest", f"Unknown parameter(s) {unknown}; allowed: {sorted(PARAMETER_RULES)}"
-        )
+        raise RequestError(400, "BadRequest", f"Unknown parameter(s) {unknown}; allowed: {sorted(PARAMETER_RULES)}")
     for name, value in raw.items():
         check, expected = PARAMETER_RULES[name]
         if not check(value):
@@ -188,9 +184,7 @@ def parse_model_output(body: bytes) -> str:
     try:
         payload = json.loads(body)
     except (UnicodeDecodeError, ValueError) as e:
-        raise UpstreamError(
-            502, "BadModelResponse", "The model endpoint returned a body that is not JSON"
-        ) from e
+        raise UpstreamError(502, "BadModelResponse", "The model endpoint returned a body that is not JSON") from e
     if isinstance(payload, list) and payload:
         payload = payload[0]
     if isinstance(payload, dict) and isinstance(payload.get("generated_text"), str):

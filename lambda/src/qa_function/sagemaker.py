@@ -102,9 +102,7 @@ def _invoke_once(client: Any, kwargs: dict[str, Any], request: AskRequest, *, re
             raise _Retry() from e
         raise UpstreamError(502, "EndpointUnavailable", "The model endpoint could not be reached") from e
     except BotoCoreError as e:
-        raise UpstreamError(
-            502, "EndpointUnavailable", f"Calling the model endpoint failed: {type(e).__name__}"
-        ) from e
+        raise UpstreamError(502, "EndpointUnavailable", f"Calling the model endpoint failed: {type(e).__name__}") from e
 
 
 def _from_client_error(e: ClientError, request: AskRequest) -> Exception:
@@ -118,9 +116,7 @@ def _from_client_error(e: ClientError, request: AskRequest) -> Exception:
         if original == 429:
             return UpstreamError(429, "EndpointThrottled", "The model endpoint is busy; retry in a moment")
         if original == 503:
-            return UpstreamError(
-                503, "EndpointUnavailable", "The model is loading or restarting; retry in a moment"
-            )
+            return UpstreamError(503, "EndpointUnavailable", "The model is loading or restarting; retry in a moment")
         # 422/413: the request was well-formed but too long or out of range for this model (the caller can fix it);
         # a 400 means our own request was malformed, which stays a 502.
         if original in (413, 422):
@@ -134,9 +130,7 @@ def _from_client_error(e: ClientError, request: AskRequest) -> Exception:
             return RequestError(
                 400, "UnknownVariant", f'The endpoint has no production variant "{request.target_variant}"'
             )
-        return UpstreamError(
-            502, "EndpointUnavailable", "The model endpoint is not available (check ENDPOINT_NAME)"
-        )
+        return UpstreamError(502, "EndpointUnavailable", "The model endpoint is not available (check ENDPOINT_NAME)")
     if code == "ServiceUnavailable":
         return UpstreamError(503, "EndpointUnavailable", "The model endpoint is temporarily unavailable")
     return UpstreamError(502, "EndpointUnavailable", f"The model endpoint failed ({code or 'unknown error'})")

@@ -96,8 +96,12 @@ def _choose_cpu_matmul(model: Any, setting: str) -> None:
             )
         return
     count = cpu_kernels.pack_linears(model)
-    log.info("packed %d linear layers for oneDNN (SERVE_CPU_MATMUL=%s); batches of %d+ rows use them",
-             count, setting, cpu_kernels.DEFAULT_MIN_ROWS)
+    log.info(
+        "packed %d linear layers for oneDNN (SERVE_CPU_MATMUL=%s); batches of %d+ rows use them",
+        count,
+        setting,
+        cpu_kernels.DEFAULT_MIN_ROWS,
+    )
 
 
 def _refuse_pickles(directory: Path) -> None:

@@ -84,8 +84,12 @@ def _launch_workers(config: TrainConfig, job: sagemaker.Job, nproc: int, stop_re
 def _configure_logging() -> None:
     rank = os.environ.get("RANK")
     prefix = f"[rank {rank}] " if rank is not None and os.environ.get("WORLD_SIZE", "1") != "1" else ""
-    logging.basicConfig(level=logging.INFO, stream=sys.stdout, force=True,
-                        format=f"%(asctime)s %(levelname)s {prefix}%(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO,
+        stream=sys.stdout,
+        force=True,
+        format=f"%(asctime)s %(levelname)s {prefix}%(name)s: %(message)s",
+    )
     for noisy in ("httpx", "urllib3", "filelock", "torch.distributed", "datasets"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 

@@ -61,8 +61,9 @@ class TrainConfig:
         "the chat template when the tokenizer has one and the model is not a Dolly model.",
         choices=("auto", "chat_template", "dolly"),
     )
-    max_seq_length: int = _hp(1024, "Longest training sequence in tokens; longer examples are reported and skipped.",
-                              minimum=16)
+    max_seq_length: int = _hp(
+        1024, "Longest training sequence in tokens; longer examples are reported and skipped.", minimum=16
+    )
 
     # > Optimisation
     epochs: float = _hp(3.0, "Passes over the training data.", minimum=0.0)
@@ -74,12 +75,14 @@ class TrainConfig:
         "stable, decay: constant, then a cosine decay to 0 over the last `lr_decay_ratio` of the steps).",
         choices=("linear", "cosine", "constant", "wsd"),
     )
-    lr_decay_ratio: float = _hp(0.2, "With `lr_scheduler=wsd`: share of steps, at the end, over which it decays.",
-                                minimum=0.0)
+    lr_decay_ratio: float = _hp(
+        0.2, "With `lr_scheduler=wsd`: share of steps, at the end, over which it decays.", minimum=0.0
+    )
     warmup_ratio: float = _hp(0.05, "Share of steps spent warming the learning rate up.", minimum=0.0)
     weight_decay: float = _hp(0.0, "AdamW weight decay.", minimum=0.0)
-    max_grad_norm: float = _hp(1.0, "Clip the gradient's global norm to this before each step; 0 turns clipping off.",
-                               minimum=0.0)
+    max_grad_norm: float = _hp(
+        1.0, "Clip the gradient's global norm to this before each step; 0 turns clipping off.", minimum=0.0
+    )
     per_device_batch_size: int = _hp(1, "Sequences per device per step.", minimum=1)
     gradient_accumulation_steps: int = _hp(1, "Micro-batches accumulated per optimizer step.", minimum=1)
     gradient_checkpointing: bool = _hp(False, "Recompute activations in the backward pass: less memory, ~30% slower.")
@@ -93,15 +96,23 @@ class TrainConfig:
         "all-linear", "Comma-separated module names to adapt, or `all-linear` for every linear layer but the head."
     )
     lora_use_dora: bool = _hp(
-        False, "DoRA (arXiv:2402.09353): learn each weight column's magnitude apart from its LoRA direction. "
-        "Merges into plain weights like LoRA.")
+        False,
+        "DoRA (arXiv:2402.09353): learn each weight column's magnitude apart from its LoRA direction. "
+        "Merges into plain weights like LoRA.",
+    )
     lora_train_token_embeddings: str = _hp(
-        "auto", "Also train the embedding rows of the tokens that occur in the training data (PEFT trainable tokens; "
+        "auto",
+        "Also train the embedding rows of the tokens that occur in the training data (PEFT trainable tokens; "
         "the LM head follows when the model ties it to the embeddings). Merged into plain weights like LoRA. `auto` "
-        "turns it on for LoRA without DeepSpeed, the only setup that supports it.", choices=("auto", "true", "false"))
+        "turns it on for LoRA without DeepSpeed, the only setup that supports it.",
+        choices=("auto", "true", "false"),
+    )
     loraplus_lr_ratio: float = _hp(
-        1.0, "LoRA+ (arXiv:2402.12354): the B matrices learn this many times faster than the A matrices, e.g. 16. "
-        "1 = plain LoRA.", minimum=1.0)
+        1.0,
+        "LoRA+ (arXiv:2402.12354): the B matrices learn this many times faster than the A matrices, e.g. 16. "
+        "1 = plain LoRA.",
+        minimum=1.0,
+    )
 
     # > Hardware and distribution
     deepspeed: str = _hp(
@@ -109,7 +120,8 @@ class TrainConfig:
     )
     nproc_per_node: int = _hp(0, "Processes per host; 0 means one per GPU, or 1 on CPU.", minimum=0)
     precision: str = _hp(
-        "auto", "`auto` trains in bf16 mixed precision on GPUs that support it and fp32 on CPU.",
+        "auto",
+        "`auto` trains in bf16 mixed precision on GPUs that support it and fp32 on CPU.",
         choices=("auto", "bf16", "fp32"),
     )
 
@@ -123,11 +135,12 @@ class TrainConfig:
         "in_job",
         "`in_job` evaluates the base and the tuned model before the job ends; `deferred` writes the artifact "
         "without evaluating, and the image's `evaluate` command, run later on the same job tree, writes the same "
-        "report (`make demo` does this to open the chat page sooner).", choices=("in_job", "deferred"))
+        "report (`make demo` does this to open the chat page sooner).",
+        choices=("in_job", "deferred"),
+    )
     eval_base_model: bool = _hp(True, "Also evaluate the untouched base model, for the before/after comparison.")
     eval_max_samples: int = _hp(64, "Validation questions answered by each model (0 = none).", minimum=0)
-    eval_train_samples: int = _hp(32, "Training questions answered by each model, to see what it learned.",
-                                  minimum=0)
+    eval_train_samples: int = _hp(32, "Training questions answered by each model, to see what it learned.", minimum=0)
     eval_max_new_tokens: int = _hp(256, "Longest generated answer during evaluation.", minimum=1)
     eval_batch_size: int = _hp(8, "Questions answered at once during evaluation.", minimum=1)
 

@@ -69,7 +69,8 @@ def load_channel(
     """Read every supported file in a channel directory (sorted, recursive), cleaned and de-duplicated."""
     report = report if report is not None else DataReport()
     files = sorted(
-        p for p in directory.rglob("*")
+        p
+        for p in directory.rglob("*")
         if p.is_file() and p.suffix.lower() in SUPPORTED_SUFFIXES and not p.name.startswith(".")
     )
     if not files:
@@ -221,12 +222,14 @@ def _records_to_examples(path: Path, records: list[dict], columns: Columns, firs
     examples = []
     for offset, record in enumerate(records):
         source = f"{path.name}:row {first_row_number + offset}"
-        examples.append(Example(
-            question=_as_text(record.get(question), source, question),
-            answer=_as_text(record.get(answer), source, answer),
-            context=_as_text(record.get(context), source, context) if context else "",
-            source=source,
-        ))
+        examples.append(
+            Example(
+                question=_as_text(record.get(question), source, question),
+                answer=_as_text(record.get(answer), source, answer),
+                context=_as_text(record.get(context), source, context) if context else "",
+                source=source,
+            )
+        )
     return examples
 
 

@@ -112,17 +112,21 @@ def generate_answers(
     model.eval()
     try:
         for start in range(0, len(prompts), batch_size):
-            batch = tokenizer(list(prompts[start:start + batch_size]), return_tensors="pt", padding=True,
-                              add_special_tokens=False).to(model.device)
+            batch = tokenizer(
+                list(prompts[start : start + batch_size]), return_tensors="pt", padding=True, add_special_tokens=False
+            ).to(model.device)
             with torch.inference_mode():
                 output = model.generate(
-                    **batch, max_new_tokens=max_new_tokens, do_sample=False,
-                    eos_token_id=list(stop_token_ids), pad_token_id=tokenizer.pad_token_id,
+                    **batch,
+                    max_new_tokens=max_new_tokens,
+                    do_sample=False,
+                    eos_token_id=list(stop_token_ids),
+                    pad_token_id=tokenizer.pad_token_id,
                     stopping_criteria=StoppingCriteriaList([StopRequested()]),
                 )
             if should_stop():
                 raise EvaluationStopped(f"stopped after {len(answers)} of {len(prompts)} answers")
-            new_tokens = output[:, batch["input_ids"].shape[1]:]
+            new_tokens = output[:, batch["input_ids"].shape[1] :]
             answers.extend(t.strip() for t in tokenizer.batch_decode(new_tokens, skip_special_tokens=True))
             if progress:
                 progress(len(answers), len(prompts))
@@ -131,8 +135,9 @@ def generate_answers(
     return answers
 
 
-def answer_loss(model, encoded: Sequence[dict], collator, batch_size: int,
-                should_stop: Callable[[], bool] = _never) -> float:
+def answer_loss(
+    model, encoded: Sequence[dict], collator, batch_size: int, should_stop: Callable[[], bool] = _never
+) -> float:
     """Mean cross-entropy per answer token (teacher forcing); perplexity is exp of it.
 
     The loss is training's (`prompts.answer_token_loss`, the LM head on answer positions only), summed over every
@@ -147,19 +152,30 @@ def answer_loss(model, encoded: Sequence[dict], collator, batch_size: int,
     for start in range(0, len(encoded), batch_size):
         if should_stop():
             raise EvaluationStopped(f"stopped after {start} of {len(encoded)} loss examples")
-        batch = collator(list(encoded[start:start + batch_size]))
+        batch = collator(list(encoded[start : start + batch_size]))
         batch = {k: v.to(model.device) for k, v in batch.items()}
         with torch.inference_mode():
-            hidden = model.get_decoder()(input_ids=batch["input_ids"],
-                                         attention_mask=batch["attention_mask"]).last_hidden_state
+            hidden = model.get_decoder()(
+                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+            ).last_hidden_state
             loss, answer_tokens = answer_token_loss(hidden, batch["labels"], model.get_output_embeddings())
         total += loss.item()
         tokens += int(answer_tokens)
     return total / max(tokens, 1)
 
 
-def evaluate_model(model, tokenizer, *, label: str, sets: dict[str, EvalSet], collator, stop_token_ids,
-                   max_new_tokens: int, batch_size: int, should_stop: Callable[[], bool] = _never) -> dict:
+def evaluate_model(
+    model,
+    tokenizer,
+    *,
+    label: str,
+    sets: dict[str, EvalSet],
+    collator,
+    stop_token_ids,
+    max_new_tokens: int,
+    batch_size: int,
+    should_stop: Callable[[], bool] = _never,
+) -> dict:
     """Loss/perplexity and answer quality on each named EvalSet; EvaluationStopped when should_stop()."""
     results: dict[str, dict] = {}
     for set_name, eval_set in sets.items():
@@ -168,9 +184,16 @@ def evaluate_model(model, tokenizer, *, label: str, sets: dict[str, EvalSet], co
         def progress(done: int, total: int, set_name=set_name) -> None:
             log.info("eval %s/%s: answered %d/%d questions", label, set_name, done, total)
 
-        answers = generate_answers(model, tokenizer, eval_set.prompts, max_new_tokens=max_new_tokens,
-                                   batch_size=batch_size, stop_token_ids=stop_token_ids, progress=progress,
-                                   should_stop=should_stop)
+        answers = generate_answers(
+            model,
+            tokenizer,
+            eval_set.prompts,
+            max_new_tokens=max_new_tokens,
+            batch_size=batch_size,
+            stop_token_ids=stop_token_ids,
+            progress=progress,
+            should_stop=should_stop,
+        )
         results[set_name] = {
             "loss": loss,
             "perplexity": math.exp(min(loss, 50.0)),

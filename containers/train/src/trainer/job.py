@@ -73,15 +73,30 @@ class Prepared:
 def prepare(config: TrainConfig, job: Job, cache_dir: Path, rank: Rank) -> Prepared:
     datasets = load_datasets(config, job)
     if rank.is_main:
-        log.info("data: %s; %d training and %d validation examples",
-                 datasets.report.summary(), len(datasets.train), len(datasets.validation))
+        log.info(
+            "data: %s; %d training and %d validation examples",
+            datasets.report.summary(),
+            len(datasets.train),
+            len(datasets.validation),
+        )
     base = resolve_base_model(config.model_id, job.model_channel_dir, cache_dir)
     tokenizer = load_tokenizer(base, config.trust_remote_code)
     setup = prompts.prepare_tokenizer(tokenizer, prompts.choose_format(config.prompt_format, tokenizer, base.name))
-    log.info("prompt format: %s; pad token %r (id %s), stop tokens %s", setup.format, tokenizer.pad_token,
-             tokenizer.pad_token_id, list(setup.stop_token_ids))
-    return Prepared(datasets, base, tokenizer, setup, prompts.CompletionCollator(tokenizer.pad_token_id),
-                    _eval_sets(tokenizer, datasets, config))
+    log.info(
+        "prompt format: %s; pad token %r (id %s), stop tokens %s",
+        setup.format,
+        tokenizer.pad_token,
+        tokenizer.pad_token_id,
+        list(setup.stop_token_ids),
+    )
+    return Prepared(
+        datasets,
+        base,
+        tokenizer,
+        setup,
+        prompts.CompletionCollator(tokenizer.pad_token_id),
+        _eval_sets(tokenizer, datasets, config),
+    )
 
 
 def run(config: TrainConfig, job: Job, cache_dir: Path, stop_requested: threading.Event) -> None:
@@ -102,9 +117,15 @@ def run(config: TrainConfig, job: Job, cache_dir: Path, stop_requested: threadin
 
     model = _load_for_prompt_format(parts, config)
     resume = "Run the job again with the same checkpoint location to resume."
-    evaluate = _evaluator(parts, config, stop_requested, when_stopped={
-        "base": f"nothing was trained yet. {resume}",
-        "tuned": f"the trained weights are in the last checkpoint. {resume}"})
+    evaluate = _evaluator(
+        parts,
+        config,
+        stop_requested,
+        when_stopped={
+            "base": f"nothing was trained yet. {resume}",
+            "tuned": f"the trained weights are in the last checkpoint. {resume}",
+        },
+    )
     base_results: dict = {}
     if evaluate_in_job and config.eval_base_model:
         base_results = _cached_base_eval(job.checkpoint_dir, lambda: evaluate(model, "base"))
@@ -112,18 +133,33 @@ def run(config: TrainConfig, job: Job, cache_dir: Path, stop_requested: threadin
     if config.method == "lora":
         data_tokens = {t for e in train_set for t in e["input_ids"]} if config.train_token_embeddings else ()
         model = training.apply_lora(model, config, token_ids=data_tokens)
-    outcome, trainer = training.train(model, parts.tokenizer, train_set, config, job.checkpoint_dir, stop_requested,
-                                      parts.collator, world_size=rank.world_size)
+    outcome, trainer = training.train(
+        model,
+        parts.tokenizer,
+        train_set,
+        config,
+        job.checkpoint_dir,
+        stop_requested,
+        parts.collator,
+        world_size=rank.world_size,
+    )
     if outcome.interrupted:
         raise TrainingInterrupted(
             f"stopped by SIGTERM at step {outcome.global_step}; checkpoint saved in {job.checkpoint_dir}. "
             "Run the job again with the same checkpoint location to resume."
         )
-    log.info("training done: %d steps, %.0f s, %.1f tokens/s (non-padding)", outcome.global_step,
-             outcome.train_runtime_s, outcome.tokens_per_second)
+    log.info(
+        "training done: %d steps, %.0f s, %.1f tokens/s (non-padding)",
+        outcome.global_step,
+        outcome.train_runtime_s,
+        outcome.tokens_per_second,
+    )
     if torch.cuda.is_available():
-        log.info("peak GPU memory: %.2f GiB allocated, %.2f GiB reserved",
-                 torch.cuda.max_memory_allocated() / 2**30, torch.cuda.max_memory_reserved() / 2**30)
+        log.info(
+            "peak GPU memory: %.2f GiB allocated, %.2f GiB reserved",
+            torch.cuda.max_memory_allocated() / 2**30,
+            torch.cuda.max_memory_reserved() / 2**30,
+        )
 
     final_model = _final_model(trainer, outcome, config, parts.base, job, rank)
     if not rank.is_main:
@@ -140,9 +176,12 @@ def run(config: TrainConfig, job: Job, cache_dir: Path, stop_requested: threadin
         _write_eval_reports(out, table, manifest, parts.eval_sets, base_results, tuned_results)
     else:
         log.info("evaluation deferred: run the image's `evaluate` command on this job tree for the A/B report")
-    report.plot_loss_curve(out / report.LOSS_CURVE_FILE, outcome.log_history,
-                           table.get("validation", {}).get("loss", {}).get("base"),
-                           table.get("validation", {}).get("loss", {}).get("tuned"))
+    report.plot_loss_curve(
+        out / report.LOSS_CURVE_FILE,
+        outcome.log_history,
+        table.get("validation", {}).get("loss", {}).get("base"),
+        table.get("validation", {}).get("loss", {}).get("tuned"),
+    )
     log.info("reports written to %s", out)
 
 
@@ -192,9 +231,15 @@ def _evaluator(parts: Prepared, config: TrainConfig, stop_requested: threading.E
         model.to(device)
         try:
             return evaluation.evaluate_model(
-                model, parts.tokenizer, label=label, sets=parts.eval_sets, collator=parts.collator,
-                stop_token_ids=parts.setup.stop_token_ids, max_new_tokens=config.eval_max_new_tokens,
-                batch_size=config.eval_batch_size, should_stop=stop_requested.is_set,
+                model,
+                parts.tokenizer,
+                label=label,
+                sets=parts.eval_sets,
+                collator=parts.collator,
+                stop_token_ids=parts.setup.stop_token_ids,
+                max_new_tokens=config.eval_max_new_tokens,
+                batch_size=config.eval_batch_size,
+                should_stop=stop_requested.is_set,
             )
         except evaluation.EvaluationStopped as e:
             raise TrainingInterrupted(
@@ -204,13 +249,21 @@ def _evaluator(parts: Prepared, config: TrainConfig, stop_requested: threading.E
     return evaluate
 
 
-def _write_eval_reports(out: Path, table: dict, manifest: dict, eval_sets: dict, base_results: dict,
-                        tuned_results: dict) -> None:
+def _write_eval_reports(
+    out: Path, table: dict, manifest: dict, eval_sets: dict, base_results: dict, tuned_results: dict
+) -> None:
     report.log_comparison(table)
     for line in report.metric_lines(table):
         print(line, flush=True)
-    report.write_json(out / report.REPORT_FILE, {"comparison": table, "training": manifest["training"],
-                                                 "base_model": manifest["base_model"], "method": manifest["method"]})
+    report.write_json(
+        out / report.REPORT_FILE,
+        {
+            "comparison": table,
+            "training": manifest["training"],
+            "base_model": manifest["base_model"],
+            "method": manifest["method"],
+        },
+    )
     report.write_samples(out / report.SAMPLES_FILE, eval_sets, base_results, tuned_results)
 
 
@@ -223,8 +276,13 @@ def _encode(tokenizer, examples, max_length: int, label: str) -> list[dict]:
             continue
         encoded.append(item)
     if too_long:
-        log.warning("%d %s example(s) longer than max_seq_length=%d tokens skipped: %s", len(too_long), label,
-                    max_length, ", ".join(too_long[:10]) + (" ..." if len(too_long) > 10 else ""))
+        log.warning(
+            "%d %s example(s) longer than max_seq_length=%d tokens skipped: %s",
+            len(too_long),
+            label,
+            max_length,
+            ", ".join(too_long[:10]) + (" ..." if len(too_long) > 10 else ""),
+        )
     if not encoded and label == "training":
         raise DataError(f"every training example is longer than max_seq_length={max_length} tokens")
     return encoded
@@ -289,8 +347,12 @@ def _manifest(config, parts: Prepared, outcome, table, started) -> dict:
     import torch
     import transformers
 
-    versions = {"python": platform.python_version(), "torch": torch.__version__,
-                "transformers": transformers.__version__, "peft": peft.__version__}
+    versions = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "peft": peft.__version__,
+    }
     if config.deepspeed != "none":
         import deepspeed
 
@@ -302,12 +364,19 @@ def _manifest(config, parts: Prepared, outcome, table, started) -> dict:
         "prompt_format": parts.setup.format,
         "stop_token_ids": list(parts.setup.stop_token_ids),
         "hyperparameters": config.to_dict(),
-        "data": {"train_examples": len(parts.datasets.train),
-                 "validation_examples": len(parts.datasets.validation), "report": parts.datasets.report.summary()},
-        "training": {"steps": outcome.global_step, "runtime_s": round(outcome.train_runtime_s, 2),
-                     "tokens_per_second": round(outcome.tokens_per_second, 2), "resumed_from": outcome.resumed_from,
-                     "final_train_loss": next((e["loss"] for e in reversed(outcome.log_history) if "loss" in e), None),
-                     "wall_time_s": round(time.time() - started, 1)},
+        "data": {
+            "train_examples": len(parts.datasets.train),
+            "validation_examples": len(parts.datasets.validation),
+            "report": parts.datasets.report.summary(),
+        },
+        "training": {
+            "steps": outcome.global_step,
+            "runtime_s": round(outcome.train_runtime_s, 2),
+            "tokens_per_second": round(outcome.tokens_per_second, 2),
+            "resumed_from": outcome.resumed_from,
+            "final_train_loss": next((e["loss"] for e in reversed(outcome.log_history) if "loss" in e), None),
+            "wall_time_s": round(time.time() - started, 1),
+        },
         "metrics": report.json_safe(table),
         "evaluation": config.evaluation,
         "versions": versions,

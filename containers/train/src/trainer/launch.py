@@ -38,8 +38,16 @@ def torchrun_command(cluster: Cluster, nproc_per_node: int) -> list[str]:
     if cluster.num_hosts == 1:
         command += ["--standalone"]
     else:
-        command += ["--nnodes", str(cluster.num_hosts), "--node_rank", str(cluster.node_rank),
-                    "--master_addr", cluster.master_addr, "--master_port", str(cluster.master_port)]
+        command += [
+            "--nnodes",
+            str(cluster.num_hosts),
+            "--node_rank",
+            str(cluster.node_rank),
+            "--master_addr",
+            cluster.master_addr,
+            "--master_port",
+            str(cluster.master_port),
+        ]
     return [*command, "-m", "trainer"]
 
 
@@ -58,8 +66,14 @@ def worker_environment(cluster: Cluster, environ=os.environ) -> dict[str, str]:
 
 def run_torchrun(cluster: Cluster, nproc_per_node: int, stop_requested: threading.Event) -> int:
     command = torchrun_command(cluster, nproc_per_node)
-    log.info("launching %d process(es) on host %s (%d of %d): %s", nproc_per_node, cluster.current_host,
-             cluster.node_rank + 1, cluster.num_hosts, " ".join(command))
+    log.info(
+        "launching %d process(es) on host %s (%d of %d): %s",
+        nproc_per_node,
+        cluster.current_host,
+        cluster.node_rank + 1,
+        cluster.num_hosts,
+        " ".join(command),
+    )
     process = subprocess.Popen(command, env=worker_environment(cluster), start_new_session=True)
 
     def forward(signum, _frame):

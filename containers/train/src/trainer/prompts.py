@@ -96,7 +96,7 @@ def encode_example(tokenizer, example: Example) -> dict[str, list[int]]:
     )
     if not full.startswith(prompt):
         raise ValueError("the chat template renders the prompt differently with and without the answer")
-    completion = full[len(prompt):]
+    completion = full[len(prompt) :]
     eos = tokenizer.eos_token
     end = completion.rfind(eos)
     completion = completion[: end + len(eos)] if end >= 0 else completion + eos  # end on EOS, nothing after

@@ -77,15 +77,24 @@ def write_samples(path: Path, sets: dict, base: dict, tuned: dict) -> None:
             base_answers = base.get(set_name, {}).get("answers", [])
             tuned_answers = tuned.get(set_name, {}).get("answers", [])
             for i, (question, reference) in enumerate(zip(eval_set.questions, eval_set.references, strict=True)):
-                f.write(json.dumps({
-                    "set": set_name, "question": question, "reference": reference,
-                    "base_answer": base_answers[i] if i < len(base_answers) else None,
-                    "tuned_answer": tuned_answers[i] if i < len(tuned_answers) else None,
-                }, ensure_ascii=False) + "\n")
+                f.write(
+                    json.dumps(
+                        {
+                            "set": set_name,
+                            "question": question,
+                            "reference": reference,
+                            "base_answer": base_answers[i] if i < len(base_answers) else None,
+                            "tuned_answer": tuned_answers[i] if i < len(tuned_answers) else None,
+                        },
+                        ensure_ascii=False,
+                    )
+                    + "\n"
+                )
 
 
-def plot_loss_curve(path: Path, log_history: list[dict], base_eval_loss: float | None,
-                    tuned_eval_loss: float | None) -> Path | None:
+def plot_loss_curve(
+    path: Path, log_history: list[dict], base_eval_loss: float | None, tuned_eval_loss: float | None
+) -> Path | None:
     points = [(e["step"], e["loss"]) for e in log_history if "loss" in e and "step" in e]
     if not points:
         return None
@@ -99,8 +108,9 @@ def plot_loss_curve(path: Path, log_history: list[dict], base_eval_loss: float |
     if base_eval_loss is not None:
         ax.axhline(base_eval_loss, color="grey", linestyle="--", label=f"validation loss, base {base_eval_loss:.3f}")
     if tuned_eval_loss is not None:
-        ax.axhline(tuned_eval_loss, color="green", linestyle="--",
-                   label=f"validation loss, tuned {tuned_eval_loss:.3f}")
+        ax.axhline(
+            tuned_eval_loss, color="green", linestyle="--", label=f"validation loss, tuned {tuned_eval_loss:.3f}"
+        )
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("cross-entropy")
     ax.set_title("Fine-tuning loss")

@@ -98,8 +98,11 @@ def read_job(environ: dict[str, str] | None = None) -> Job:
     input_data_config = _read_json(config_dir / "inputdataconfig.json", default={})
     resource_config = _read_json(config_dir / "resourceconfig.json", default={})
     checkpoint_config = _read_json(config_dir / "checkpointconfig.json", default={})
-    for name, content in (("hyperparameters.json", hyperparameters), ("inputdataconfig.json", input_data_config),
-                          ("resourceconfig.json", resource_config)):
+    for name, content in (
+        ("hyperparameters.json", hyperparameters),
+        ("inputdataconfig.json", input_data_config),
+        ("resourceconfig.json", resource_config),
+    ):
         if not isinstance(content, dict):
             raise UserError(f"{config_dir / name}: expected a JSON object, got {type(content).__name__}")
 
@@ -123,7 +126,7 @@ def failure_reason(message: str) -> str:
     characters, else its start, cut to end in FAILURE_REASON_CUT within the limit."""
     if len(message) <= FAILURE_REASON_LIMIT:
         return message
-    return message[:FAILURE_REASON_LIMIT - len(FAILURE_REASON_CUT)] + FAILURE_REASON_CUT
+    return message[: FAILURE_REASON_LIMIT - len(FAILURE_REASON_CUT)] + FAILURE_REASON_CUT
 
 
 def write_failure(message: str, environ: dict[str, str] | None = None) -> Path:

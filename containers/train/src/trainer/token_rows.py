@@ -24,8 +24,11 @@ def use_row_sparse_forward(model: nn.Module) -> int:
     """Give every trainable-token layer in `model` the row-sparse forward; returns how many there were."""
     from peft.tuners.trainable_tokens.layer import TrainableTokensLayer
 
-    layers = [m for m in model.modules()
-              if isinstance(m, TrainableTokensLayer) and isinstance(m.get_base_layer(), nn.Embedding | nn.Linear)]
+    layers = [
+        m
+        for m in model.modules()
+        if isinstance(m, TrainableTokensLayer) and isinstance(m.get_base_layer(), nn.Embedding | nn.Linear)
+    ]
     for layer in layers:
         layer.forward = types.MethodType(_row_sparse_forward, layer)  # on the instance: PEFT's class is untouched
         layer._row_index_cache = {}
@@ -41,8 +44,15 @@ def _row_sparse_forward(layer, x: torch.Tensor, *args, **kwargs) -> torch.Tensor
     rows = layer.trainable_tokens_delta[adapter].to(base.weight)  # the trained rows themselves, not differences
     index, position = _row_index(layer, adapter, base.weight)
     if isinstance(base, nn.Embedding):
-        out = F.embedding(x, base.weight, padding_idx=base.padding_idx, max_norm=base.max_norm,
-                          norm_type=base.norm_type, scale_grad_by_freq=base.scale_grad_by_freq, sparse=base.sparse)
+        out = F.embedding(
+            x,
+            base.weight,
+            padding_idx=base.padding_idx,
+            max_norm=base.max_norm,
+            norm_type=base.norm_type,
+            scale_grad_by_freq=base.scale_grad_by_freq,
+            sparse=base.sparse,
+        )
         slot = position[x]  # where each token's row sits among the trained rows, -1 if it is not trained
         out = torch.where((slot >= 0).unsqueeze(-1), F.embedding(slot.clamp(min=0), rows), out)
         scale = layer._get_embed_scale()  # as PEFT does, for embeddings that scale their output (Gemma 3)

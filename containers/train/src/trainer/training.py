@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 CONFIGS_DIR = Path(__file__).resolve().parents[2] / "configs"
 DEEPSPEED_CONFIGS = {"zero2": CONFIGS_DIR / "ds_zero2.json", "zero3": CONFIGS_DIR / "ds_zero3.json"}
 
+
 @dataclass
 class TrainOutcome:
     model: object  # the trained model (PeftModel for LoRA), still wrapped as trained
@@ -70,18 +71,29 @@ def apply_lora(model, config: TrainConfig, token_ids: Collection[int] = ()):
 
     tokens = sorted(token_ids) if config.train_token_embeddings else []
     lora = LoraConfig(
-        r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout, use_dora=config.lora_use_dora,
-        target_modules=config.lora_targets, task_type="CAUSAL_LM",
+        r=config.lora_r,
+        lora_alpha=config.lora_alpha,
+        lora_dropout=config.lora_dropout,
+        use_dora=config.lora_use_dora,
+        target_modules=config.lora_targets,
+        task_type="CAUSAL_LM",
         trainable_token_indices=tokens or None,  # PEFT's layer fails on an empty index list
     )
     model = get_peft_model(model, lora)
     if tokens:
         use_row_sparse_forward(model)
     trainable, total = model.get_nb_trainable_parameters()
-    log.info("%s r=%d alpha=%d on %s%s: %d trainable parameters of %d (%.2f%%)",
-             "DoRA" if config.lora_use_dora else "LoRA", config.lora_r, config.lora_alpha, config.lora_target_modules,
-             f" and the embeddings of {len(tokens)} tokens" if tokens else "", trainable, total,
-             100 * trainable / total)
+    log.info(
+        "%s r=%d alpha=%d on %s%s: %d trainable parameters of %d (%.2f%%)",
+        "DoRA" if config.lora_use_dora else "LoRA",
+        config.lora_r,
+        config.lora_alpha,
+        config.lora_target_modules,
+        f" and the embeddings of {len(tokens)} tokens" if tokens else "",
+        trainable,
+        total,
+        100 * trainable / total,
+    )
     return model
 
 
@@ -104,8 +116,9 @@ def lr_scheduler_kwargs(config: TrainConfig, train_rows: int, world_size: int = 
     return {"num_decay_steps": decay_steps, "decay_type": "cosine"}
 
 
-def training_arguments(config: TrainConfig, checkpoint_dir: Path, *, train_rows: int,
-                       world_size: int = 1) -> TrainingArguments:
+def training_arguments(
+    config: TrainConfig, checkpoint_dir: Path, *, train_rows: int, world_size: int = 1
+) -> TrainingArguments:
     """The HF Trainer settings a job's hyperparameters stand for, training on `train_rows` examples with
     `world_size` processes. Complete before the Trainer exists: nothing changes them during the run."""
     return TrainingArguments(
@@ -117,7 +130,8 @@ def training_arguments(config: TrainConfig, checkpoint_dir: Path, *, train_rows:
         learning_rate=config.learning_rate,
         # HF's plain "constant" would ignore the warm-up.
         lr_scheduler_type={"constant": "constant_with_warmup", "wsd": "warmup_stable_decay"}.get(
-            config.lr_scheduler, config.lr_scheduler),
+            config.lr_scheduler, config.lr_scheduler
+        ),
         lr_scheduler_kwargs=lr_scheduler_kwargs(config, train_rows, world_size),
         warmup_steps=config.warmup_ratio,  # a float < 1 is a ratio of the total steps
         weight_decay=config.weight_decay,
@@ -143,8 +157,16 @@ def training_arguments(config: TrainConfig, checkpoint_dir: Path, *, train_rows:
     )
 
 
-def train(model, tokenizer, train_set: list[dict], config: TrainConfig, checkpoint_dir: Path,
-          stop_requested: threading.Event, collator, world_size: int = 1) -> tuple[TrainOutcome, Trainer]:
+def train(
+    model,
+    tokenizer,
+    train_set: list[dict],
+    config: TrainConfig,
+    checkpoint_dir: Path,
+    stop_requested: threading.Event,
+    collator,
+    world_size: int = 1,
+) -> tuple[TrainOutcome, Trainer]:
     from datasets import Dataset
 
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
@@ -154,14 +176,21 @@ def train(model, tokenizer, train_set: list[dict], config: TrainConfig, checkpoi
         torch.backends.cuda.enable_cudnn_sdp(False)
     args = training_arguments(config, checkpoint_dir, train_rows=len(train_set), world_size=world_size)
     if args.lr_scheduler_kwargs:
-        log.info("learning rate: warm-up, stable, then decay over the last %d of %d steps",
-                 args.lr_scheduler_kwargs["num_decay_steps"], optimizer_steps(config, len(train_set), world_size))
+        log.info(
+            "learning rate: warm-up, stable, then decay over the last %d of %d steps",
+            args.lr_scheduler_kwargs["num_decay_steps"],
+            optimizer_steps(config, len(train_set), world_size),
+        )
     dataset = Dataset.from_list(train_set).add_column("length", [len(e["input_ids"]) for e in train_set])
     timing = ProgressLogger()
     stop = StopOnSignal(stop_requested)
     trainer = AnswerOnlyLossTrainer(
-        model=model, args=args, train_dataset=dataset, data_collator=collator,
-        processing_class=tokenizer, callbacks=[timing, stop],
+        model=model,
+        args=args,
+        train_dataset=dataset,
+        data_collator=collator,
+        processing_class=tokenizer,
+        callbacks=[timing, stop],
         job_config=config,
     )
     trainer.remove_callback(PrinterCallback)  # ProgressLogger prints one readable line per log instead
@@ -232,8 +261,12 @@ class AnswerOnlyLossTrainer(Trainer):
             optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, self.model)
             optimizer_kwargs.pop("lr", None)
             self.optimizer = create_loraplus_optimizer(
-                self.model, optimizer_cls, lr=self.args.learning_rate, loraplus_lr_ratio=ratio,
-                loraplus_weight_decay=self.args.weight_decay, **optimizer_kwargs,
+                self.model,
+                optimizer_cls,
+                lr=self.args.learning_rate,
+                loraplus_lr_ratio=ratio,
+                loraplus_weight_decay=self.args.weight_decay,
+                **optimizer_kwargs,
             )
             return self.optimizer
         return super().create_optimizer(model)
