@@ -5,8 +5,21 @@ docs/reliability.md."""
 from __future__ import annotations
 
 import pytest
+from reliability.helpers import RunningStack, free_ports
 
 pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory, tiny_model_dir):
+    """The stack as `python -m stack_runner up` starts it, with the tiny model, on free ports."""
+    running = RunningStack(tmp_path_factory.mktemp("stack"), free_ports())
+    try:
+        running.start_serving(tiny_model_dir)
+        running.start_front()
+        yield running
+    finally:
+        running.stop()
 
 
 @pytest.fixture(scope="module")
@@ -32,8 +45,6 @@ def test_levels_through_the_api_and_direct_hold(stack, load):
 
 
 def test_a_burst_over_the_queue_is_answered_with_429s_not_errors(tmp_path, tiny_model_dir, load):
-    from reliability.helpers import RunningStack, free_ports
-
     small = RunningStack(tmp_path, free_ports())
     try:
         small.start_serving(tiny_model_dir, SERVE_MAX_BATCH_SIZE="2", SERVE_MAX_QUEUE="4", SERVE_MAX_INPUT_TOKENS="512")
