@@ -122,3 +122,25 @@ def test_cpu_matmul_setting_packs_linears_and_keeps_the_logits(tiny_model_dir, m
             torch.testing.assert_close(
                 loaded.model(input_ids=ids).logits, reference(input_ids=ids).logits, atol=1e-4, rtol=1e-4
             )
+
+
+@pytest.mark.parametrize(
+    ("manifest", "config", "cuda", "cpu"),
+    [
+        ({"dtype": "bfloat16"}, {"torch_dtype": "float32"}, "bfloat16", "float32"),  # the manifest wins
+        ({"dtype": "float16"}, None, "float16", "float32"),
+        (None, {"dtype": "bfloat16"}, "bfloat16", "float32"),  # a plain Transformers directory
+        ({"dtype": "float32"}, None, "bfloat16", "float32"),  # fp32 on a GPU: its bf16 fast path, as before
+        (None, None, "bfloat16", "float32"),
+    ],
+)
+def test_auto_dtype_is_the_artifacts_16_bit_type_on_gpu_and_fp32_on_cpu(tmp_path, manifest, config, cuda, cpu):
+    import torch
+    from serve.artifact import _dtype
+
+    for name, content in (("manifest.json", manifest), ("config.json", config)):
+        if content is not None:
+            (tmp_path / name).write_text(json.dumps(content))
+    assert _dtype("auto", "cuda", tmp_path) == getattr(torch, cuda)
+    assert _dtype("auto", "cpu", tmp_path) == getattr(torch, cpu)
+    assert _dtype("float16", "cpu", tmp_path) == torch.float16  # SERVE_DTYPE set: as told

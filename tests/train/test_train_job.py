@@ -208,3 +208,50 @@ def test_evaluate_before_training_says_what_to_run_first(tmp_path, tiny_model_di
     assert result.returncode == 2
     assert "holds no finished artifact (no manifest.json): run the training job first" in result.stdout
     assert not (job / "output" / "failure").exists()  # the training job's verdict is not the evaluation's to write
+
+
+@pytest.fixture(scope="module")
+def tiny_bf16_model_dir(tmp_path_factory, tiny_model_dir):
+    """The tiny model published in bf16, as dolly-v2-3b and most hub models are."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    target = tmp_path_factory.mktemp("tiny-bf16")
+    AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.bfloat16).save_pretrained(target)
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(target)
+    return target
+
+
+def _weight_dtypes(model_dir) -> set[str]:
+    from safetensors import safe_open
+
+    with safe_open(str(model_dir / "model.safetensors"), framework="pt") as f:
+        return {str(f.get_slice(name).get_dtype()) for name in f.keys()}  # noqa: SIM118 - safe_open has no iterator
+
+
+@pytest.mark.parametrize(
+    ("save_dtype", "expected", "weights"),
+    [
+        ("auto", "bfloat16", {"BF16"}),  # the base model's type: half the size of fp32
+        ("float32", "float32", {"F32"}),
+    ],
+)
+def test_the_artifact_keeps_the_base_models_dtype_unless_told(
+    tmp_path, tiny_bf16_model_dir, faq_csv_small, save_dtype, expected, weights
+):
+    hyperparameters = tiny_hyperparameters(tiny_bf16_model_dir, save_dtype=save_dtype, evaluation="deferred")
+    job = make_job(tmp_path, hyperparameters, {"train/faq.csv": faq_csv_small})
+    result = run_train(job)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert json.loads((job / "model" / "manifest.json").read_text())["dtype"] == expected
+    assert _weight_dtypes(job / "model") == weights
+
+
+def test_an_fp32_base_gives_an_fp32_artifact(tmp_path, tiny_model_dir, faq_csv_small):
+    job = make_job(
+        tmp_path, tiny_hyperparameters(tiny_model_dir, evaluation="deferred"), {"train/faq.csv": faq_csv_small}
+    )
+    result = run_train(job)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert json.loads((job / "model" / "manifest.json").read_text())["dtype"] == "float32"
+    assert _weight_dtypes(job / "model") == {"F32"}

@@ -46,7 +46,7 @@ def load_artifact(model_dir: Path, config: ServeConfig) -> LoadedModel:
         raise ArtifactError(f"model directory {model_dir} does not exist (set SAGEMAKER_BASE_DIR?)")
     _refuse_pickles(model_dir)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = _dtype(config.dtype, device)
+    dtype = _dtype(config.dtype, device, model_dir)
     if device == "cuda":
         # cuDNN's attention backend builds an execution plan per new shape (hundreds of ms each, see
         # pytorch/pytorch#155958); a decode's KV length changes every step. Flash / mem-efficient don't.
@@ -114,10 +114,29 @@ def _refuse_pickles(directory: Path) -> None:
         )
 
 
-def _dtype(name: str, device: str) -> Any:
-    if name == "auto":
-        return torch.bfloat16 if device == "cuda" else torch.float32
-    return getattr(torch, name)
+def _dtype(name: str, device: str, model_dir: Path) -> Any:
+    """SERVE_DTYPE, or `auto`: on a GPU a 16-bit artifact in its own type (never upcast) and an fp32 one in bf16,
+    the GPU's fast path; on a CPU fp32, whose kernels there are the fast and exact ones."""
+    if name != "auto":
+        return getattr(torch, name)
+    if device != "cuda":
+        return torch.float32
+    stored = artifact_dtype(model_dir)
+    return getattr(torch, stored) if stored != "float32" else torch.bfloat16
+
+
+def artifact_dtype(model_dir: Path) -> str:
+    """The floating type the artifact was saved in: manifest.json's `dtype`, else config.json's, else float32."""
+    for name, keys in (("manifest.json", ("dtype",)), ("config.json", ("dtype", "torch_dtype"))):
+        try:
+            content = json.loads((model_dir / name).read_text())
+        except (OSError, ValueError):
+            continue
+        for key in keys:
+            value = content.get(key) if isinstance(content, dict) else None
+            if value in ("float32", "bfloat16", "float16"):
+                return value
+    return "float32"
 
 
 def _has_tokenizer(directory: Path) -> bool:

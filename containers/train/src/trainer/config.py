@@ -114,6 +114,13 @@ class TrainConfig:
         minimum=1.0,
     )
 
+    save_dtype: str = _hp(
+        "auto",
+        "Floating type of the artifact's weights: `auto` keeps the base model's (a bf16 or fp16 base gives a bf16 or "
+        "fp16 artifact, half the size of fp32; the embedded model is fp32), recorded in manifest.json.",
+        choices=("auto", "float32", "bfloat16", "float16"),
+    )
+
     # > Hardware and distribution
     deepspeed: str = _hp(
         "none", "DeepSpeed ZeRO stage, from the checked-in configs in configs/.", choices=("none", "zero2", "zero3")

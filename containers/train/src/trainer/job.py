@@ -16,7 +16,7 @@ from . import data as data_lib
 from . import prompts, report
 from .config import TrainConfig
 from .errors import DataError, TrainingInterrupted, UserError
-from .modeling import BaseModel, load_model, load_tokenizer, resolve_base_model
+from .modeling import BaseModel, load_model, load_tokenizer, resolve_base_model, stored_dtype
 from .sagemaker import Job
 
 log = logging.getLogger(__name__)
@@ -167,9 +167,11 @@ def run(config: TrainConfig, job: Job, cache_dir: Path, stop_requested: threadin
     final_model = merge_for_serving(final_model)
     tuned_results = evaluate(final_model, "tuned") if evaluate_in_job else {}
     table = report.comparison(base_results, tuned_results)
-    manifest = _manifest(config, parts, outcome, table, started)
-    save_artifact(final_model.to("cpu"), parts.tokenizer, parts.setup.stop_token_ids, job.model_dir, manifest)
-    log.info("artifact written to %s", job.model_dir)
+    save_dtype = _artifact_dtype(config, parts.base)
+    manifest = _manifest(config, parts, outcome, table, started, save_dtype)
+    final_model = final_model.to("cpu", dtype=getattr(torch, save_dtype))
+    save_artifact(final_model, parts.tokenizer, parts.setup.stop_token_ids, job.model_dir, manifest)
+    log.info("artifact written to %s (%s)", job.model_dir, save_dtype)
 
     out = job.output_data_dir
     if config.evaluation == "in_job":
@@ -208,6 +210,12 @@ def evaluate_artifact(config: TrainConfig, job: Job, cache_dir: Path, stop_reque
     table = report.comparison(base_results, tuned_results)
     _write_eval_reports(job.output_data_dir, table, manifest, parts.eval_sets, base_results, tuned_results)
     log.info("reports written to %s", job.output_data_dir)
+
+
+def _artifact_dtype(config: TrainConfig, base: BaseModel) -> str:
+    """What the artifact is saved in: `save_dtype`, or the base model's own floating type (training ran in fp32
+    or mixed precision either way)."""
+    return config.save_dtype if config.save_dtype != "auto" else stored_dtype(base, config.trust_remote_code)
 
 
 def _load_for_prompt_format(parts: Prepared, config: TrainConfig):
@@ -342,7 +350,7 @@ def _final_model(trainer, outcome, config: TrainConfig, base: BaseModel, job: Jo
     return load_model(BaseModel(str(gathered), base.name), config.trust_remote_code)
 
 
-def _manifest(config, parts: Prepared, outcome, table, started) -> dict:
+def _manifest(config, parts: Prepared, outcome, table, started, dtype: str) -> dict:
     import peft
     import torch
     import transformers
@@ -362,6 +370,7 @@ def _manifest(config, parts: Prepared, outcome, table, started) -> dict:
         "base_model": parts.base.name,
         "method": config.method,
         "prompt_format": parts.setup.format,
+        "dtype": dtype,
         "stop_token_ids": list(parts.setup.stop_token_ids),
         "hyperparameters": config.to_dict(),
         "data": {

@@ -84,6 +84,23 @@ def embedded_model_dir(cache_dir: Path | None = None) -> Path:
     return target
 
 
+FLOAT_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def stored_dtype(base: BaseModel, trust_remote_code: bool) -> str:
+    """The floating type the base model's weights are published in (config.json's `torch_dtype`, or `dtype` in
+    newer Transformers); float32 when it says nothing usable. Reads the config only, never the weights."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(base.path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise UserError(f"could not read the configuration of the base model {base.name!r}: {e}") from e
+    declared = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    name = str(declared).removeprefix("torch.") if declared is not None else ""
+    return name if name in FLOAT_DTYPES else "float32"
+
+
 def load_tokenizer(base: BaseModel, trust_remote_code: bool):
     from transformers import AutoTokenizer
 
