@@ -64,3 +64,13 @@ def test_collator_pads_right_with_ignored_labels():
     assert batch["input_ids"].tolist() == [[5, 6, 7], [5, 0, 0]]
     assert batch["labels"].tolist() == [[-100, 6, 7], [5, -100, -100]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+
+
+def test_a_gpt_neox_tokenizers_padding_token_is_the_pad_and_nothing_is_added():
+    """dolly-v2's tokenizer: `<|endoftext|>` is EOS, `<|padding|>` is in the vocabulary but not set as pad."""
+    tokenizer = build_tiny_tokenizer(chat_template=False)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|padding|>"]})
+    tokenizer.eos_token = "<|endoftext|>"
+    tokenizer.pad_token = None
+    setup = prepare_tokenizer(tokenizer, "dolly")
+    assert tokenizer.pad_token == "<|padding|>" and setup.added_tokens == 0  # no embedding resize

@@ -33,7 +33,9 @@ DOLLY_CHAT_TEMPLATE = (
     "{% endif %}{% endfor %}"
     "{% if add_generation_prompt %}{{ '### Response:\\n' }}{% endif %}"
 )
-FALLBACK_PAD_TOKENS = ("<|endoftext|>", "<|pad|>", "<pad>", "[PAD]")
+# A pad token the vocabulary already has, tried in order before one is added (which resizes the embeddings):
+# GPT-NeoX tokenizers (dolly-v2) carry `<|padding|>`.
+FALLBACK_PAD_TOKENS = ("<|padding|>", "<|endoftext|>", "<|pad|>", "<pad>", "[PAD]")
 
 
 @dataclass(frozen=True)
