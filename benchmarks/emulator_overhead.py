@@ -253,7 +253,7 @@ def run(args) -> list[dict]:
             emulator_port = free_port()
             emulator = [sys.executable, "-m", "runtime_emulator", "--port", str(emulator_port)]
             emulator += ["--endpoint", f"bench=http://127.0.0.1:{container_port}", "--log-level", "WARNING"]
-            procs.append(subprocess.Popen(emulator, env={**os.environ, "PYTHONPATH": str(REPO / "local")}))
+            procs.append(subprocess.Popen(emulator))
             wait_for(emulator_port, "/ping", procs[-1])
             direct = Side("direct", container_port, "/invocations", "/invocations")
             emulated = Side(

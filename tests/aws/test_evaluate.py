@@ -50,7 +50,7 @@ def emulator(servers, tmp_path_factory) -> str:
         "emulator",
         [sys.executable, "-m", "runtime_emulator", "--config", str(config)],
         f"{url}/ping",
-        env={"PYTHONPATH": str(REPO / "local"), "RUNTIME_EMULATOR_PORT": str(ports["emulator"])},
+        env={"RUNTIME_EMULATOR_PORT": str(ports["emulator"])},
     )
     return url
 

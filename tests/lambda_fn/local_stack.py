@@ -39,7 +39,6 @@ def free_port() -> int:
 def base_env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "APIGW_", "LAMBDA_"))}
     env.update(FAKE_CREDS)
-    env["PYTHONPATH"] = str(REPO / "local")
     env.update(extra)
     return env
 

@@ -121,7 +121,7 @@ def stack(tmp_path_factory):
             "emulator",
             [sys.executable, "-m", "runtime_emulator", "--config", str(config_path)],
             f"{emulator_url}/ping",
-            env={"PYTHONPATH": str(REPO / "local"), "RUNTIME_EMULATOR_PORT": str(ports["emulator"])},
+            env={"RUNTIME_EMULATOR_PORT": str(ports["emulator"])},
         )
         yield {"url": emulator_url, "container_url": url("tuned"), "doomed": doomed, "log_dir": tmp}
     finally:

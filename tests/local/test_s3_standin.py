@@ -41,7 +41,6 @@ def _free_port() -> int:
 def _env(endpoint: str | None = None) -> dict[str, str]:
     env = {
         **os.environ,
-        "PYTHONPATH": str(REPO / "local"),
         "AWS_ACCESS_KEY_ID": "local",
         "AWS_SECRET_ACCESS_KEY": "local",
         "AWS_DEFAULT_REGION": "us-east-1",
