@@ -263,3 +263,41 @@ def test_chat_stream_deltas_join_to_the_message(scripted_client, stop):
     assert not any("\ufffd" in delta for delta in deltas)
     assert "".join(deltas) == expected
     assert frames[-2]["choices"][0]["finish_reason"] == "stop"
+
+
+def test_the_artifacts_own_stop_strings_end_every_answer(tiny_model_dir, tmp_path):
+    """A several-token end marker (Dolly's `### End` in a vocabulary without it) travels in the artifact's
+    generation_config.json as `stop_strings`; the server ends every answer there, whatever the request says."""
+    import shutil
+
+    from serve.artifact import load_artifact
+    from serve.config import ServeConfig
+    from serve.predictor import Predictor
+    from transformers import GenerationConfig
+
+    artifact = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, artifact)
+    generation = GenerationConfig.from_pretrained(artifact)
+    generation.stop_strings = ["wö"]
+    generation.save_pretrained(artifact)
+
+    def loader(model_dir, config):
+        loaded = load_artifact(model_dir, config)
+        script = loaded.tokenizer(TEXT, add_special_tokens=False).input_ids
+        loaded.model = ScriptedModel(loaded.model, script, loaded.tokenizer.eos_token_id, len(loaded.tokenizer))
+        return loaded
+
+    predictor = Predictor(ServeConfig(model_dir=artifact, max_batch_size=8, torch_threads=1), loader=loader)
+    predictor.load_now()
+    assert predictor.ready, predictor.reason
+    try:
+        assert predictor.loaded.stop_strings == ("wö",)
+        predictor.loaded.model.prompt_length = len(predictor.encode_raw(PROMPT))
+        client = create_app(predictor.config, predictor=predictor).test_client()
+        for stop in ([], ["😀"]):  # the request's own stop strings still apply, the artifact's too
+            parameters = {"apply_chat_template": False, "max_new_tokens": 100, "stop": stop, "details": True}
+            [reply] = client.post("/invocations", json={"inputs": PROMPT, "parameters": parameters}).get_json()
+            assert reply["generated_text"] == TEXT[: TEXT.find(stop[0] if stop else "wö")]
+            assert reply["details"]["finish_reason"] == "stop_sequence"
+    finally:
+        predictor.engine.stop()

@@ -74,3 +74,17 @@ def test_a_gpt_neox_tokenizers_padding_token_is_the_pad_and_nothing_is_added():
     tokenizer.pad_token = None
     setup = prepare_tokenizer(tokenizer, "dolly")
     assert tokenizer.pad_token == "<|padding|>" and setup.added_tokens == 0  # no embedding resize
+
+
+def test_a_several_token_dolly_end_marker_becomes_a_stop_string():
+    tokenizer = build_tiny_tokenizer(chat_template=False)  # byte-level: "### End" is 7 tokens
+    setup = prepare_tokenizer(tokenizer, "dolly")
+    assert setup.stop_token_ids == (tokenizer.eos_token_id,) and setup.stop_strings == (DOLLY_END,)
+
+
+def test_evaluation_cuts_answers_at_the_first_stop_string():
+    from trainer.evaluation import cut_at_stop
+
+    assert cut_at_stop("Yes.\n\n### End more", ["### End"]) == "Yes.\n\n"
+    assert cut_at_stop("a STOP b END", ["END", "STOP"]) == "a "
+    assert cut_at_stop("no marker", ["### End"]) == "no marker" == cut_at_stop("no marker", [])

@@ -82,6 +82,11 @@ def test_model_and_validation_channels_full_fine_tuning_raw_encoding(tmp_path, t
     assert manifest["metrics"]["validation"]["count"] == 4
     template = (job / "model" / "chat_template.jinja").read_text()
     assert "### Instruction:" in template and "### End" in template
+    # "### End" is several tokens in this vocabulary: it travels as a stop string, for the server to end on.
+    from transformers import GenerationConfig
+
+    assert GenerationConfig.from_pretrained(job / "model").stop_strings == ["### End"]
+    assert manifest["stop_strings"] == ["### End"]
 
 
 @pytest.mark.parametrize(

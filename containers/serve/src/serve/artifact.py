@@ -38,6 +38,9 @@ class LoadedModel:
     eos_token_ids: list[int]
     context_length: int
     name: str
+    # End markers the artifact's generation_config.json names as text (several tokens each): every answer ends
+    # before them, as it ends at an end token.
+    stop_strings: tuple[str, ...] = ()
 
 
 def load_artifact(model_dir: Path, config: ServeConfig) -> LoadedModel:
@@ -80,7 +83,17 @@ def load_artifact(model_dir: Path, config: ServeConfig) -> LoadedModel:
     if device == "cpu":
         _choose_cpu_matmul(model, config.cpu_matmul)
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_source, trust_remote_code=trust)
-    return LoadedModel(model, tokenizer, _eos_ids(model, tokenizer), _context_length(model, tokenizer, config), name)
+    stop_strings = getattr(getattr(model, "generation_config", None), "stop_strings", None) or ()
+    if isinstance(stop_strings, str):
+        stop_strings = (stop_strings,)
+    return LoadedModel(
+        model,
+        tokenizer,
+        _eos_ids(model, tokenizer),
+        _context_length(model, tokenizer, config),
+        name,
+        tuple(stop_strings),
+    )
 
 
 def _choose_cpu_matmul(model: Any, setting: str) -> None:

@@ -10,6 +10,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -142,6 +143,8 @@ class Predictor:
         return prompt_ids
 
     def submit(self, prompt_ids: list[int], params: SamplingParams) -> GenerationHandle:
-        assert self.engine is not None
+        assert self.engine is not None and self.loaded is not None
         deadline = time.monotonic() + self.config.generation_budget_s
+        if self.loaded.stop_strings:  # the artifact's own end markers end every answer, after the request's
+            params = replace(params, stop=tuple(dict.fromkeys((*params.stop, *self.loaded.stop_strings))))
         return self.engine.submit(prompt_ids, params, deadline=deadline)

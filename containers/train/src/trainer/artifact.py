@@ -23,7 +23,7 @@ def merge_for_serving(model):
     return model
 
 
-def save_artifact(model, tokenizer, stop_token_ids, model_dir: Path, manifest: dict) -> Path:
+def save_artifact(model, tokenizer, stop_token_ids, model_dir: Path, manifest: dict, stop_strings=()) -> Path:
     from transformers import GenerationConfig
 
     model_dir.mkdir(parents=True, exist_ok=True)
@@ -35,6 +35,7 @@ def save_artifact(model, tokenizer, stop_token_ids, model_dir: Path, manifest: d
     model.generation_config = GenerationConfig(
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=list(stop_token_ids),
+        stop_strings=list(stop_strings) or None,  # servers cut the answer there (serve reads it)
         pad_token_id=tokenizer.pad_token_id,
         do_sample=False,
         max_new_tokens=256,

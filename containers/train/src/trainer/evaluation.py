@@ -83,6 +83,12 @@ def latency_summary(latencies_s: Sequence[float]) -> dict[str, float]:
     return {"p50_ms": rank(50), "p90_ms": rank(90), "p99_ms": rank(99), "count": len(ordered)}
 
 
+def cut_at_stop(text: str, stop_strings: Sequence[str]) -> str:
+    """The answer before the first stop string in it, as a server returns it."""
+    cut = min((at for at in (text.find(s) for s in stop_strings) if at != -1), default=len(text))
+    return text[:cut]
+
+
 def generate_answers(
     model,
     tokenizer,
@@ -91,6 +97,7 @@ def generate_answers(
     max_new_tokens: int,
     batch_size: int,
     stop_token_ids: Sequence[int],
+    stop_strings: Sequence[str] = (),
     progress: Callable[[int, int], None] | None = None,
     should_stop: Callable[[], bool] = _never,
 ) -> list[str]:
@@ -123,11 +130,14 @@ def generate_answers(
                     eos_token_id=list(stop_token_ids),
                     pad_token_id=tokenizer.pad_token_id,
                     stopping_criteria=StoppingCriteriaList([StopRequested()]),
+                    # Several-token end markers end a row early too; the text is cut at them below.
+                    **({"stop_strings": list(stop_strings), "tokenizer": tokenizer} if stop_strings else {}),
                 )
             if should_stop():
                 raise EvaluationStopped(f"stopped after {len(answers)} of {len(prompts)} answers")
             new_tokens = output[:, batch["input_ids"].shape[1] :]
-            answers.extend(t.strip() for t in tokenizer.batch_decode(new_tokens, skip_special_tokens=True))
+            texts = tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+            answers.extend(cut_at_stop(text, stop_strings).strip() for text in texts)
             if progress:
                 progress(len(answers), len(prompts))
     finally:
@@ -174,6 +184,7 @@ def evaluate_model(
     stop_token_ids,
     max_new_tokens: int,
     batch_size: int,
+    stop_strings: Sequence[str] = (),
     should_stop: Callable[[], bool] = _never,
 ) -> dict:
     """Loss/perplexity and answer quality on each named EvalSet; EvaluationStopped when should_stop()."""
@@ -191,6 +202,7 @@ def evaluate_model(
             max_new_tokens=max_new_tokens,
             batch_size=batch_size,
             stop_token_ids=stop_token_ids,
+            stop_strings=stop_strings,
             progress=progress,
             should_stop=should_stop,
         )

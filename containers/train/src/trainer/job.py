@@ -170,7 +170,9 @@ def run(config: TrainConfig, job: Job, cache_dir: Path, stop_requested: threadin
     save_dtype = _artifact_dtype(config, parts.base)
     manifest = _manifest(config, parts, outcome, table, started, save_dtype)
     final_model = final_model.to("cpu", dtype=getattr(torch, save_dtype))
-    save_artifact(final_model, parts.tokenizer, parts.setup.stop_token_ids, job.model_dir, manifest)
+    save_artifact(
+        final_model, parts.tokenizer, parts.setup.stop_token_ids, job.model_dir, manifest, parts.setup.stop_strings
+    )
     log.info("artifact written to %s (%s)", job.model_dir, save_dtype)
 
     out = job.output_data_dir
@@ -245,6 +247,7 @@ def _evaluator(parts: Prepared, config: TrainConfig, stop_requested: threading.E
                 sets=parts.eval_sets,
                 collator=parts.collator,
                 stop_token_ids=parts.setup.stop_token_ids,
+                stop_strings=parts.setup.stop_strings,
                 max_new_tokens=config.eval_max_new_tokens,
                 batch_size=config.eval_batch_size,
                 should_stop=stop_requested.is_set,
@@ -372,6 +375,7 @@ def _manifest(config, parts: Prepared, outcome, table, started, dtype: str) -> d
         "prompt_format": parts.setup.format,
         "dtype": dtype,
         "stop_token_ids": list(parts.setup.stop_token_ids),
+        "stop_strings": list(parts.setup.stop_strings),
         "hyperparameters": config.to_dict(),
         "data": {
             "train_examples": len(parts.datasets.train),

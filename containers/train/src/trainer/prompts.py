@@ -43,6 +43,8 @@ class PromptSetup:
     format: str
     stop_token_ids: tuple[int, ...]
     added_tokens: int  # > 0 means the model's embeddings must be resized
+    # End markers that are several tokens in this vocabulary, so no stop token can stand for them.
+    stop_strings: tuple[str, ...] = ()
 
 
 def choose_format(requested: str, tokenizer, model_id: str) -> str:
@@ -70,12 +72,14 @@ def prepare_tokenizer(tokenizer, prompt_format: str) -> PromptSetup:
         else:
             added += tokenizer.add_special_tokens({"pad_token": "<|pad|>"})
     tokenizer.padding_side = "left"  # generation-friendly default for the artifact; training pads itself
-    stops = [tokenizer.eos_token_id]
+    stops, stop_strings = [tokenizer.eos_token_id], ()
     if prompt_format == "dolly":
         end_ids = tokenizer.encode(DOLLY_END, add_special_tokens=False)
         if len(end_ids) == 1:  # dolly-v2 tokenizers carry "### End" as one special token
             stops.insert(0, end_ids[0])
-    return PromptSetup(prompt_format, tuple(stops), added)
+        else:  # elsewhere it is text: the artifact carries it as a stop string (generation_config.json)
+            stop_strings = (DOLLY_END,)
+    return PromptSetup(prompt_format, tuple(stops), added, stop_strings)
 
 
 def user_message(example: Example) -> dict[str, str]:
