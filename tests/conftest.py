@@ -6,7 +6,7 @@ import os
 import shutil
 
 import pytest
-from fixtures.tiny_model import build_tiny_model
+from fixtures.tiny_model import build_tiny_dolly_model, build_tiny_model
 
 
 @pytest.fixture(scope="session")
@@ -19,6 +19,12 @@ def tiny_model_dir(tmp_path_factory):
 def tiny_plain_model_dir(tmp_path_factory):
     """A tiny Llama whose tokenizer has no chat template (Dolly / GPT-NeoX-like). Read-only."""
     return build_tiny_model(tmp_path_factory.mktemp("tiny-plain-model"), chat_template=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_dolly_model_dir(tmp_path_factory):
+    """A tiny GPT-NeoX whose tokenizer mirrors databricks/dolly-v2's (see build_tiny_dolly_model). Read-only."""
+    return build_tiny_dolly_model(tmp_path_factory.mktemp("tiny-dolly-model"))
 
 
 def pytest_collection_modifyitems(config, items):
