@@ -5,7 +5,7 @@ docs/reliability.md."""
 from __future__ import annotations
 
 import pytest
-from reliability.helpers import RunningStack, free_ports
+from reliability.helpers import RunningStack, free_ports, started_stack
 
 pytestmark = pytest.mark.slow
 
@@ -13,13 +13,8 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory, tiny_model_dir):
     """The stack as `python -m stack_runner up` starts it, with the tiny model, on free ports."""
-    running = RunningStack(tmp_path_factory.mktemp("stack"), free_ports())
-    try:
-        running.start_serving(tiny_model_dir)
-        running.start_front()
+    with started_stack(tmp_path_factory.mktemp("stack"), tiny_model_dir) as running:
         yield running
-    finally:
-        running.stop()
 
 
 @pytest.fixture(scope="module")

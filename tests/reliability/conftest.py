@@ -7,7 +7,7 @@ with tiny models, so these tests exercise the processes a developer runs.
 from __future__ import annotations
 
 import pytest
-from reliability.helpers import RunningStack, free_ports
+from reliability.helpers import started_stack
 from serve import create_app
 from serve.config import ServeConfig
 from serve.predictor import Predictor
@@ -48,11 +48,5 @@ def serve_client(serve_app):
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory, tiny_model_dir):
-    """serve (gunicorn, tiny model) -> endpoint emulator -> Lambda emulator -> API Gateway emulator."""
-    running = RunningStack(tmp_path_factory.mktemp("stack"), free_ports())
-    try:
-        running.start_serving(tiny_model_dir)
-        running.start_front()
+    with started_stack(tmp_path_factory.mktemp("stack"), tiny_model_dir) as running:
         yield running
-    finally:
-        running.stop()

@@ -10,6 +10,7 @@ import signal
 import socket
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -223,3 +224,15 @@ class RunningStack:
 
     def stop(self) -> None:
         self.stack.stop(grace=20)
+
+
+@contextmanager
+def started_stack(workdir: Path, model_dir: Path):
+    """serve (gunicorn, tiny model) -> endpoint emulator -> Lambda emulator -> API Gateway emulator, stopped after."""
+    running = RunningStack(workdir, free_ports())
+    try:
+        running.start_serving(model_dir)
+        running.start_front()
+        yield running
+    finally:
+        running.stop()
