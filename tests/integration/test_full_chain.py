@@ -45,8 +45,14 @@ def stack(tmp_path_factory, tiny_model_dir, tiny_plain_model_dir):
 
 
 def test_both_variants_answer_through_the_public_api(stack):
-    seen = {ask(stack, f"What is SageMaker? ({i})")["variant"] for i in range(20)}
-    assert seen == {"tuned", "base"}  # an 80/20 split: 20 requests see both with near certainty (1 - 0.8^20)
+    # An 80/20 split: 20 requests missed "base" about once in 90 runs (0.8^20); ask until both have answered,
+    # up to 100 requests (a miss is then a 2e-10 event, or a broken split).
+    seen: set[str] = set()
+    for i in range(100):
+        seen.add(ask(stack, f"What is SageMaker? ({i})")["variant"])
+        if seen == {"tuned", "base"}:
+            break
+    assert seen == {"tuned", "base"}
 
 
 def test_a_person_asks_on_the_page_and_reads_the_answer(stack, browser):  # noqa: F811
