@@ -202,7 +202,7 @@ def drive(
 
 def start_stack(model_dir: Path, lambda_concurrency: int):
     """The stack as processes on free loopback ports; returns (Stack, api_url, invocations_url)."""
-    from stack_runner.__main__ import Ports, Stack, endpoint_config, python_env
+    from stack_runner.__main__ import Ports, Stack, endpoint_config, start_gateway_path
 
     def free() -> int:
         with socket.socket() as s:
@@ -236,59 +236,7 @@ def start_stack(model_dir: Path, lambda_concurrency: int):
         },
     )
     stack.wait_healthy("serve", f"http://127.0.0.1:{ports.serve}/ping", 300)
-    config = endpoint_config(ports, ab=False)
-    (workdir / "endpoints.json").write_text(json.dumps(config))
-    stack.start(
-        "runtime-emulator",
-        [
-            sys.executable,
-            "-m",
-            "runtime_emulator",
-            "--config",
-            str(workdir / "endpoints.json"),
-            "--port",
-            str(ports.runtime_emulator),
-        ],
-        python_env(),
-    )
-    stack.start(
-        "lambda",
-        [
-            sys.executable,
-            "-m",
-            "lambda_runtime_emulator",
-            "--port",
-            str(ports.lambda_runtime),
-            "--handler",
-            "qa_function.handler.handler",
-            "--task-root",
-            "lambda/src",
-            "--timeout",
-            "29",
-            "--max-concurrency",
-            str(lambda_concurrency),
-            "--prewarm",
-        ],
-        python_env(
-            ENDPOINT_NAME=ENDPOINT, AWS_ENDPOINT_URL_SAGEMAKER_RUNTIME=f"http://127.0.0.1:{ports.runtime_emulator}"
-        ),
-    )
-    stack.start(
-        "apigw",
-        [
-            sys.executable,
-            "-m",
-            "apigw_emulator",
-            "--port",
-            str(ports.apigw),
-            "--lambda-endpoint-url",
-            f"http://127.0.0.1:{ports.lambda_runtime}",
-        ],
-        python_env(),
-    )
-    stack.wait_healthy("runtime-emulator", f"http://127.0.0.1:{ports.runtime_emulator}/ping", 30)
-    stack.wait_healthy("lambda", f"http://127.0.0.1:{ports.lambda_runtime}/_emulator/health", 60)
-    stack.wait_healthy("apigw", f"http://127.0.0.1:{ports.apigw}/_emulator/health", 30)
+    start_gateway_path(stack, ports, endpoint_config(ports, ab=False), lambda_concurrency=lambda_concurrency)
     return stack, f"http://127.0.0.1:{ports.apigw}/prod", f"http://127.0.0.1:{ports.serve}"
 
 

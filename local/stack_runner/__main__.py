@@ -211,53 +211,67 @@ def start_serving(stack: Stack, name: str, model_dir: Path, port: int) -> None:
     )
 
 
-def start_front(stack: Stack, ports: Ports, ab: bool, api_key: str | None) -> None:
+def start_gateway_path(
+    stack: Stack,
+    ports: Ports,
+    endpoints: dict,
+    *,
+    lambda_concurrency: int = 8,
+    allow_origin: str | None = None,
+    apigw_args: tuple[str, ...] = (),
+    prewarm: bool = True,
+) -> None:
+    """Endpoint emulator (with `endpoints` as its config) -> the Lambda, lambda/ unmodified -> API Gateway,
+    started and waited for. `allow_origin`: the page's origin, for CORS and the gateway's own error responses."""
     config_path = stack.workdir / "endpoints.json"
-    config_path.write_text(json.dumps(endpoint_config(ports, ab), indent=2))
+    config_path.write_text(json.dumps(endpoints, indent=2))
     stack.start(
         "runtime-emulator",
         [sys.executable, "-m", "runtime_emulator", "--config", str(config_path), "--port", str(ports.runtime_emulator)],
         python_env(),
     )
-    web_origin = f"http://127.0.0.1:{ports.web}"
-    stack.start(
-        "lambda",
-        [
-            sys.executable,
-            "-m",
-            "lambda_runtime_emulator",
-            "--port",
-            str(ports.lambda_runtime),
-            "--handler",
-            "qa_function.handler.handler",
-            "--task-root",
-            "lambda/src",
-            "--timeout",
-            "29",
-            "--max-concurrency",
-            "8",
-            "--prewarm",
-        ],
-        python_env(
-            ENDPOINT_NAME=ENDPOINT_NAME,
-            CORS_ALLOW_ORIGINS=web_origin,
-            AWS_ENDPOINT_URL_SAGEMAKER_RUNTIME=f"http://127.0.0.1:{ports.runtime_emulator}",
-        ),
-    )
-    apigw = [
+    lambda_command = [
         sys.executable,
         "-m",
-        "apigw_emulator",
+        "lambda_runtime_emulator",
         "--port",
-        str(ports.apigw),
-        "--lambda-endpoint-url",
-        f"http://127.0.0.1:{ports.lambda_runtime}",
-        "--gateway-responses-allow-origin",
-        web_origin,
+        str(ports.lambda_runtime),
+        "--handler",
+        "qa_function.handler.handler",
+        "--task-root",
+        "lambda/src",
+        "--timeout",
+        "29",
+        "--max-concurrency",
+        str(lambda_concurrency),
+        *(["--prewarm"] if prewarm else []),
     ]
-    if api_key:
-        apigw += ["--api-keys", api_key]
+    origin = {"CORS_ALLOW_ORIGINS": allow_origin} if allow_origin else {}
+    runtime_url = f"http://127.0.0.1:{ports.runtime_emulator}"
+    stack.start(
+        "lambda",
+        lambda_command,
+        python_env(ENDPOINT_NAME=ENDPOINT_NAME, AWS_ENDPOINT_URL_SAGEMAKER_RUNTIME=runtime_url, **origin),
+    )
+    apigw = [sys.executable, "-m", "apigw_emulator", "--port", str(ports.apigw)]
+    apigw += ["--lambda-endpoint-url", f"http://127.0.0.1:{ports.lambda_runtime}", *apigw_args]
+    if allow_origin:
+        apigw += ["--gateway-responses-allow-origin", allow_origin]
     stack.start("apigw", apigw, python_env())
+    stack.wait_healthy("runtime-emulator", f"{runtime_url}/ping", 30)
+    stack.wait_healthy("lambda", f"http://127.0.0.1:{ports.lambda_runtime}/_emulator/health", 60)
+    stack.wait_healthy("apigw", f"http://127.0.0.1:{ports.apigw}/_emulator/health", 30)
+
+
+def start_front(stack: Stack, ports: Ports, ab: bool, api_key: str | None) -> None:
+    """The gateway path, then the page (static site standing in for CloudFront)."""
+    start_gateway_path(
+        stack,
+        ports,
+        endpoint_config(ports, ab),
+        allow_origin=f"http://127.0.0.1:{ports.web}",
+        apigw_args=("--api-keys", api_key) if api_key else (),
+    )
     stack.start(
         "web",
         [
@@ -273,9 +287,6 @@ def start_front(stack: Stack, ports: Ports, ab: bool, api_key: str | None) -> No
         ],
         python_env(),
     )
-    stack.wait_healthy("runtime-emulator", f"http://127.0.0.1:{ports.runtime_emulator}/ping", 30)
-    stack.wait_healthy("lambda", f"http://127.0.0.1:{ports.lambda_runtime}/_emulator/health", 60)
-    stack.wait_healthy("apigw", f"http://127.0.0.1:{ports.apigw}/_emulator/health", 30)
     stack.wait_healthy("web", f"http://127.0.0.1:{ports.web}/index.html", 30)
 
 

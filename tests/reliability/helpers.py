@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from stack_runner.__main__ import REPO, Ports, Stack, endpoint_config, python_env
+from stack_runner.__main__ import REPO, Ports, Stack, endpoint_config, start_gateway_path
 
 ENDPOINT_NAME = "faq-assistant"
 SERVE = REPO / "containers" / "serve" / "serve"
@@ -143,66 +143,18 @@ class RunningStack:
         throttle: tuple[float, int] | None = None,
         allow_origin: str = "http://127.0.0.1:8000",
     ) -> None:
-        ports = self.ports
-        config_path = self.workdir / "endpoints.json"
-        config = endpoint_config(ports, ab=False)
+        config = endpoint_config(self.ports, ab=False)
         config["endpoints"] = {ENDPOINT_NAME: config["endpoints"][ENDPOINT_NAME]}
-        config_path.write_text(json.dumps(config))
-        self.stack.start(
-            "runtime-emulator",
-            [
-                sys.executable,
-                "-m",
-                "runtime_emulator",
-                "--config",
-                str(config_path),
-                "--port",
-                str(ports.runtime_emulator),
-            ],
-            python_env(),
+        throttling = ("--throttle-rate", str(throttle[0]), "--throttle-burst", str(throttle[1])) if throttle else ()
+        start_gateway_path(
+            self.stack,
+            self.ports,
+            config,
+            lambda_concurrency=lambda_concurrency,
+            allow_origin=allow_origin,
+            apigw_args=(*(("--api-keys", api_key) if api_key else ()), *throttling),
+            prewarm=False,
         )
-        self.stack.start(
-            "lambda",
-            [
-                sys.executable,
-                "-m",
-                "lambda_runtime_emulator",
-                "--port",
-                str(ports.lambda_runtime),
-                "--handler",
-                "qa_function.handler.handler",
-                "--task-root",
-                "lambda/src",
-                "--timeout",
-                "29",
-                "--max-concurrency",
-                str(lambda_concurrency),
-            ],
-            python_env(
-                ENDPOINT_NAME=ENDPOINT_NAME,
-                CORS_ALLOW_ORIGINS=allow_origin,
-                AWS_ENDPOINT_URL_SAGEMAKER_RUNTIME=f"http://127.0.0.1:{ports.runtime_emulator}",
-            ),
-        )
-        apigw = [
-            sys.executable,
-            "-m",
-            "apigw_emulator",
-            "--port",
-            str(ports.apigw),
-            "--lambda-endpoint-url",
-            f"http://127.0.0.1:{ports.lambda_runtime}",
-            "--gateway-responses-allow-origin",
-            allow_origin,
-        ]
-        if api_key:
-            apigw += ["--api-keys", api_key]
-        if throttle:
-            apigw += ["--throttle-rate", str(throttle[0]), "--throttle-burst", str(throttle[1])]
-        self.stack.start("apigw", apigw, python_env())
-        self.stack.wait_healthy("runtime-emulator", f"http://127.0.0.1:{ports.runtime_emulator}/ping", 30)
-        self.stack.wait_healthy("lambda", f"http://127.0.0.1:{ports.lambda_runtime}/_emulator/health", 60)
-        self.stack.wait_healthy("apigw", f"http://127.0.0.1:{ports.apigw}/_emulator/health", 30)
 
     # ----- calls -----
 
