@@ -5,33 +5,19 @@ processes (tiny models) in two production variants. Started by the same code as 
 from __future__ import annotations
 
 import re
-import socket
 
 import pytest
-from stack_runner.__main__ import Ports, Stack, ask, start_front, start_serving
+from reliability.helpers import free_ports
+from stack_runner.__main__ import Stack, ask, start_front, start_serving
 from web.test_chat_page import ask as ask_in_page
 from web.test_chat_page import browser, screenshot  # noqa: F401 - fixtures shared with the page's own tests
 
 pytestmark = [pytest.mark.slow, pytest.mark.browser]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory, tiny_model_dir, tiny_plain_model_dir):
-    ports = Ports(
-        web=free_port(),
-        apigw=free_port(),
-        lambda_runtime=free_port(),
-        runtime_emulator=free_port(),
-        serve=free_port(),
-        serve_base=free_port(),
-        s3=free_port(),
-    )
+    ports = free_ports()
     running = Stack(tmp_path_factory.mktemp("stack"))
     try:
         start_serving(running, "serve", tiny_model_dir, ports.serve)
