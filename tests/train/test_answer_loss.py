@@ -144,9 +144,9 @@ def test_training_logs_the_same_losses_as_with_the_reference_loss(tiny, tmp_path
         outcome, _ = training.train(
             _model(model_dir, tokenizer, config),
             tokenizer,
-            encoded,
+            training.training_rows(encoded, config),
             config,
-            tmp_path / name,
+            training.training_arguments(config, tmp_path / name, train_rows=len(encoded)),
             threading.Event(),
             collator,
         )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import socket
 import subprocess
 import sys
@@ -91,3 +92,24 @@ def test_one_process_with_deepspeed_zero3(tmp_path, tiny_model_dir, faq_csv_smal
     assert "--nproc_per_node 1" in result.stdout
     manifest = json.loads((job / "model" / "manifest.json").read_text())
     assert manifest["hyperparameters"]["deepspeed"] == "zero3" and manifest["training"]["steps"] == 2
+
+
+def test_zero3_loads_each_rank_s_shard_only(tmp_path, tiny_model_dir, faq_csv_small):
+    """TrainingArguments exist before the model loads, so from_pretrained runs under zero.Init: with 2 processes
+    each rank holds about half of the parameters from the start, never a whole copy."""
+    hyperparameters = tiny_hyperparameters(
+        tiny_model_dir, deepspeed="zero3", nproc_per_node=2, max_steps=1, per_device_batch_size=2, eval_train_samples=2
+    )
+    job = make_job(tmp_path, hyperparameters, {"train/faq.csv": faq_csv_small})
+    result = run_train(job, timeout=600, env={"SM_MASTER_PORT": str(free_port())})
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    held = {
+        int(rank): (int(part), int(total))
+        for rank, part, total in re.findall(
+            r"ZeRO-3: rank (\d) holds (\d+) of the model's (\d+) parameters", result.stdout + result.stderr
+        )
+    }
+    assert sorted(held) == [0, 1], result.stdout[-4000:]
+    for part, total in held.values():
+        assert 0.45 <= part / total <= 0.55, held
+    assert sum(part for part, _ in held.values()) >= held[0][1]  # together they hold it all

@@ -145,9 +145,9 @@ def test_a_training_run_follows_the_schedule_sized_from_its_own_step_count(tiny_
     outcome, trainer = training.train(
         AutoModelForCausalLM.from_pretrained(tiny_model_dir),
         AutoTokenizer.from_pretrained(tiny_model_dir),
-        rows,
+        training.training_rows(rows, config),
         config,
-        tmp_path,
+        training.training_arguments(config, tmp_path, train_rows=len(rows)),
         threading.Event(),
         CompletionCollator(pad_token_id=0),
     )

@@ -85,6 +85,12 @@ class TrainConfig:
     )
     per_device_batch_size: int = _hp(1, "Sequences per device per step.", minimum=1)
     gradient_accumulation_steps: int = _hp(1, "Micro-batches accumulated per optimizer step.", minimum=1)
+    packing: str = _hp(
+        "auto",
+        "Pack several examples into each row of up to `max_seq_length` tokens, with no padding and no attention "
+        "across examples; `per_device_batch_size` then counts rows. `auto` packs on GPUs.",
+        choices=("auto", "true", "false"),
+    )
     gradient_checkpointing: bool = _hp(False, "Recompute activations in the backward pass: less memory, ~30% slower.")
     seed: int = _hp(42, "Seed for data split, shuffling and initialisation.")
 
@@ -123,7 +129,11 @@ class TrainConfig:
 
     # > Hardware and distribution
     deepspeed: str = _hp(
-        "none", "DeepSpeed ZeRO stage, from the checked-in configs in configs/.", choices=("none", "zero2", "zero3")
+        "none",
+        "DeepSpeed ZeRO stage, from the checked-in configs in configs/: `zero2` shards optimizer state and "
+        "gradients, `zero3` the parameters too (each rank loads only its shard), `zero3_offload` also keeps the "
+        "parameters and optimizer state in CPU memory (full fine-tuning of a 3B model on one 24 GB GPU).",
+        choices=("none", "zero2", "zero3", "zero3_offload"),
     )
     nproc_per_node: int = _hp(0, "Processes per host; 0 means one per GPU, or 1 on CPU.", minimum=0)
     precision: str = _hp(
@@ -176,6 +186,11 @@ class TrainConfig:
         if self.lora_train_token_embeddings == "auto":
             return self.method == "lora" and self.deepspeed == "none"
         return self.lora_train_token_embeddings == "true"
+
+    @property
+    def shards_parameters(self) -> bool:
+        """ZeRO-3: each rank holds a shard of the weights, from loading until the final save gathers them."""
+        return self.deepspeed in ("zero3", "zero3_offload")
 
     @property
     def lora_targets(self) -> str | list[str]:

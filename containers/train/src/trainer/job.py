@@ -115,7 +115,6 @@ def run(config: TrainConfig, job: Job, cache_dir: Path, stop_requested: threadin
     train_set = _encode(parts.tokenizer, parts.datasets.train, config.max_seq_length, "training")
     evaluate_in_job = config.evaluation == "in_job" and rank.is_main and bool(parts.eval_sets)
 
-    model = _load_for_prompt_format(parts, config)
     resume = "Run the job again with the same checkpoint location to resume."
     evaluate = _evaluator(
         parts,
@@ -128,21 +127,24 @@ def run(config: TrainConfig, job: Job, cache_dir: Path, stop_requested: threadin
     )
     base_results: dict = {}
     if evaluate_in_job and config.eval_base_model:
-        base_results = _cached_base_eval(job.checkpoint_dir, lambda: evaluate(model, "base"))
+        # A model of its own, loaded whole and freed after: under ZeRO-3 the training copy is sharded.
+        base_results = _cached_base_eval(
+            job.checkpoint_dir, lambda: evaluate(_load_for_prompt_format(parts, config), "base")
+        )
 
+    rows = training.training_rows(train_set, config)
+    # Before the model: under ZeRO-3 these arguments make from_pretrained load each rank's shard only.
+    args = training.training_arguments(config, job.checkpoint_dir, train_rows=len(rows), world_size=rank.world_size)
+    if config.shards_parameters:
+        training.start_sharded_loading(args)
+    model = _load_for_prompt_format(parts, config)
+    if config.shards_parameters:
+        _log_shard(model, rank)
     if config.method == "lora":
         data_tokens = {t for e in train_set for t in e["input_ids"]} if config.train_token_embeddings else ()
         model = training.apply_lora(model, config, token_ids=data_tokens)
-    outcome, trainer = training.train(
-        model,
-        parts.tokenizer,
-        train_set,
-        config,
-        job.checkpoint_dir,
-        stop_requested,
-        parts.collator,
-        world_size=rank.world_size,
-    )
+    collator = prompts.PackedCollator(parts.tokenizer.pad_token_id) if training.use_packing(config) else parts.collator
+    outcome, trainer = training.train(model, parts.tokenizer, rows, config, args, stop_requested, collator)
     if outcome.interrupted:
         raise TrainingInterrupted(
             f"stopped by SIGTERM at step {outcome.global_step}; checkpoint saved in {job.checkpoint_dir}. "
@@ -221,11 +223,28 @@ def _artifact_dtype(config: TrainConfig, base: BaseModel) -> str:
 
 
 def _load_for_prompt_format(parts: Prepared, config: TrainConfig):
+    from transformers import set_seed
+
     model = load_model(parts.base, config.trust_remote_code)
     if parts.setup.added_tokens:
+        set_seed(config.seed)  # the new tokens' rows start random: the same rows every time this job loads
         model.resize_token_embeddings(len(parts.tokenizer))
     model.config.pad_token_id = parts.tokenizer.pad_token_id
     return model
+
+
+def _log_shard(model, rank: Rank) -> None:
+    """How much of the model this rank holds after loading under ZeRO-3 (`ds_tensor` is its partition of a
+    parameter, `ds_numel` the whole parameter's size): about 1/world_size when loading was sharded."""
+    held = sum(p.ds_tensor.numel() for p in model.parameters() if hasattr(p, "ds_tensor"))
+    total = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
+    log.info(
+        "ZeRO-3: rank %d holds %d of the model's %d parameters (%.1f%%) after loading",
+        rank.rank,
+        held,
+        total,
+        100 * held / max(total, 1),
+    )
 
 
 def _evaluator(parts: Prepared, config: TrainConfig, stop_requested: threading.Event, when_stopped: dict[str, str]):
@@ -336,7 +355,7 @@ def _cached_base_eval(checkpoint_dir: Path, evaluate) -> dict:
 
 def _final_model(trainer, outcome, config: TrainConfig, base: BaseModel, job: Job, rank: Rank):
     """The trained model on the main rank. Under ZeRO-3 the weights are sharded: gather them through a save."""
-    if config.deepspeed != "zero3":
+    if not config.shards_parameters:
         return outcome.model
     gathered = job.checkpoint_dir / "final-zero3"
     trainer.save_model(str(gathered))  # collective: every rank takes part

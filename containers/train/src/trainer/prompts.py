@@ -14,6 +14,7 @@ distinct from EOS, so the model learns to stop (a classic failure when pad == eo
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 from .data import Example
@@ -134,6 +135,49 @@ class CompletionCollator:
             "input_ids": torch.tensor(input_ids, dtype=torch.long),
             "labels": torch.tensor(labels, dtype=torch.long),
             "attention_mask": torch.tensor(mask, dtype=torch.long),
+        }
+
+
+class PackedCollator:
+    """Batches packed rows (`training_rows` with packing): each row holds several examples, listed by length in
+    `seq_lengths`. Rows are right-padded to the batch's longest; position ids restart at 0 for every example and
+    for the padding, which the model reads as example bounds (see AnswerOnlyLossTrainer.compute_loss).
+    `attention_mask` marks real tokens for the Trainer's token count; the model is not given it. `cu_seq_lens`
+    and `max_seq_len` give the same bounds as cumulative lengths over the rows laid end to end, for attention
+    kernels that take them (trainer.packed_attention)."""
+
+    def __init__(self, pad_token_id: int):
+        self.pad_token_id = pad_token_id
+
+    def __call__(self, features: list[dict]) -> dict:
+        import torch
+
+        longest = max(len(f["input_ids"]) for f in features)
+        input_ids, labels, positions, mask = [], [], [], []
+        bounds = [0]
+        for f in features:
+            pad = longest - len(f["input_ids"])
+            row_labels = list(f["labels"])
+            row_positions, start = [], 0
+            for length in [*f["seq_lengths"], *([pad] if pad else [])]:
+                bounds.append(bounds[-1] + length)
+            for length in f["seq_lengths"]:
+                row_positions += range(length)
+                # The last token of one example must not learn to predict the first of the next. Prompts carry
+                # no labels, so this holds already; kept explicit so that it holds for any data.
+                row_labels[start] = IGNORE_INDEX
+                start += length
+            input_ids.append(list(f["input_ids"]) + [self.pad_token_id] * pad)
+            labels.append(row_labels + [IGNORE_INDEX] * pad)
+            positions.append(row_positions + list(range(pad)))
+            mask.append([1] * len(f["input_ids"]) + [0] * pad)
+        return {
+            "input_ids": torch.tensor(input_ids, dtype=torch.long),
+            "labels": torch.tensor(labels, dtype=torch.long),
+            "position_ids": torch.tensor(positions, dtype=torch.long),
+            "attention_mask": torch.tensor(mask, dtype=torch.long),
+            "cu_seq_lens": torch.tensor(bounds, dtype=torch.int32),
+            "max_seq_len": max(b - a for a, b in itertools.pairwise(bounds)),
         }
 
 

@@ -3,7 +3,9 @@
 What we add to the stock Trainer, and why:
 - the loss runs the LM head on answer tokens only (`prompts.answer_token_loss`): the prompt's logits, a
   vocabulary-sized row per token, are never computed;
-- length-grouped batches, so little compute goes to padding;
+- length-grouped batches, so little compute goes to padding; or, with `packing`, several examples per row
+  with no padding between them (TRL's best-fit packing; position ids restart per example, and Transformers then
+  masks attention so that no example sees another);
 - optional LoRA+ learning rates (B matrices faster than A; `loraplus_lr_ratio`);
 - the warm-up-stable-decay schedule (`lr_scheduler=wsd`), its decay sized from the run's step count;
 - a SIGTERM callback that checkpoints and stops every rank at the same step (SageMaker stop / spot);
@@ -33,7 +35,11 @@ from .token_rows import use_row_sparse_forward
 log = logging.getLogger(__name__)
 
 CONFIGS_DIR = Path(__file__).resolve().parents[2] / "configs"
-DEEPSPEED_CONFIGS = {"zero2": CONFIGS_DIR / "ds_zero2.json", "zero3": CONFIGS_DIR / "ds_zero3.json"}
+DEEPSPEED_CONFIGS = {
+    "zero2": CONFIGS_DIR / "ds_zero2.json",
+    "zero3": CONFIGS_DIR / "ds_zero3.json",
+    "zero3_offload": CONFIGS_DIR / "ds_zero3_offload.json",
+}
 
 
 @dataclass
@@ -58,6 +64,31 @@ def use_bf16(config: TrainConfig) -> bool:
         return True
     # Plain CPUs without native bf16 run bf16 autocast slower than fp32; GPUs since Ampere gain a lot.
     return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+
+
+def use_packing(config: TrainConfig) -> bool:
+    if config.packing == "auto":
+        # On a GPU the padding a batch carries is wasted matrix work; on the CPU the demo's recipe was tuned
+        # unpacked, one example per step, and packing would change what a step is.
+        return torch.cuda.is_available()
+    return config.packing == "true"
+
+
+def training_rows(train_set: list[dict], config: TrainConfig):
+    """The rows the Trainer iterates: one encoded example per row, or with packing several per row of at most
+    `max_seq_length` tokens (best fit decreasing), each row saying its examples' lengths in `seq_lengths`.
+    A `length` column serves the length-grouped sampler."""
+    from datasets import Dataset
+
+    rows = Dataset.from_list(train_set)
+    if use_packing(config):
+        from trl.data_utils import pack_dataset
+
+        rows = pack_dataset(rows, config.max_seq_length, strategy="bfd")
+        log.info(
+            "packing: %d examples in %d rows of at most %d tokens", len(train_set), len(rows), config.max_seq_length
+        )
+    return rows.add_column("length", [len(ids) for ids in rows["input_ids"]])
 
 
 def apply_lora(model, config: TrainConfig, token_ids: Collection[int] = ()):
@@ -119,8 +150,11 @@ def lr_scheduler_kwargs(config: TrainConfig, train_rows: int, world_size: int = 
 def training_arguments(
     config: TrainConfig, checkpoint_dir: Path, *, train_rows: int, world_size: int = 1
 ) -> TrainingArguments:
-    """The HF Trainer settings a job's hyperparameters stand for, training on `train_rows` examples with
-    `world_size` processes. Complete before the Trainer exists: nothing changes them during the run."""
+    """The HF Trainer settings a job's hyperparameters stand for, training on `train_rows` rows with
+    `world_size` processes. Complete before the Trainer exists: nothing changes them during the run.
+
+    Under ZeRO-3, creating them switches on DeepSpeed's `zero.Init` for the models loaded afterwards (each rank
+    then loads only its shard): build them before loading the model, and keep them alive while it loads."""
     return TrainingArguments(
         output_dir=str(checkpoint_dir),
         num_train_epochs=config.epochs,
@@ -157,31 +191,51 @@ def training_arguments(
     )
 
 
+def start_sharded_loading(args: TrainingArguments) -> None:
+    """Under ZeRO-3, before from_pretrained: the process group up, and DeepSpeed's own view of it, so that
+    zero.Init partitions over every rank. The Trainer would do both later; loading sharded needs them first.
+    (On GPUs accelerate's set-up also starts DeepSpeed's; on CPU only the torch process group is started.)"""
+    import deepspeed
+
+    _ = args.world_size  # sets up the devices and, with several processes, the torch process group
+    deepspeed.init_distributed(dist_backend=args.ddp_backend or ("nccl" if torch.cuda.is_available() else "gloo"))
+
+
 def train(
     model,
     tokenizer,
-    train_set: list[dict],
+    rows,
     config: TrainConfig,
-    checkpoint_dir: Path,
+    args: TrainingArguments,
     stop_requested: threading.Event,
     collator,
-    world_size: int = 1,
 ) -> tuple[TrainOutcome, Trainer]:
-    from datasets import Dataset
-
+    """Train on `rows` (from `training_rows`) with `args` (from `training_arguments`, for as many rows)."""
+    checkpoint_dir = Path(args.output_dir)
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
     if torch.cuda.is_available():
         # cuDNN's attention backend builds an execution plan for every new shape (pytorch/pytorch#155958), and
         # length-grouped batches bring a new sequence length nearly every step.
         torch.backends.cuda.enable_cudnn_sdp(False)
-    args = training_arguments(config, checkpoint_dir, train_rows=len(train_set), world_size=world_size)
     if args.lr_scheduler_kwargs:
         log.info(
             "learning rate: warm-up, stable, then decay over the last %d of %d steps",
             args.lr_scheduler_kwargs["num_decay_steps"],
-            optimizer_steps(config, len(train_set), world_size),
+            optimizer_steps(config, len(rows), args.world_size),
         )
-    dataset = Dataset.from_list(train_set).add_column("length", [len(e["input_ids"]) for e in train_set])
+    attention = None
+    if use_packing(config):
+        from .packed_attention import use_packed_attention
+
+        attention = use_packed_attention(_unwrap(model))
+    try:
+        return _train(model, tokenizer, rows, config, args, stop_requested, collator, checkpoint_dir)
+    finally:
+        if attention is not None:  # what is saved and served afterwards attends as before
+            _unwrap(model).set_attn_implementation(attention)
+
+
+def _train(model, tokenizer, dataset, config, args, stop_requested, collator, checkpoint_dir):
     timing = ProgressLogger()
     stop = StopOnSignal(stop_requested)
     trainer = AnswerOnlyLossTrainer(
@@ -279,9 +333,18 @@ class AnswerOnlyLossTrainer(Trainer):
             captured["hidden"] = output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
 
         handle = inner.get_decoder().register_forward_hook(keep_hidden)
+        if "position_ids" in inputs:
+            # Packed rows: no attention mask, so that Transformers reads the examples' bounds from the position
+            # ids (they restart at 0 per example) and keeps each example's attention to itself. No cache either:
+            # with one, it would not look.
+            masking = {"position_ids": inputs["position_ids"], "use_cache": False}
+            if "cu_seq_lens" in inputs:  # for trainer.packed_attention
+                masking |= {"cu_seq_lens": inputs["cu_seq_lens"], "max_seq_len": int(inputs["max_seq_len"])}
+        else:
+            masking = {"attention_mask": inputs["attention_mask"]}
         try:
             # logits_to_keep=1: the model computes one position's logits instead of the whole sequence's.
-            model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], logits_to_keep=1)
+            model(input_ids=inputs["input_ids"], logits_to_keep=1, **masking)
         finally:
             handle.remove()
         loss, answer_tokens = answer_token_loss(captured["hidden"], inputs["labels"], inner.get_output_embeddings())
