@@ -347,7 +347,8 @@ def up(args) -> int:
         print("Endpoint", flush=True)
         start_serving(stack, "serve", model_dir, ports.serve)
         if args.ab:
-            start_serving(stack, "serve-base", args.base_model_dir or _base_model_dir(), ports.serve_base)
+            base = args.base_model_dir or _base_variant(model_dir, stack.workdir / "base-model")
+            start_serving(stack, "serve-base", base, ports.serve_base)
         stack.wait_healthy("serve", f"http://127.0.0.1:{ports.serve}/ping", 180)
         if args.ab:
             stack.wait_healthy("serve-base", f"http://127.0.0.1:{ports.serve_base}/ping", 180)
@@ -409,10 +410,14 @@ def before_after_text(eval_report: dict) -> str:
     return text(eval_report)
 
 
-def _base_model_dir() -> Path:
-    from trainer.modeling import embedded_model_dir
+def _base_variant(tuned: Path, target: Path) -> Path:
+    """The A/B base variant as on AWS: the tuned artifact's own base model, untuned, packaged with the prompt format
+    and dtype the tuned model got (the training image's package-base), so both variants answer the same prompt."""
+    from trainer.base_variant import package_base, parse_args
+    from trainer.modeling import default_cache_dir
 
-    return embedded_model_dir()
+    print(f"Base variant: the tuned model's base, untuned, in {target}", flush=True)
+    return package_base(parse_args(["--tuned-artifact", str(tuned), "--output", str(target)]), default_cache_dir())
 
 
 def main(argv=None) -> int:
@@ -425,7 +430,11 @@ def main(argv=None) -> int:
     start.add_argument("--hp", action="append", default=[], metavar="KEY=VALUE", help="training hyperparameter")
     start.add_argument("--model-dir", type=Path, help="serve this artifact directory instead of training one")
     start.add_argument("--ab", action="store_true", help="add a 'base' variant serving the base model (20%%)")
-    start.add_argument("--base-model-dir", type=Path, help="the base variant's model (default: the embedded one)")
+    start.add_argument(
+        "--base-model-dir",
+        type=Path,
+        help="the base variant's model (default: the tuned model's base, packaged untuned)",
+    )
     start.add_argument("--api-key", help="require this x-api-key on the API Gateway emulator")
     start.add_argument("--check", action="store_true", help="ask one question, then stop (exit 0 = it works)")
     args = parser.parse_args(argv)

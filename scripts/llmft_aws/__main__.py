@@ -3,6 +3,7 @@
     scripts/llmft-aws push-images                      # ECR repositories, docker login, content-tagged push
     scripts/llmft-aws upload-data --faq --s3-uri s3://BUCKET/datasets/faq
     scripts/llmft-aws train --image URI --train s3://... --output s3://...  [--local]
+    scripts/llmft-aws package-base --image URI --model MODEL_ID --s3-uri s3://.../base/   # the A/B base variant
     scripts/llmft-aws deploy --endpoint NAME --image URI --model-data s3://.../model.tar.gz [--variant ...] [--local]
     scripts/llmft-aws shift-traffic --endpoint NAME --weight tuned=50 --weight base=50
     scripts/llmft-aws evaluate --endpoint NAME --data validation.csv
@@ -67,7 +68,7 @@ def _deploy_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from llmft_aws import data, ecr, evaluate, training
+    from llmft_aws import base_variant, data, ecr, evaluate, training
 
     parser = argparse.ArgumentParser(
         prog="llmft-aws", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -84,6 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
     ecr.add_arguments(command("push-images", ecr, "create ECR repositories and push both images"))
     data.add_arguments(command("upload-data", data, "split a dataset and upload train/validation channels to S3"))
     training.add_arguments(command("train", training, "run a SageMaker training job (or --local)"))
+    base_variant.add_arguments(
+        command("package-base", base_variant, "package the untuned base model as the A/B base variant, upload it")
+    )
     from llmft_aws import endpoint
 
     _deploy_arguments(command("deploy", endpoint, "create or update an endpoint with one or two variants"))
@@ -132,7 +136,7 @@ LOCAL_ROLE = "arn:aws:iam::111111111111:role/local-mode"  # local mode needs a r
 
 
 def dispatch(args) -> int:
-    from llmft_aws import data, ecr, endpoint, evaluate, training
+    from llmft_aws import base_variant, data, ecr, endpoint, evaluate, training
 
     local = getattr(args, "local", False)
     if args.command == "train":
@@ -158,6 +162,8 @@ def dispatch(args) -> int:
         return ecr.run(ctx, args)
     if args.command == "upload-data":
         return data.run(ctx, args)
+    if args.command == "package-base":
+        return base_variant.run(ctx, args)
     if args.command == "shift-traffic":
         weights = {k: _weight(v) for k, v in training.parse_pairs(args.weight, "--weight").items()}
         endpoint.shift_traffic(ctx, args.endpoint, weights, wait=not args.no_wait)

@@ -14,7 +14,17 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 ROLE = "arn:aws:iam::123456789012:role/llmft-sagemaker"
-COMMANDS = ["push-images", "upload-data", "train", "deploy", "shift-traffic", "delete", "evaluate", "publish-web"]
+COMMANDS = [
+    "push-images",
+    "upload-data",
+    "train",
+    "package-base",
+    "deploy",
+    "shift-traffic",
+    "delete",
+    "evaluate",
+    "publish-web",
+]
 
 
 def dry_run_calls(out: str) -> list[tuple[str, dict]]:

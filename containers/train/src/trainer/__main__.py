@@ -2,10 +2,13 @@
 
     SAGEMAKER_BASE_DIR=/tmp/job containers/train/train       # a local job tree instead of /opt/ml
     SAGEMAKER_BASE_DIR=/tmp/job containers/train/evaluate    # A/B report of a job run with evaluation=deferred
+    containers/train/package-base --model MODEL --output base/model.tar.gz   # the A/B test's untuned variant
 
 `train` reads the job from the SageMaker tree, trains, writes the artifact and reports. `evaluate` reads the
-same tree and the finished artifact in model/ and writes the before/after report. Exit codes: 0 done,
-2 bad input (output/failure says what to fix), 143 stopped by SIGTERM (checkpoint saved), 1 internal error.
+same tree and the finished artifact in model/ and writes the before/after report. `package-base` is no job:
+it takes its arguments from the command line (see trainer.base_variant) and knows nothing of the tree.
+Exit codes: 0 done, 2 bad input (output/failure says what to fix), 143 stopped by SIGTERM (checkpoint saved),
+1 internal error.
 """
 
 from __future__ import annotations
@@ -27,8 +30,13 @@ log = logging.getLogger("trainer")
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["package-base"]:
+        return _package_base(argv[1:])
     if argv not in ([], ["train"], ["evaluate"]):
-        print(f"usage: train | evaluate  (this is the training image; got {' '.join(argv)!r})", file=sys.stderr)
+        print(
+            f"usage: train | evaluate | package-base --help  (this is the training image; got {' '.join(argv)!r})",
+            file=sys.stderr,
+        )
         return 2
     _configure_logging()
     stop_requested = threading.Event()
@@ -66,6 +74,29 @@ def main(argv: list[str] | None = None) -> int:
         log.exception("internal error")
         record_failure(f"Framework error: {type(e).__name__}: {e}\n\n{traceback.format_exc()}")
         return 1
+
+
+def _package_base(argv: list[str]) -> int:
+    """The base variant for an A/B test (trainer.base_variant); errors are logged, no failure file is written."""
+    from .base_variant import package_base, parse_args
+
+    _configure_logging()
+
+    def interrupted(*_):
+        raise SystemExit(TrainingInterrupted.exit_code)  # unwinds through package_base: its staging is removed
+
+    previous = signal.signal(signal.SIGTERM, interrupted)
+    try:
+        package_base(parse_args(argv), default_cache_dir())
+        return 0
+    except UserError as e:
+        log.error("%s", e)
+        return e.exit_code
+    except Exception:
+        log.exception("internal error")
+        return 1
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _launch_workers(config: TrainConfig, job: sagemaker.Job, nproc: int, stop_requested: threading.Event) -> int:

@@ -16,7 +16,14 @@ from . import data as data_lib
 from . import prompts, report
 from .config import TrainConfig
 from .errors import DataError, TrainingInterrupted, UserError
-from .modeling import BaseModel, load_model, load_tokenizer, resolve_base_model, stored_dtype
+from .modeling import (
+    BaseModel,
+    load_for_prompt_format,
+    load_model,
+    load_tokenizer,
+    resolve_base_model,
+    stored_dtype,
+)
 from .sagemaker import Job
 
 log = logging.getLogger(__name__)
@@ -223,14 +230,13 @@ def _artifact_dtype(config: TrainConfig, base: BaseModel) -> str:
 
 
 def _load_for_prompt_format(parts: Prepared, config: TrainConfig):
-    from transformers import set_seed
-
-    model = load_model(parts.base, config.trust_remote_code)
-    if parts.setup.added_tokens:
-        set_seed(config.seed)  # the new tokens' rows start random: the same rows every time this job loads
-        model.resize_token_embeddings(len(parts.tokenizer))
-    model.config.pad_token_id = parts.tokenizer.pad_token_id
-    return model
+    return load_for_prompt_format(
+        parts.base,
+        parts.tokenizer,
+        added_tokens=bool(parts.setup.added_tokens),
+        seed=config.seed,
+        trust_remote_code=config.trust_remote_code,
+    )
 
 
 def _log_shard(model, rank: Rank) -> None:

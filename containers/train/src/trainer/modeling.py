@@ -122,6 +122,21 @@ def load_model(base: BaseModel, trust_remote_code: bool, dtype=None):
         raise UserError(f"could not load the base model {base.name!r}: {e}") from e
 
 
+def load_for_prompt_format(
+    base: BaseModel, tokenizer, *, added_tokens: bool, seed: int, trust_remote_code: bool, dtype=None
+):
+    """The base weights ready for the prompt format set up in `tokenizer`: embedding rows for the tokens the format
+    added (random, from `seed`, so every load of a job agrees) and the tokenizer's pad id."""
+    from transformers import set_seed
+
+    model = load_model(base, trust_remote_code, dtype=dtype)
+    if added_tokens:
+        set_seed(seed)
+        model.resize_token_embeddings(len(tokenizer))
+    model.config.pad_token_id = tokenizer.pad_token_id
+    return model
+
+
 def _model_root(channel: Path) -> Path:
     """A model channel may hold the directory itself or one folder (e.g. an extracted model.tar.gz)."""
     if (channel / "config.json").exists():
