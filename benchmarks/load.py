@@ -299,6 +299,8 @@ class SoakReport:
             for name, (start, end, _) in self.drift().items()
             if end > start * 1.10 + 20
         ]
+        if not self.level.answered:  # a soak that answered nothing proves nothing about memory
+            bad.append("soak: no request was answered")
         return bad + self.level.violations
 
 

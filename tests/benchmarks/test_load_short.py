@@ -54,7 +54,21 @@ def test_a_burst_over_the_queue_is_answered_with_429s_not_errors(tmp_path, tiny_
 
 def test_mini_soak_memory_and_answers(stack, load):
     api = load.Target.api(f"http://127.0.0.1:{stack.ports.apigw}/prod", new_tokens=4)
+    load.drive(api, 2, 2.0, 200, QUESTIONS, 30)  # warm, whichever test ran first
     soaked = load.soak(api, stack.stack, 8.0, 2, QUESTIONS, 30)
     assert len(soaked.samples) >= 2
-    assert not soaked.level.violations, soaked.level.mix
     assert set(soaked.drift()) >= {"serve", "runtime-emulator", "lambda", "apigw"}
+    # What the script's soak judges: no 5xx, no process's memory growing past the rule, and answers given.
+    assert soaked.level.answered, soaked.level.mix
+    assert not soaked.violations, (soaked.violations, soaked.drift())
+
+
+def test_the_soak_rule_flags_growth_and_silence(load):
+    """The rule itself, on made-up samples: memory that grows, and a soak where nothing was answered."""
+    level = load.LevelReport("api", 2, [load.Result(200, 0.1)], wall_s=1.0)
+    flat = [(0.0, {"serve": 500.0}), (30.0, {"serve": 505.0}), (90.0, {"serve": 508.0})]
+    grown = [(0.0, {"serve": 500.0}), (30.0, {"serve": 505.0}), (90.0, {"serve": 700.0})]
+    assert not load.SoakReport(90.0, 2, level, flat).violations
+    assert load.SoakReport(90.0, 2, level, grown).violations == ["soak: serve grew 505 -> 700 MiB"]
+    silent = load.LevelReport("api", 2, [load.Result(429, 0.1)], wall_s=1.0)
+    assert load.SoakReport(90.0, 2, silent, flat).violations == ["soak: no request was answered"]
