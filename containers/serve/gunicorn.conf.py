@@ -1,21 +1,31 @@
 """gunicorn settings for the model server; every value comes from ServeConfig (serve/config.py).
 
-Shape: N worker processes (SAGEMAKER_MODEL_SERVER_WORKERS), each loading its own model after the fork
-(CUDA cannot survive a fork, and a preloaded model would block the first /ping). Workers are gthread:
-one thread per in-flight request, so /ping gets its own thread and answers in milliseconds while
-generations run; the model itself runs on the engine's single background thread.
+Shape: N worker processes, each loading its own model after the fork (CUDA cannot survive a fork, and a
+preloaded model would block the first /ping): SAGEMAKER_MODEL_SERVER_WORKERS of them with no GPU or one;
+with several GPUs, one per GPU or one for all of them (SERVE_GPU_PLACEMENT, decided in serve/placement.py).
+Nothing here, in the master, imports torch or touches CUDA. Workers are gthread: one thread per in-flight
+request, so /ping gets its own thread and answers in milliseconds while generations run; the model itself
+runs on the engine's single background thread.
+
+Each worker holds a slot, 0 .. workers-1, chosen in the master (pre_fork): a worker that dies is replaced in
+its slot, so the replacement gets the same GPU. Workers mark their health on a ReadyBoard (serve/readiness.py)
+whose directory the master makes; /ping is 200 only when every slot's worker serves.
 """
 
+import os
 import signal
 import sys
 import time
 
-from serve.config import ServeConfig
+from serve import placement
+from serve.config import ServeConfig, WorkerSlot
+from serve.readiness import ReadyBoard
 
 _config = ServeConfig.from_env()
+_plan = placement.plan_for(_config)
 
 bind = f"{_config.host}:{_config.port}"
-workers = _config.workers
+workers = _plan.workers
 worker_class = "gthread"
 threads = _config.threads_per_worker
 # gthread's timeout is a heartbeat of the worker's event loop, not a cap on a request; requests are cut
@@ -31,6 +41,32 @@ loglevel = "info"
 worker_connections = threads * 2
 # No management socket in $HOME: nothing uses it, and two servers on one machine would share its path.
 control_socket_disable = True
+
+
+def on_starting(server):
+    """Master, once: say where the workers go, and make the directory where they mark themselves ready."""
+    server.serve_ready = ReadyBoard.create(_plan.workers)
+    server.log.info("worker placement: %s; readiness in %s", _plan.reason, server.serve_ready.directory)
+
+
+def pre_fork(server, worker):
+    """Master: the new worker's slot, the lowest one no live worker holds."""
+    worker.serve_slot = placement.claim_slot(_plan.workers, [w.serve_slot for w in server.WORKERS.values()])
+
+
+def post_fork(server, worker):
+    """The new worker, before the app (and torch) loads in it: its GPU(s) and its slot, as env vars."""
+    os.environ.update(_plan.worker_env(worker.serve_slot))
+    os.environ.update(WorkerSlot(worker.serve_slot, _plan.workers, server.serve_ready.directory).env())
+
+
+def child_exit(server, worker):
+    """Master, once a worker has exited: its slot is loading until its replacement's model is ready."""
+    server.serve_ready.clear(worker.serve_slot, worker.pid)
+
+
+def on_exit(server):
+    server.serve_ready.remove()
 
 
 def post_worker_init(worker):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import threading
+import time
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -92,6 +93,52 @@ def test_hostile_sampling_does_not_fail_the_requests_batched_with_it(serve_clien
             assert_handled(serve_client.post("/invocations", json=body))
     worker.join(timeout=60)
     assert results == [200] * 4
+
+
+def test_a_step_that_fails_for_one_request_fails_it_alone(serve_client, serve_app, serve_predictor, monkeypatch):
+    """The failure injected, not just hoped for: one request's token choice raises (as sampling from NaN
+    probabilities does) while greedy neighbours share its batch. It gets a 424; they get their answers."""
+    from serve.token_chooser import NextTokenChooser
+
+    model = serve_predictor.loaded.model
+    real_forward = model.forward
+
+    def slow_forward(*args, **kwargs):  # 8 tokens take ~0.2 s: the requests below surely share steps
+        time.sleep(0.02)
+        return real_forward(*args, **kwargs)
+
+    monkeypatch.setattr(model, "forward", slow_forward)
+    real_choose = NextTokenChooser.choose
+
+    def choose(self, row):
+        if self.params.seed == 666:
+            raise RuntimeError("probability tensor contains either `inf`, `nan` or element < 0 (injected)")
+        return real_choose(self, row)
+
+    monkeypatch.setattr(NextTokenChooser, "choose", choose)
+    neighbours: list[tuple[int, int]] = []
+
+    def neighbour() -> None:
+        reply = serve_app.test_client().post(
+            "/invocations",
+            json={"inputs": "What is SageMaker?", "parameters": {"max_new_tokens": 8, "details": True}},
+        )
+        body = reply.get_json()
+        neighbours.append(
+            (reply.status_code, body[0]["details"]["generated_tokens"] if reply.status_code == 200 else 0)
+        )
+
+    threads = [threading.Thread(target=neighbour) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    time.sleep(0.05)  # the neighbours are decoding when the failing request joins their batch
+    failing = serve_client.post(
+        "/invocations", json={"inputs": "x", "parameters": {"do_sample": True, "seed": 666, "max_new_tokens": 8}}
+    )
+    for thread in threads:
+        thread.join(timeout=60)
+    assert failing.status_code == 424 and "choosing the next token failed" in failing.get_json()["error"]
+    assert neighbours == [(200, 8)] * 3
 
 
 def test_invalid_utf8_nul_bytes_and_binary(serve_client):
@@ -206,6 +253,21 @@ def test_arbitrary_bytes(serve_client, raw):
     assert_handled(post(serve_client, raw, content_type="application/jsonlines"))
 
 
-def test_nan_is_never_echoed_as_a_number():
-    """Guard for the strategies above: json.dumps writes NaN, which Python's json reads back, like a hostile client."""
-    assert math.isnan(json.loads(json.dumps(float("nan"))))
+def _refuse_constant(constant: str):
+    raise AssertionError(f"{constant} in the reply")
+
+
+def test_nan_is_never_echoed_as_a_number(serve_client):
+    """NaN and Infinity, which Python's json (and so the strategies above) reads and writes, are refused by the
+    server with a 422 whose body holds no such number: a strict JSON client must be able to read every reply."""
+    assert math.isnan(json.loads(json.dumps(float("nan"))))  # what a hostile client can send
+    for body in (
+        b'{"inputs": "x", "parameters": {"temperature": NaN}}',
+        b'{"inputs": "x", "parameters": {"top_p": Infinity}}',
+        b'{"inputs": NaN}',
+        b'{"messages": [{"role": "user", "content": "x"}], "temperature": -Infinity}',
+    ):
+        response = post(serve_client, body)
+        assert response.status_code == 422, response.data[:300]
+
+        json.loads(response.data, parse_constant=_refuse_constant)

@@ -47,6 +47,9 @@ class _FakePredictor:
     def ready(self):
         return self.state == "ready"
 
+    def health(self):
+        return {"loading": "the model is loading", "failed": f"the model failed to load: {self.reason}"}[self.state]
+
 
 @pytest.mark.parametrize(("state", "error_type"), [("loading", "not_ready"), ("failed", "unhealthy")])
 def test_ping_and_invocations_are_503_until_ready(predictor, state, error_type):

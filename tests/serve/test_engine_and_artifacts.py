@@ -61,13 +61,17 @@ def test_eos_list_stops_on_any_member(model_and_tokenizer):
     assert stopped.tokens[-1].id == third and stopped.generated_tokens <= 3
 
 
-def test_a_request_past_its_deadline_in_the_queue_ends_with_timeout(model_and_tokenizer):
+def test_a_request_past_its_deadline_in_the_queue_gets_an_error_not_an_empty_answer(model_and_tokenizer):
+    """It never started: an empty 200 would read as the model's answer (issue 20, item 4)."""
+    from serve.generation import QueueTimeout
+
     model, tokenizer = model_and_tokenizer
     engine = Engine(model, tokenizer, eos_token_ids=[], context_length=1024)
     engine.start()
-    result = engine.submit([1, 2, 3], SamplingParams(max_new_tokens=5), deadline=time.monotonic() - 1).result(10)
+    handle = engine.submit([1, 2, 3], SamplingParams(max_new_tokens=5), deadline=time.monotonic() - 1)
+    with pytest.raises(QueueTimeout, match="in the queue without starting"):
+        handle.result(10)
     engine.stop()
-    assert (result.finish_reason, result.generated_tokens) == ("timeout", 0)
 
 
 def test_lora_adapter_artifact_loads_merged(tiny_model_dir, tmp_path, make_config_for):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 
 from flask import Flask
@@ -10,23 +11,40 @@ from flask import Flask
 __all__ = ["create_app"]
 
 
-def create_app(config=None, predictor=None) -> Flask:
+def create_app(config=None, predictor=None, ready_board=None) -> Flask:
     """Build the app. With no predictor, this worker loads the model from config.model_dir in the background
-    (so /ping answers 503 at once while it loads); tests inject a loaded or fake predictor instead."""
+    (so /ping answers 503 at once while it loads); tests inject a loaded or fake predictor instead.
+
+    Under gunicorn.conf.py the worker holds a slot (serve.config.WorkerSlot): it publishes its health on the
+    server's ReadyBoard, and /ping answers 200 only when every worker's model serves. Tests may inject the board.
+    """
     from serve import access_log
-    from serve.config import ServeConfig
+    from serve.config import ServeConfig, WorkerSlot
     from serve.errors import register_error_handlers
     from serve.predictor import Predictor
+    from serve.readiness import ReadyBoard
     from serve.routes import bp
 
     config = config or ServeConfig.from_env()
+    slot = WorkerSlot.from_env()
     _configure_logging()
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = config.max_payload_bytes
     if predictor is None:
         predictor = Predictor(config)
         predictor.start_loading()
+    if slot is not None:
+        ready_board = ready_board or ReadyBoard(slot.ready_dir, slot.slots)
+        ready_board.publish(slot.index, lambda: (predictor.state, predictor.health()))
+        logging.getLogger("serve").info(
+            "worker slot %d of %d: CUDA_VISIBLE_DEVICES=%s, SERVE_GPU_PLACEMENT=%s",
+            slot.index,
+            slot.slots,
+            os.environ.get("CUDA_VISIBLE_DEVICES", "(unset)"),
+            config.gpu_placement,
+        )
     app.extensions["serve.predictor"] = predictor
+    app.extensions["serve.ready_board"] = ready_board
     register_error_handlers(app)
     app.register_blueprint(bp)
     access_log.install(app)

@@ -222,6 +222,9 @@ def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
 
 # ----- JSON Lines (batch transform) -----
 
+# Records in one JSON Lines body (batch transform's MULTI_RECORD): each becomes a job; bound their number.
+MAX_JSONLINES_RECORDS = 10_000
+
 
 @dataclass(frozen=True)
 class JsonLinesBody:
@@ -237,6 +240,11 @@ class JsonLines:
     def parse(self, body: bytes, limits: GenerationLimits) -> JsonLinesBody:
         lines = []
         texts = [line for line in decode_utf8(body).splitlines() if line.strip()]
+        if len(texts) > MAX_JSONLINES_RECORDS:
+            raise ValidationError(
+                f"{len(texts)} records in one body; at most {MAX_JSONLINES_RECORDS} (split the input file, or "
+                "let batch transform split it: SplitType=Line)"
+            )
         for number, text in enumerate(texts, start=1):
             value = load_json(text, where=f"line {number}")
             with _naming_the_line(number):
@@ -272,15 +280,24 @@ def _naming_the_line(number: int) -> Iterator[None]:
         raise
 
 
+def concurrent_transforms(config: ServeConfig) -> int:
+    """How many batch-transform bodies at once we advertise: the platform requires MaxConcurrentTransforms x
+    MaxPayloadInMB <= 100, and every body must be able to keep records in flight within one worker's queue."""
+    return max(1, min(100 // config.max_payload_mb, config.max_queue))
+
+
+def records_in_flight(config: ServeConfig) -> int:
+    """Records of one JSON Lines body in the queue at once: the advertised concurrent bodies, all landing on one
+    worker, then fill its queue and no more, so a body of any length is fed through, never refused with 429."""
+    return max(1, config.max_queue // concurrent_transforms(config))
+
+
 def execution_parameters(config: ServeConfig) -> dict:
     """What SageMaker batch transform asks once at GET /execution-parameters; its job settings win over ours."""
-    payload_mb = config.max_payload_mb
-    # The platform requires MaxConcurrentTransforms * MaxPayloadInMB <= 100.
-    concurrent = max(1, min(config.workers * config.max_batch_size, 100 // payload_mb))
     return {
-        "MaxConcurrentTransforms": concurrent,
+        "MaxConcurrentTransforms": concurrent_transforms(config),
         "BatchStrategy": "MULTI_RECORD",
-        "MaxPayloadInMB": payload_mb,
+        "MaxPayloadInMB": config.max_payload_mb,
     }
 
 

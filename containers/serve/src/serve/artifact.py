@@ -25,6 +25,12 @@ log = logging.getLogger("serve.artifact")
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
 # Used when neither the model config nor the tokenizer states a usable context length.
 FALLBACK_CONTEXT_LENGTH = 2048
+# Prompt plus answer, unless SERVE_MAX_INPUT_TOKENS says otherwise: TGI's default max_total_tokens. A longer
+# context than this multiplies what one request may hold of the batch's memory and time.
+DEFAULT_MAX_TOTAL_TOKENS = 4096
+# Shares of the memory free after loading that the batch's KV cache may take (the rest: activations, fragments).
+KV_SHARE_OF_FREE_GPU_MEMORY = 0.8
+KV_SHARE_OF_AVAILABLE_HOST_MEMORY = 0.5
 
 
 class ArtifactError(Exception):
@@ -41,6 +47,8 @@ class LoadedModel:
     # End markers the artifact's generation_config.json names as text (several tokens each): every answer ends
     # before them, as it ends at an end token.
     stop_strings: tuple[str, ...] = ()
+    # The batch's KV cache in tokens (rows x longest row); None: the engine's own bound (batch size x context).
+    max_batch_total_tokens: int | None = None
 
 
 def load_artifact(model_dir: Path, config: ServeConfig) -> LoadedModel:
@@ -55,6 +63,8 @@ def load_artifact(model_dir: Path, config: ServeConfig) -> LoadedModel:
         # pytorch/pytorch#155958); a decode's KV length changes every step. Flash / mem-efficient don't.
         torch.backends.cuda.enable_cudnn_sdp(False)
     trust = config.trust_remote_code
+    # SERVE_GPU_PLACEMENT=device_map (gunicorn.conf.py resolves `auto`): layers spread over every visible GPU.
+    device_map = "auto" if device == "cuda" and config.gpu_placement == "device_map" else None
     adapter_config = model_dir / "adapter_config.json"
     if adapter_config.exists() and not (model_dir / "config.json").exists():
         from peft import PeftModel  # only adapter artifacts need it, and it takes seconds to import
@@ -67,7 +77,9 @@ def load_artifact(model_dir: Path, config: ServeConfig) -> LoadedModel:
         if Path(base).is_dir():
             _refuse_pickles(Path(base))
         log.info("loading base model %s and merging the LoRA adapter in %s", base, model_dir)
-        model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype, use_safetensors=True, trust_remote_code=trust)
+        model = AutoModelForCausalLM.from_pretrained(
+            base, dtype=dtype, use_safetensors=True, trust_remote_code=trust, device_map=device_map
+        )
         model = PeftModel.from_pretrained(model, str(model_dir)).merge_and_unload()
         tokenizer_source = model_dir if _has_tokenizer(model_dir) else base
         name = str(base)
@@ -75,24 +87,28 @@ def load_artifact(model_dir: Path, config: ServeConfig) -> LoadedModel:
         if not (model_dir / "config.json").exists():
             raise ArtifactError(f"{model_dir} has neither config.json (a model) nor adapter_config.json (LoRA)")
         model = AutoModelForCausalLM.from_pretrained(
-            model_dir, dtype=dtype, use_safetensors=True, trust_remote_code=trust
+            model_dir, dtype=dtype, use_safetensors=True, trust_remote_code=trust, device_map=device_map
         )
         tokenizer_source = model_dir
         name = _manifest_name(model_dir)
-    model.to(device).eval()
+    if device_map is None:
+        model.to(device)
+    model.eval()
     if device == "cpu":
         _choose_cpu_matmul(model, config.cpu_matmul)
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_source, trust_remote_code=trust)
     stop_strings = getattr(getattr(model, "generation_config", None), "stop_strings", None) or ()
     if isinstance(stop_strings, str):
         stop_strings = (stop_strings,)
+    context_length = _context_length(model, tokenizer, config)
     return LoadedModel(
         model,
         tokenizer,
         _eos_ids(model, tokenizer),
-        _context_length(model, tokenizer, config),
+        context_length,
         name,
         tuple(stop_strings),
+        batch_token_budget(model, config, context_length),
     )
 
 
@@ -182,8 +198,51 @@ def _context_length(model: Any, tokenizer: Any, config: ServeConfig) -> int:
     text_config = model.config.get_text_config()
     for value in (getattr(text_config, "max_position_embeddings", None), tokenizer.model_max_length):
         if isinstance(value, int) and 0 < value < 1_000_000:
-            return value
+            return min(value, DEFAULT_MAX_TOTAL_TOKENS)
     return FALLBACK_CONTEXT_LENGTH
+
+
+def batch_token_budget(model: Any, config: ServeConfig, context_length: int) -> int:
+    """How many tokens the running batch's KV cache may hold (TGI's max_batch_total_tokens): as set, or sized
+    from the memory free once the weights are in (GPU) or available to this worker (CPU). Never less than one
+    request at full context, never more than a full batch of them."""
+    if config.max_batch_total_tokens:
+        return config.max_batch_total_tokens
+    per_token = kv_bytes_per_token(model)
+    if next(model.parameters()).is_cuda:
+        free, _total = torch.cuda.mem_get_info()
+        room = free * KV_SHARE_OF_FREE_GPU_MEMORY
+    else:
+        room = _available_host_memory() / max(config.workers, 1) * KV_SHARE_OF_AVAILABLE_HOST_MEMORY
+    budget = max(context_length, min(int(room // per_token), config.max_batch_size * context_length))
+    log.info(
+        "KV cache budget: %d tokens (%.0f KiB each; %.1f GiB), %d full-context requests at once",
+        budget,
+        per_token / 1024,
+        budget * per_token / 2**30,
+        budget // context_length,
+    )
+    return budget
+
+
+def kv_bytes_per_token(model: Any) -> int:
+    """Keys and values of one token across every layer, in the model's floating type."""
+    text = model.config.get_text_config()
+    heads = text.num_attention_heads
+    kv_heads = getattr(text, "num_key_value_heads", None) or heads
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
+    element = next(model.parameters()).element_size()
+    return 2 * text.num_hidden_layers * kv_heads * head_dim * element
+
+
+def _available_host_memory() -> int:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 def set_torch_threads(config: ServeConfig) -> None:

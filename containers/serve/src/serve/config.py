@@ -15,6 +15,13 @@ from pathlib import Path
 RESULT_GRACE_S = 30.0
 
 
+# auto: one worker per GPU when the model fits the smallest one, else device_map; with one GPU or none, as set
+# by SAGEMAKER_MODEL_SERVER_WORKERS. per_gpu / device_map: that, whatever the model's size.
+GPU_PLACEMENTS = ("auto", "per_gpu", "device_map")
+# Set by gunicorn.conf.py for each worker it starts, never by hand: see WorkerSlot.
+WORKER_SLOT_ENV = ("SERVE_WORKER_SLOT", "SERVE_WORKER_SLOTS", "SERVE_READY_DIR")
+
+
 class ConfigError(ValueError):
     """An env var has a value the server cannot run with."""
 
@@ -34,11 +41,14 @@ class ServeConfig:
     max_new_tokens_cap: int = field(default=1024, metadata={"env": "SERVE_MAX_NEW_TOKENS"})
     default_max_new_tokens: int = field(default=256, metadata={"env": "SERVE_DEFAULT_MAX_NEW_TOKENS"})
     max_input_tokens: int | None = field(default=None, metadata={"env": "SERVE_MAX_INPUT_TOKENS"})
+    max_batch_total_tokens: int | None = field(default=None, metadata={"env": "SERVE_MAX_BATCH_TOTAL_TOKENS"})
     trust_remote_code: bool = field(default=False, metadata={"env": "SERVE_TRUST_REMOTE_CODE"})
     torch_threads: int | None = field(default=None, metadata={"env": "SERVE_TORCH_THREADS"})
     dtype: str = field(default="auto", metadata={"env": "SERVE_DTYPE"})
     cpu_matmul: str = field(default="auto", metadata={"env": "SERVE_CPU_MATMUL"})
     graceful_timeout_s: int = field(default=25, metadata={"env": "SERVE_GRACEFUL_TIMEOUT"})
+    # With several GPUs: one worker per GPU, or one worker with the model spread over all (see serve.placement).
+    gpu_placement: str = field(default="auto", metadata={"env": "SERVE_GPU_PLACEMENT"})
     # Test hook: sleep this long before loading, so tests can watch /ping say 503 during a slow load.
     load_delay_s: float = field(default=0.0, metadata={"env": "SERVE_LOAD_DELAY_S"})
 
@@ -68,6 +78,10 @@ class ServeConfig:
             raise ConfigError(f"SERVE_DTYPE must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
         if self.cpu_matmul not in ("auto", "packed", "stock"):
             raise ConfigError(f"SERVE_CPU_MATMUL must be auto, packed or stock, got {self.cpu_matmul!r}")
+        if self.gpu_placement not in GPU_PLACEMENTS:
+            raise ConfigError(
+                f"SERVE_GPU_PLACEMENT must be one of {', '.join(GPU_PLACEMENTS)}, got {self.gpu_placement!r}"
+            )
         if self.graceful_timeout_s > 28:
             # SageMaker sends SIGKILL 30 s after SIGTERM; leave room to exit.
             raise ConfigError("SERVE_GRACEFUL_TIMEOUT must be <= 28 (SageMaker kills 30 s after SIGTERM)")
@@ -112,6 +126,7 @@ class ServeConfig:
             "SAGEMAKER_MODEL_SERVER_TIMEOUT_SECONDS",
             "SAGEMAKER_MULTI_MODEL",
             "SAGEMAKER_INFERENCE_ACCELERATOR_PRESENT",
+            *WORKER_SLOT_ENV,
         }
         unknown = sorted(k for k in env if k.startswith("SERVE_") and k not in known)
         if unknown:
@@ -133,6 +148,36 @@ class ServeConfig:
                 "SAGEMAKER_MODEL_SERVER_TIMEOUT_SECONDS", env["SAGEMAKER_MODEL_SERVER_TIMEOUT_SECONDS"], "int"
             )
         return cls(**values)
+
+
+@dataclass(frozen=True)
+class WorkerSlot:
+    """Which of the server's worker slots this process holds, and where every worker marks itself ready.
+
+    Not a setting: gunicorn.conf.py gives each worker it starts a slot (0 .. slots-1; a replacement worker takes
+    over the slot of the one it replaces) through these env vars. Outside gunicorn there is none.
+    """
+
+    index: int
+    slots: int
+    ready_dir: Path
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> WorkerSlot | None:
+        env = os.environ if environ is None else environ
+        slot, slots, ready_dir = (env.get(name, "") for name in WORKER_SLOT_ENV)
+        if not (slot and slots and ready_dir):
+            return None
+        try:
+            index, count = int(slot), int(slots)
+        except ValueError as e:
+            raise ConfigError(f"SERVE_WORKER_SLOT={slot!r} / SERVE_WORKER_SLOTS={slots!r} are not numbers") from e
+        if not 0 <= index < count:
+            raise ConfigError(f"SERVE_WORKER_SLOT={index} is not a slot of SERVE_WORKER_SLOTS={count}")
+        return cls(index, count, Path(ready_dir))
+
+    def env(self) -> dict[str, str]:
+        return dict(zip(WORKER_SLOT_ENV, (str(self.index), str(self.slots), str(self.ready_dir)), strict=True))
 
 
 def _parse(name: str, raw: str, type_name: str) -> object:

@@ -5,10 +5,15 @@ machines it ran concurrent requests slower than one plain `generate` at a time (
 built for GPUs), and it has no per-request seeds, stop strings or do_sample. So this module is a compact
 scheduler in the style of TGI/vLLM, on transformers' DynamicCache:
 
-  each step:  admit waiting requests (one batched, left-padded prefill; their KV rows join the batch)
+  each step:  admit waiting requests while the batch's KV cache stays within its token budget (one batched,
+              left-padded prefill; their KV rows join the batch)
               -> one batched decode step for every running sequence (shared forward pass, KV cache)
               -> per sequence: choose the next token, turn it into text, check whether it stops
               -> finished sequences leave the batch.
+
+Out of memory in a step retires the newest sequence (an error to it alone) and the others go on; a request
+that waits in the queue past its deadline gets an error, not an empty answer. `health()` says when the engine
+can no longer serve (its thread is gone, or step after step fails), for /ping.
 
 The parts live in their own modules: the batch's KV cache (kv_batch), token choice (token_chooser),
 text (detokenizer) and stopping (stopping). Requests talk to the engine through a GenerationHandle.
@@ -31,7 +36,6 @@ from serve.generation import (
     CANCELLED,
     LENGTH,
     STOP,
-    TIMEOUT,
     EngineStopped,
     Failed,
     Finished,
@@ -48,6 +52,8 @@ log = logging.getLogger("serve.engine")
 
 # At most this many prompt tokens are prefilled in one step, so running streams keep flowing.
 MAX_PREFILL_TOKENS_PER_STEP = 8192
+# This many failed steps in a row and the engine reports itself unhealthy (SageMaker then replaces the instance).
+UNHEALTHY_AFTER_FAILED_STEPS = 3
 
 
 @dataclass
@@ -65,6 +71,11 @@ class _Sequence:
     shown: list[str] = field(default_factory=list)  # the answer's text, as released to the request so far
     finished: bool = False
 
+    @property
+    def max_length(self) -> int:
+        """Its KV cache row at the longest: the prompt and every token it may generate."""
+        return len(self.prompt_ids) + self.stopping.max_tokens
+
 
 class Engine:
     """Owns the model; call start(), then submit() from any thread."""
@@ -78,7 +89,10 @@ class Engine:
         context_length: int,
         max_batch_size: int = 32,
         max_queue: int = 64,
+        max_batch_total_tokens: int | None = None,
     ) -> None:
+        """`max_batch_total_tokens` bounds the batch's KV cache (rows x longest row, as left padding makes it):
+        a waiting request is admitted only when the batch with it stays within (TGI's max_batch_total_tokens)."""
         self.model = model
         self.tokenizer = tokenizer
         self.eos_token_ids = frozenset(eos_token_ids)
@@ -86,6 +100,8 @@ class Engine:
         self.context_length = context_length
         self.max_batch_size = max_batch_size
         self.max_queue = max_queue
+        self.max_batch_total_tokens = max_batch_total_tokens or max_batch_size * context_length
+        self._failed_steps = 0
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else next(iter(eos_token_ids))
         self._lock = threading.Lock()
         self._wake = threading.Event()
@@ -121,7 +137,7 @@ class Engine:
             IncrementalDetokenizer(self.tokenizer),
         )
         with self._lock:
-            if self._stopped:
+            if self._stopped or (self._thread is not None and not self._thread.is_alive()):
                 raise EngineStopped("the engine is stopped")
             if self._pending >= self.max_queue:
                 raise QueueFull(
@@ -138,6 +154,19 @@ class Engine:
         self._deadline_cap = deadline
         self._wake.set()
 
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def health(self) -> str | None:
+        """None while the engine can serve; else why not (for /ping). Failed steps make it unhealthy until a
+        step succeeds again; requests still run meanwhile, so a few bad requests cannot take a worker out."""
+        if not self.alive:
+            return "the generation engine's thread is not running"
+        if self._failed_steps >= UNHEALTHY_AFTER_FAILED_STEPS:
+            return f"the last {self._failed_steps} generation steps failed"
+        return None
+
     def stop(self) -> None:
         with self._lock:
             self._stopped = True
@@ -148,25 +177,34 @@ class Engine:
     # ----- the scheduler loop (engine thread only) -----
 
     def _loop(self) -> None:
-        with torch.inference_mode():
-            while True:
-                with self._lock:
-                    if self._stopped:
-                        break
-                    idle = not self._waiting and not self._running
-                if idle:
-                    self._wake.wait(timeout=0.5)
-                    self._wake.clear()
-                    continue
-                try:
-                    self._step()
-                except Exception as e:  # a bad step fails the requests in it, not the server
-                    log.exception("generation step failed; failing %d running requests", len(self._running))
-                    for seq in self._running:
-                        self._finish(seq, None, failure=f"generation failed: {type(e).__name__}: {e}")
-                    self._running = []
-                    self._batch.clear()
-        self._fail_all("the server is shutting down")
+        message = "the server is shutting down"
+        try:
+            with torch.inference_mode():
+                while True:
+                    with self._lock:
+                        if self._stopped:
+                            break
+                        idle = not self._waiting and not self._running
+                    if idle:
+                        self._wake.wait(timeout=0.5)
+                        self._wake.clear()
+                        continue
+                    try:
+                        self._step()
+                        self._failed_steps = 0
+                    except Exception as e:  # a bad step fails the requests in it, not the server
+                        self._failed_steps += 1
+                        log.exception("generation step failed; failing %d running requests", len(self._running))
+                        for seq in self._running:
+                            self._finish(seq, None, failure=f"generation failed: {type(e).__name__}: {e}")
+                        self._running = []
+                        self._batch.clear()
+        except BaseException as e:  # the thread dies: nobody may wait on it (health() now says so)
+            message = f"the generation engine stopped: {type(e).__name__}: {e}"
+            log.critical("%s", message, exc_info=True)
+            raise
+        finally:
+            self._fail_all(message)
 
     def _step(self) -> None:
         admitted = self._admit()
@@ -187,27 +225,54 @@ class Engine:
             for seq in expired:  # gave up, or waited past its deadline: answer now, not when a slot frees
                 self._waiting.remove(seq)
             while self._waiting and len(self._running) + len(admitted) < self.max_batch_size:
-                if admitted and len(self._waiting[0].prompt_ids) > budget:
+                candidate = self._waiting[0]
+                if admitted and len(candidate.prompt_ids) > budget:
                     break
-                budget -= len(self._waiting[0].prompt_ids)
+                if (self._running or admitted) and not self._fits([*self._running, *admitted, candidate]):
+                    break  # it waits for rows to free; alone it always fits (see Predictor's limits)
+                budget -= len(candidate.prompt_ids)
                 admitted.append(self._waiting.popleft())
         for seq in expired:
-            self._finish(seq, CANCELLED if seq.handle.cancelled else TIMEOUT)
+            if seq.handle.cancelled:
+                self._finish(seq, CANCELLED)
+            else:
+                waited = now - seq.handle.created
+                self._finish(
+                    seq,
+                    None,
+                    failure=f"waited {waited:.0f} s in the queue without starting (the server is busy); retry later",
+                    expired_in_queue=True,
+                )
         return admitted
+
+    def _fits(self, seqs: list[_Sequence]) -> bool:
+        """Whether these sequences' KV cache, at their longest, stays within max_batch_total_tokens."""
+        return len(seqs) * max(s.max_length for s in seqs) <= self.max_batch_total_tokens
 
     def _prefill(self, new: list[_Sequence]) -> None:
         device = self.model.device
         input_ids, mask, positions = left_padded([s.prompt_ids for s in new], self.pad_id)
         self._running.extend(new)  # first, so a failing forward pass fails these requests too
         mask = mask.to(device)
-        out = self.model(
-            input_ids=input_ids.to(device),
-            attention_mask=mask,
-            position_ids=positions.to(device),
-            cache=KVBatch.new_cache(),
-            use_cache=True,
-            logits_to_keep=1,
-        )
+        try:
+            out = self.model(
+                input_ids=input_ids.to(device),
+                attention_mask=mask,
+                position_ids=positions.to(device),
+                cache=KVBatch.new_cache(),
+                use_cache=True,
+                logits_to_keep=1,
+            )
+        except Exception as e:
+            if not out_of_memory(e):
+                raise
+            # The newest request goes; the others of this prefill wait at the front of the queue.
+            del self._running[-len(new) :]
+            self._finish(new[-1], None, failure=_out_of_memory_message(e))
+            with self._lock:
+                self._waiting.extendleft(reversed(new[:-1]))
+            _release_memory(device)
+            return
         self._batch.join(out.cache, mask)
         self._advance(new, out.logits[:, -1, :])
 
@@ -219,13 +284,25 @@ class Engine:
             dtype=torch.long,
             device=device,
         )
-        out = self.model(
-            input_ids=last,
-            attention_mask=self._batch.grow(),
-            position_ids=positions,
-            cache=self._batch.cache,
-            use_cache=True,
-        )
+        mask = self._batch.grow()
+        try:
+            out = self.model(
+                input_ids=last,
+                attention_mask=mask,
+                position_ids=positions,
+                cache=self._batch.cache,
+                use_cache=True,
+            )
+        except Exception as e:
+            if not out_of_memory(e):
+                raise
+            # The newest sequence (the last admitted, the last row) goes; the others retry at the next step.
+            self._batch.undo_step()
+            self._finish(self._running[-1], None, failure=_out_of_memory_message(e))
+            self._running.pop()
+            self._batch.keep(list(range(len(self._running))))
+            _release_memory(device)
+            return
         self._batch.cache = out.cache
         self._advance(self._running, out.logits[:, -1, :])
 
@@ -241,11 +318,14 @@ class Engine:
     def _advance(self, batch: list[_Sequence], logits: torch.Tensor) -> None:
         chosen = choose_next_tokens([s.chooser for s in batch], logits)
         now = time.monotonic()
-        for seq, (token_id, logprob) in zip(batch, chosen, strict=True):
+        for seq, choice in zip(batch, chosen, strict=True):
             if seq.handle.cancelled:
                 self._finish(seq, CANCELLED)
+            elif isinstance(choice, RuntimeError):  # its own sampling failed: it ends, its neighbours go on
+                log.warning("token choice failed for one sequence: %s", choice)
+                self._finish(seq, None, failure=f"choosing the next token failed: {choice}")
             else:
-                self._append(seq, token_id, logprob, now)
+                self._append(seq, *choice, now)
 
     def _append(self, seq: _Sequence, token_id: int, logprob: float, now: float) -> None:
         seq.generated.append(token_id)
@@ -272,6 +352,7 @@ class Engine:
         reason: str | None,
         *,
         failure: str | None = None,
+        expired_in_queue: bool = False,
         last_token: Token | None = None,
     ) -> None:
         if seq.finished:
@@ -280,7 +361,7 @@ class Engine:
         with self._lock:  # its queue slot frees as soon as its caller can see the answer
             self._pending -= 1
         if failure is not None:
-            seq.handle.put(Failed(failure))
+            seq.handle.put(Failed(failure, expired_in_queue))
             return
         if last_token is None:  # ended between tokens (cancelled, timed out in the queue): show what there is
             seq.shown.append(seq.stopping.release(seq.detokenizer.flush(), final=True)[0])
@@ -302,3 +383,21 @@ class Engine:
         for seq in [*self._running, *waiting]:
             self._finish(seq, None, failure=message)
         self._running = []
+
+
+def out_of_memory(error: Exception) -> bool:
+    """A step that ran out of memory: CUDA's own error, or the CPU allocator's."""
+    if isinstance(error, torch.OutOfMemoryError):
+        return True
+    text = str(error)
+    return isinstance(error, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
+
+
+def _out_of_memory_message(error: Exception) -> str:
+    first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return f"out of memory while generating; retry with a shorter prompt or answer ({first_line[:200]})"
+
+
+def _release_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()

@@ -48,6 +48,12 @@ class NotReady(ServeError):
     status, error_type = 503, "not_ready"
 
 
+class QueueExpired(ServeError):
+    """Waited in the queue past its deadline and never started: retry later (503, as SageMaker retries it)."""
+
+    status, error_type = 503, "queue_timeout"
+
+
 class GenerationFailed(ServeError):
     status, error_type = 424, "generation"
 

@@ -9,7 +9,8 @@ from __future__ import annotations
 import queue
 import random
 import threading
-from collections.abc import Iterator, Sequence
+import time
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 # Finish reasons, as TGI names them (plus our own `timeout` and `cancelled`).
@@ -22,6 +23,10 @@ class QueueFull(Exception):
 
 class GenerationError(RuntimeError):
     """The engine could not finish this request (a failed forward pass, shutdown, a stall)."""
+
+
+class QueueTimeout(GenerationError):
+    """The request waited in the queue past its deadline and never started: nothing was generated."""
 
 
 class EngineStopped(Exception):
@@ -100,6 +105,7 @@ class Finished:
 @dataclass(frozen=True)
 class Failed:
     message: str
+    expired_in_queue: bool = False
 
 
 class GenerationHandle:
@@ -108,6 +114,7 @@ class GenerationHandle:
     def __init__(self) -> None:
         self._events: queue.SimpleQueue[Token | Finished | Failed] = queue.SimpleQueue()
         self._cancelled = threading.Event()
+        self.created = time.monotonic()
 
     def events(self, timeout: float | None = None) -> Iterator[Token | Finished]:
         """Token events, then one Finished. Raises GenerationError if the engine failed this request."""
@@ -117,16 +124,41 @@ class GenerationHandle:
             except queue.Empty:
                 raise GenerationError(f"the engine produced nothing for {timeout:.0f} s") from None
             if isinstance(event, Failed):
-                raise GenerationError(event.message)
+                raise (QueueTimeout if event.expired_in_queue else GenerationError)(event.message)
             yield event
             if isinstance(event, Finished):
                 return
 
-    def result(self, timeout: float | None = None) -> Finished:
-        for event in self.events(timeout):
+    def result(
+        self,
+        timeout: float | None = None,
+        *,
+        caller_gone: Callable[[], bool] | None = None,
+        poll_s: float = 0.25,
+    ) -> Finished:
+        """The Finished event. With `caller_gone`, it is asked every `poll_s` while waiting: once it says yes,
+        the generation is cancelled (its batch slot frees at the engine's next step) and its end awaited."""
+        end = None if timeout is None else time.monotonic() + timeout
+        next_check = time.monotonic() + poll_s
+        while True:
+            now = time.monotonic()
+            if caller_gone is not None and not self.cancelled and now >= next_check:
+                next_check = now + poll_s
+                if caller_gone():
+                    self.cancel()
+            wait = None if end is None else max(0.0, end - now)
+            if caller_gone is not None and not self.cancelled:
+                wait = poll_s if wait is None else min(wait, poll_s)
+            try:
+                event = self._events.get(timeout=wait)
+            except queue.Empty:
+                if end is not None and time.monotonic() >= end:
+                    raise GenerationError(f"the engine produced nothing for {timeout:.0f} s") from None
+                continue
+            if isinstance(event, Failed):
+                raise (QueueTimeout if event.expired_in_queue else GenerationError)(event.message)
             if isinstance(event, Finished):
                 return event
-        raise AssertionError("unreachable")
 
     def cancel(self) -> None:
         """The client went away: the engine drops the sequence at its next step."""

@@ -55,6 +55,16 @@ class KVBatch:
         self.mask = torch.cat([self.mask, self.mask.new_ones((self.mask.shape[0], 1))], dim=1)
         return self.mask
 
+    def undo_step(self) -> None:
+        """After a decode step that failed part-way: the mask loses the column grow() added, and layers that
+        already appended that position drop it, so every layer is as long as the mask again."""
+        assert self.cache is not None and self.mask is not None
+        self.mask = self.mask[:, :-1]
+        width = self.mask.shape[1]
+        for layer in self.cache.layers:
+            layer.keys = layer.keys[:, :, :width]
+            layer.values = layer.values[:, :, :width]
+
     def keep(self, rows: Sequence[int]) -> None:
         """Keep only `rows` (in this order), then trim the columns that are padding in every row left."""
         if not rows:
@@ -66,8 +76,9 @@ class KVBatch:
         first = int(mask.sum(0).nonzero()[0])
         self.mask = mask[:, first:]
         for layer in self.cache.layers:
-            layer.keys = layer.keys[index, :, first:]
-            layer.values = layer.values[index, :, first:]
+            rows = index.to(layer.keys.device)  # under device_map the layers live on different GPUs
+            layer.keys = layer.keys[rows, :, first:]
+            layer.values = layer.values[rows, :, first:]
 
     def clear(self) -> None:
         self.cache, self.mask = None, None

@@ -70,6 +70,7 @@ class Predictor:
                 context_length=loaded.context_length,
                 max_batch_size=self.config.max_batch_size,
                 max_queue=self.config.max_queue,
+                max_batch_total_tokens=loaded.max_batch_total_tokens,
             )
             engine.start()
             self.loaded, self.engine, self.model_name = loaded, engine, loaded.name
@@ -102,6 +103,15 @@ class Predictor:
     @property
     def ready(self) -> bool:
         return self.state == "ready"
+
+    def health(self) -> str | None:
+        """None when this worker serves; else why not: still loading, failed to load, or its engine broke."""
+        if self.state == "loading":
+            return "the model is loading"
+        if self.state == "failed":
+            return f"the model failed to load: {self.reason}"
+        assert self.engine is not None
+        return self.engine.health()
 
     @property
     def context_length(self) -> int:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterator
+import select
+import socket
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from flask import Blueprint, Response, current_app, g, request
@@ -39,17 +41,26 @@ def _ready_predictor() -> Predictor:
         raise NotReady("the model is still loading; retry when GET /ping answers 200")
     if predictor.state == "failed":
         raise NotReady(f"the model failed to load: {predictor.reason}", error_type="unhealthy")
+    if not predictor.engine.alive:
+        raise NotReady(predictor.health() or "the generation engine is not running", error_type="unhealthy")
     return predictor
 
 
 @bp.get("/ping")
 def ping() -> Response:
     predictor = _predictor()
-    if predictor.ready:
-        return Response(status=200)
-    if predictor.state == "failed":
-        return error_response(f"the model failed to load: {predictor.reason}", "unhealthy", 503)
-    return error_response("the model is loading", "not_ready", 503)
+    problem = predictor.health()
+    if problem is None:
+        # This worker serves; with several workers, any one answers for the whole server (serve.readiness).
+        board = current_app.extensions.get("serve.ready_board")
+        server = board.problem() if board is not None else None
+        if server is None:
+            return Response(status=200)
+        return error_response(server.message, server.error_type, 503)
+    if predictor.state == "loading":
+        return error_response(problem, "not_ready", 503)
+    # Failed to load, or the engine can no longer generate: SageMaker replaces an instance that stays 503.
+    return error_response(problem, "unhealthy", 503)
 
 
 @bp.get("/execution-parameters")
@@ -81,8 +92,13 @@ def invocations() -> Response:
             return _stream(adapter, parsed, predictor)
         _negotiate(["application/json"])
     jobs = adapter.plan(parsed, predictor)
-    results = service.run(jobs, predictor)
+    caller_gone = _caller_gone_check()
+    window = adapters.records_in_flight(predictor.config) if adapter is adapters.JSON_LINES else None
+    results = service.run(jobs, predictor, caller_gone=caller_gone, window=window)
     g.outcome.record(results)
+    if caller_gone is not None and caller_gone():
+        # Nobody reads this reply; the status is for the access log (nginx's "client closed request").
+        return error_response("the client closed the connection; generation cancelled", "cancelled", 499)
     return current_app.response_class(adapter.reply(parsed, jobs, results), mimetype=adapter.media_type)
 
 
@@ -112,6 +128,26 @@ def _stream(adapter: adapters.Adapter, parsed: Any, predictor: Predictor) -> Res
     response.headers["Cache-Control"] = "no-cache"
     response.headers["X-Accel-Buffering"] = "no"
     return response
+
+
+def _caller_gone_check() -> Callable[[], bool] | None:
+    """A check that the client has closed its connection (gunicorn hands the worker its socket; other servers,
+    such as Flask's test client, have none to look at)."""
+    sock = request.environ.get("gunicorn.socket")
+    if sock is None:
+        return None
+
+    def gone() -> bool:
+        try:
+            readable, _, _ = select.select([sock], [], [], 0)
+            # Readable with nothing to read is the peer's close; bytes waiting (a pipelined request) are not.
+            return bool(readable) and sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+        except BlockingIOError:
+            return False
+        except OSError:
+            return True
+
+    return gone
 
 
 def _negotiate(offers: list[str], produce: str | None = None) -> str:

@@ -29,7 +29,12 @@ from serve.errors import ValidationError
 from serve.generation import SamplingParams
 
 MAX_STOP_SEQUENCES = 4
+# Each stop string is matched against the held-back tail of the answer at every token: bound its length.
+MAX_STOP_SEQUENCE_CHARS = 256
 MAX_INPUTS_PER_REQUEST = 32
+# A conversation longer than this is refused before its chat template is rendered (the context bounds the
+# tokens; this bounds the work of getting there).
+MAX_CHAT_MESSAGES = 1024
 MAX_SEED = 2**63 - 1
 # Sampling divides the float32 logits by these: a temperature or penalty near 0 overflows them to inf, the
 # probabilities become NaN, and the failed step would fail every request batched with this one. vLLM
@@ -41,6 +46,7 @@ MIN_TOP_P = 1e-6
 MIN_REPETITION_PENALTY, MAX_REPETITION_PENALTY = 0.01, 100.0
 
 NonEmptyStr = Annotated[str, Field(min_length=1)]
+StopStr = Annotated[str, Field(min_length=1, max_length=MAX_STOP_SEQUENCE_CHARS)]
 
 
 @dataclass(frozen=True)
@@ -85,7 +91,7 @@ class GenerateParameters(_Strict):
     top_k: Annotated[int, Field(ge=0)] | None = None
     do_sample: bool | None = None
     repetition_penalty: Annotated[float, Field(ge=MIN_REPETITION_PENALTY, le=MAX_REPETITION_PENALTY)] | None = None
-    stop: Annotated[list[NonEmptyStr], Field(max_length=MAX_STOP_SEQUENCES)] = []
+    stop: Annotated[list[StopStr], Field(max_length=MAX_STOP_SEQUENCES)] = []
     seed: Annotated[int, Field(ge=0, le=MAX_SEED)] | None = None
     return_full_text: bool = False
     details: bool = False
@@ -159,7 +165,7 @@ class ChatMessage(_Strict):
 class ChatRequest(_Strict):
     """OpenAI chat-completions request. Sampling defaults follow OpenAI: temperature 1, top_p 1."""
 
-    messages: Annotated[list[ChatMessage], Field(min_length=1)]
+    messages: Annotated[list[ChatMessage], Field(min_length=1, max_length=MAX_CHAT_MESSAGES)]
     model: str | None = None  # accepted and echoed; this server hosts one model
     max_tokens: Annotated[int, Field(ge=1)] | None = None
     max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
@@ -170,7 +176,7 @@ class ChatRequest(_Strict):
         None  # vLLM extra
     )
     seed: Annotated[int, Field(ge=0, le=MAX_SEED)] | None = None
-    stop: NonEmptyStr | Annotated[list[NonEmptyStr], Field(max_length=MAX_STOP_SEQUENCES)] | None = None
+    stop: StopStr | Annotated[list[StopStr], Field(max_length=MAX_STOP_SEQUENCES)] | None = None
     stream: bool = False
     stream_options: dict[str, Any] | None = None
     n: Literal[1] = 1

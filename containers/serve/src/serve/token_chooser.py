@@ -64,10 +64,13 @@ class NextTokenChooser:
         return token_id, float(logprobs[token_id])
 
 
-def choose_next_tokens(choosers: Sequence[NextTokenChooser], logits: torch.Tensor) -> list[tuple[int, float]]:
-    """(token id, log-probability) for each row of `logits` [batch, vocab], row i chosen by choosers[i]."""
+def choose_next_tokens(
+    choosers: Sequence[NextTokenChooser], logits: torch.Tensor
+) -> list[tuple[int, float] | RuntimeError]:
+    """(token id, log-probability) for each row of `logits` [batch, vocab], row i chosen by choosers[i]; or the
+    error that row's own choice raised (sampling from NaN probabilities, say), which fails that row alone."""
     logits = logits.float()
-    chosen: list[tuple[int, float] | None] = [None] * len(choosers)
+    chosen: list[tuple[int, float] | RuntimeError | None] = [None] * len(choosers)
     greedy = [i for i, chooser in enumerate(choosers) if chooser.batched_argmax]
     if greedy:
         rows = logits[greedy]
@@ -77,5 +80,8 @@ def choose_next_tokens(choosers: Sequence[NextTokenChooser], logits: torch.Tenso
             chosen[i] = (token_id, logprob)
     for i, chooser in enumerate(choosers):
         if chosen[i] is None:
-            chosen[i] = chooser.choose(logits[i])
+            try:
+                chosen[i] = chooser.choose(logits[i])
+            except RuntimeError as e:
+                chosen[i] = e
     return chosen  # type: ignore[return-value]  # every row is filled above
