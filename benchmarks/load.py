@@ -59,6 +59,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-requests", type=int, default=2000, help="per level, whichever comes first")
     p.add_argument("--new-tokens", type=int, default=16, help="max_new_tokens per question (short answers)")
     p.add_argument("--timeout", type=float, default=60.0, help="per request")
+    p.add_argument(
+        "--burst-clients", type=int, default=32, help="near-context prompts sent at once to /invocations (0 skips)"
+    )
+    p.add_argument("--burst-prompt-tokens", type=int, default=3500, help="about this many tokens per burst prompt")
     p.add_argument("--soak-seconds", type=float, default=300.0, help="0 skips the soak")
     p.add_argument("--soak-clients", type=int, default=4)
     p.add_argument("--no-write", action="store_true", help="print only; leave docs/reliability.md alone")
@@ -195,6 +199,33 @@ def drive(
         t.join(timeout=seconds + timeout + 10)
     report.wall_s = time.monotonic() - started
     return report
+
+
+def burst(target: Target, clients: int, prompt: str, timeout: float) -> LevelReport:
+    """`clients` requests with the same long prompt, all sent at once (no warm-up, no back-off): every one must be
+    answered or refused (429 queue full, 422 too long), none failed, none failing its neighbours."""
+    report = LevelReport(f"{target.name}, near-context burst", clients)
+    gate = threading.Barrier(clients)
+
+    def client() -> None:
+        gate.wait()
+        result = one_request(target, prompt, timeout)
+        report.results.append(result)  # list.append is atomic
+
+    started = time.monotonic()
+    threads = [threading.Thread(target=client, daemon=True) for _ in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=timeout + 10)
+    report.wall_s = time.monotonic() - started
+    return report
+
+
+def burst_violations(report: LevelReport) -> list[str]:
+    bad = sorted({str(r.status) for r in report.results if r.status not in (200, 422, 429)})
+    missing = report.clients - len(report.results)
+    return [f"burst: {', '.join(bad)}"] * bool(bad) + [f"burst: {missing} requests got no reply"] * bool(missing)
 
 
 # --------------------------------------------------------------------------------------------- the stack
@@ -364,7 +395,7 @@ def main(argv=None) -> int:
         model_dir = args.model or _embedded_default_model()
         model = model_dir.name
         print(f"starting the stack with {model_dir} ...", flush=True)
-        stack, api_url, direct_url = start_stack(model_dir, max(args.api_levels))
+        stack, api_url, direct_url = start_stack(model_dir, max(args.api_levels, default=1))
     api, direct = Target.api(api_url, args.new_tokens), Target.direct(direct_url, args.new_tokens)
     try:
         workers_before = gunicorn_workers(stack) if stack else set()
@@ -376,6 +407,14 @@ def main(argv=None) -> int:
                 drive(direct, clients, args.level_seconds, args.max_requests, questions, args.timeout)
             )
             print(level_table(direct_reports[-1:]).splitlines()[-1], flush=True)
+        bursted = None
+        if args.burst_clients:
+            # ~1 token per word for this tokenizer's common words: the prompt fills most of the 4,096-token context
+            prompt = "Please summarise the following notes. " + "the quick brown fox jumps over it " * (
+                args.burst_prompt_tokens // 7
+            )
+            bursted = burst(direct, args.burst_clients, prompt, args.timeout)
+            print(f"burst: {bursted.clients} near-context prompts at once: {bursted.mix}", flush=True)
         anchor = {r.clients: r.throughput for r in direct_reports}
         for clients in args.api_levels:
             api_reports.append(drive(api, clients, args.level_seconds, args.max_requests, questions, args.timeout))
@@ -390,18 +429,20 @@ def main(argv=None) -> int:
             stack.stop()
 
     violations = [v for r in direct_reports + api_reports for v in r.violations]
+    if bursted:
+        violations += burst_violations(bursted)
     if soaked:
         violations += soaked.violations
     if workers_before != workers_after:
         violations.append(f"gunicorn workers changed: {sorted(workers_before)} -> {sorted(workers_after)}")
-    section = render(args, model, direct_reports, api_reports, soaked, violations)
+    section = render(args, model, direct_reports, api_reports, soaked, violations, bursted)
     print("\n" + section)
     if not args.no_write:
         write_section("load", section, DOCS)
     return 1 if violations else 0
 
 
-def render(args, model, direct_reports, api_reports, soaked, violations) -> str:
+def render(args, model, direct_reports, api_reports, soaked, violations, bursted=None) -> str:
     cpu = f"{platform.machine()}, {os.cpu_count()} CPUs"
     parts = [
         f"Measured {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} on {cpu} (load average "
@@ -413,6 +454,14 @@ def render(args, model, direct_reports, api_reports, soaked, violations) -> str:
         "",
         level_table(api_reports, {r.clients: r.throughput for r in direct_reports}),
     ]
+    if bursted:
+        parts += [
+            "",
+            f"Near-context burst: {bursted.clients} requests of ~{args.burst_prompt_tokens} prompt tokens sent at once "
+            f"to /invocations: status mix {bursted.mix} in {bursted.wall_s:.0f} s (accepted ones answered, the rest "
+            f"refused with 429/422; p50 {fmt_ms(bursted.percentile(0.5))} ms, slowest "
+            f"{fmt_ms(bursted.percentile(1.0))} ms).",
+        ]
     if soaked:
         answered = len(soaked.level.answered)
         parts += [

@@ -231,3 +231,30 @@ def test_a_caller_that_hangs_up_cancels_its_generation(server, stream):
     assert record.get("finish_reason", "cancelled") == "cancelled" and record["generated_tokens"] < 4000, record
     # Its slot is free: a new request is answered at once.
     assert server.generate("hello", max_new_tokens=2, details=True)["details"]["generated_tokens"] == 2
+
+
+def test_work_that_cannot_start_in_time_is_refused_at_once(model_and_tokenizer):
+    """A burst of long prompts on a slow machine: those the queue cannot start before their deadline get a 429
+    now (QueueFull), not a 503 a minute later. The rate comes from the engine's own prefills."""
+    from serve.generation import QueueFull
+
+    model, tokenizer = model_and_tokenizer
+    engine = _engine(model, tokenizer)  # not started: what is submitted stays queued
+    engine._prefill_flops_per_s = engine._cost.flops(200) / 2.0  # a 200-token prompt takes 2 s on this machine
+    deadline = time.monotonic() + 14  # half of it, 7 s, may go to waiting
+    for _ in range(3):
+        engine.submit(list(range(5, 205)), SamplingParams(max_new_tokens=4), deadline=deadline)  # 6 s queued
+    with pytest.raises(QueueFull, match="would take about 8 s to read"):
+        engine.submit(list(range(5, 205)), SamplingParams(max_new_tokens=4), deadline=deadline)
+    engine.submit([5, 6, 7], SamplingParams(max_new_tokens=4), deadline=deadline)  # a short one still fits
+
+
+def test_prefills_measure_the_rate(model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    engine = _engine(model, tokenizer)
+    engine.start()
+    engine.submit(list(range(5, 69)), SamplingParams(max_new_tokens=1), deadline=time.monotonic() + 30).result(30)
+    engine.stop()
+    assert engine._prefill_flops_per_s and engine._prefill_flops_per_s > 0
+    # near-context prompts cost more per token than short ones: attention's n^2 term
+    assert engine._cost.flops(2000) / 2000 > engine._cost.flops(20) / 20

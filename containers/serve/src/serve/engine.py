@@ -54,6 +54,30 @@ log = logging.getLogger("serve.engine")
 MAX_PREFILL_TOKENS_PER_STEP = 8192
 # This many failed steps in a row and the engine reports itself unhealthy (SageMaker then replaces the instance).
 UNHEALTHY_AFTER_FAILED_STEPS = 3
+# A request is refused at once (429) when the prompts queued ahead of it (and its own) would take more than this
+# share of its time budget to prefill at the measured rate: better a fast "retry later" than a 503 after waiting
+# a minute. The other half is for its answer, and for the estimate's error (the decode steps are not in it).
+WAIT_SHARE_OF_BUDGET = 0.5
+# Prefills of fewer tokens than this say more about per-step overhead than about the rate.
+MIN_TOKENS_TO_MEASURE = 16
+
+
+@dataclass(frozen=True)
+class PrefillCost:
+    """A prompt's prefill in model FLOPs: 2 per weight per token, plus causal attention's n^2 term. Measuring the
+    engine's rate in FLOP/s rather than tokens/s keeps one rate good for short and near-context prompts alike."""
+
+    per_token: float
+    per_token_pair: float
+
+    @classmethod
+    def of(cls, model: Any) -> PrefillCost:
+        text = model.config.get_text_config()
+        weights = sum(p.numel() for p in model.parameters()) - model.get_input_embeddings().weight.numel()
+        return cls(2.0 * weights, 2.0 * text.num_hidden_layers * text.hidden_size)
+
+    def flops(self, tokens: int) -> float:
+        return self.per_token * tokens + self.per_token_pair * tokens * tokens
 
 
 @dataclass
@@ -102,6 +126,9 @@ class Engine:
         self.max_queue = max_queue
         self.max_batch_total_tokens = max_batch_total_tokens or max_batch_size * context_length
         self._failed_steps = 0
+        self._cost = PrefillCost.of(model)
+        self._prefill_flops_per_s: float | None = None  # measured on this machine, this model: see _prefill
+        self._prefilling: list[_Sequence] = []  # admitted, prompt not read yet: work ahead of a new request too
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else next(iter(eos_token_ids))
         self._lock = threading.Lock()
         self._wake = threading.Event()
@@ -144,10 +171,26 @@ class Engine:
                     f"{self._pending} requests are already queued or running (SERVE_MAX_QUEUE="
                     f"{self.max_queue}); retry later"
                 )
+            wait = self._estimated_wait(len(seq.prompt_ids))
+            room = deadline - time.monotonic()
+            if wait is not None and wait > room * WAIT_SHARE_OF_BUDGET:
+                raise QueueFull(
+                    f"the prompts queued ahead would take about {wait:.0f} s to read, more than this request's "
+                    f"{room:.0f} s; retry later"
+                )
             self._pending += 1
             self._waiting.append(seq)
         self._wake.set()
         return handle
+
+    def _estimated_wait(self, prompt_tokens: int) -> float | None:
+        """Seconds until a new prompt of this length is prefilled, from the queue's prompts and the measured
+        prefill rate (None before anything was measured). Caller holds the lock."""
+        if not self._prefill_flops_per_s:
+            return None
+        ahead = [*self._prefilling, *self._waiting]
+        queued = sum(self._cost.flops(len(s.prompt_ids)) for s in ahead) + self._cost.flops(prompt_tokens)
+        return queued / self._prefill_flops_per_s
 
     def cap_deadlines(self, deadline: float) -> None:
         """Shutdown drain: every request, running or queued, must finish by `deadline` (cut as `timeout`)."""
@@ -232,6 +275,7 @@ class Engine:
                     break  # it waits for rows to free; alone it always fits (see Predictor's limits)
                 budget -= len(candidate.prompt_ids)
                 admitted.append(self._waiting.popleft())
+            self._prefilling = admitted
         for seq in expired:
             if seq.handle.cancelled:
                 self._finish(seq, CANCELLED)
@@ -254,6 +298,7 @@ class Engine:
         input_ids, mask, positions = left_padded([s.prompt_ids for s in new], self.pad_id)
         self._running.extend(new)  # first, so a failing forward pass fails these requests too
         mask = mask.to(device)
+        started = time.perf_counter()
         try:
             out = self.model(
                 input_ids=input_ids.to(device),
@@ -270,11 +315,22 @@ class Engine:
             del self._running[-len(new) :]
             self._finish(new[-1], None, failure=_out_of_memory_message(e))
             with self._lock:
+                self._prefilling = []
                 self._waiting.extendleft(reversed(new[:-1]))
             _release_memory(device)
             return
+        self._advance(new, out.logits[:, -1, :])  # reads the logits: the forward pass has finished
+        self._measure_prefill([len(s.prompt_ids) for s in new], time.perf_counter() - started)
+        with self._lock:
+            self._prefilling = []
         self._batch.join(out.cache, mask)
-        self._advance(new, out.logits[:, -1, :])
+
+    def _measure_prefill(self, prompt_lengths: list[int], seconds: float) -> None:
+        if sum(prompt_lengths) < MIN_TOKENS_TO_MEASURE or seconds <= 0:
+            return
+        rate = sum(self._cost.flops(n) for n in prompt_lengths) / seconds
+        previous = self._prefill_flops_per_s
+        self._prefill_flops_per_s = rate if previous is None else 0.7 * previous + 0.3 * rate
 
     def _decode(self) -> None:
         device = self.model.device

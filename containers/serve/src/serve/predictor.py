@@ -74,8 +74,9 @@ class Predictor:
             )
             engine.start()
             self.loaded, self.engine, self.model_name = loaded, engine, loaded.name
-            # Ready means a generation works, not just that weights are in memory.
-            probe = self.encode_raw("Hello")
+            # Ready means a generation works, not just that weights are in memory. A prompt of some length, so
+            # that the engine knows its prefill rate from the start (it refuses work it cannot start in time).
+            probe = self.encode_raw("Hello, " * 32)
             engine.submit(probe, SamplingParams(max_new_tokens=2), deadline=time.monotonic() + 300).result(300)
         except Exception as e:
             self.state, self.reason = "failed", f"{type(e).__name__}: {e}"
