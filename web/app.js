@@ -1,11 +1,17 @@
 // Chat page: POST {question} to `${apiBaseUrl}/ask` and show the answer, the variant that answered, the
 // latency, and errors in plain words. The API path is buffered (API Gateway + Python Lambda cannot stream),
 // so the page shows a pending state with an elapsed-time counter instead of streaming text.
+//
+// Where the API key may go: the page's API is apiBaseUrl from config.js (set by whoever deploys the page), or
+// `?api=` in the page address, which is accepted only when it names an API on this computer (a loopback host:
+// localhost, *.localhost, 127.0.0.0/8, [::1]), so a link cannot point the page, and the key typed into it, at
+// somebody else's server. The key is kept with the API origin it was entered for and is never sent to another
+// one; requests do not follow redirects, which would carry the x-api-key header along.
 "use strict";
 
 (function () {
   const CLIENT_TIMEOUT_MS = 35000; // a little over API Gateway's 29 s integration timeout
-  const KEY_STORAGE = "qa-chat.api-key";
+  const KEY_STORAGE = "qa-chat.api-key"; // sessionStorage: {"origin": API origin it was entered for, "key"}
 
   const form = document.getElementById("ask-form");
   const question = document.getElementById("question");
@@ -18,16 +24,17 @@
   const apiKeyInput = document.getElementById("api-key");
   const variantInput = document.getElementById("variant");
 
-  const apiBase = resolveApiBase();
+  const { apiBase, refusedQuery } = resolveApiBase();
+  const apiOrigin = apiBase ? new URL(apiBase).origin : "";
   document.getElementById("api-url").textContent = apiBase || "(not set)";
   document.getElementById("api-label").textContent = apiBase || "an API that is not configured yet";
 
   let pending = null; // {controller, timer, reason} while a question is in flight
 
-  apiKeyInput.value = sessionStorage.getItem(KEY_STORAGE) || "";
+  apiKeyInput.value = storedKeyFor(apiOrigin);
   apiKeyInput.addEventListener("input", () => {
-    if (apiKeyInput.value) sessionStorage.setItem(KEY_STORAGE, apiKeyInput.value);
-    else sessionStorage.removeItem(KEY_STORAGE);
+    if (!apiKeyInput.value) sessionStorage.removeItem(KEY_STORAGE);
+    else sessionStorage.setItem(KEY_STORAGE, JSON.stringify({ origin: apiOrigin, key: apiKeyInput.value }));
   });
   document.getElementById("forget-key").addEventListener("click", () => {
     apiKeyInput.value = "";
@@ -50,20 +57,57 @@
     event.preventDefault();
     ask();
   });
+  if (refusedQuery) {
+    setFormError(`The page address names an API that is not on this computer (${refusedQuery}), so it is ignored: ` +
+      "?api= may only name localhost or 127.0.0.1. Another API is set in config.js.");
+  }
   question.focus();
 
+  // {apiBase, refusedQuery}: config.js's apiBaseUrl, or a loopback ?api=; a ?api= naming any other host is
+  // refused (and reported), never used.
   function resolveApiBase() {
     const fromQuery = new URLSearchParams(window.location.search).get("api");
     const configured = (window.QA_CONFIG && window.QA_CONFIG.apiBaseUrl) || "";
-    const candidate = fromQuery || configured;
-    if (!candidate) return "";
-    try {
-      const url = new URL(candidate, window.location.href);
-      if (url.protocol !== "http:" && url.protocol !== "https:") return "";
-      return url.href.replace(/\/+$/, "");
-    } catch (e) {
-      return "";
+    if (fromQuery) {
+      const url = httpUrl(fromQuery);
+      if (url && isLoopback(url.hostname)) return { apiBase: withoutTrailingSlash(url), refusedQuery: "" };
+      const configuredUrl = httpUrl(configured);
+      const apiBase = configuredUrl ? withoutTrailingSlash(configuredUrl) : "";
+      return { apiBase, refusedQuery: fromQuery.slice(0, 100) };
     }
+    const url = httpUrl(configured);
+    return { apiBase: url ? withoutTrailingSlash(url) : "", refusedQuery: "" };
+  }
+
+  function httpUrl(text) {
+    if (!text) return null;
+    try {
+      const url = new URL(text, window.location.href);
+      return url.protocol === "http:" || url.protocol === "https:" ? url : null;
+    } catch (e) {
+      return null;
+    }
+  }
+
+  function withoutTrailingSlash(url) {
+    return url.href.replace(/\/+$/, "");
+  }
+
+  // The URL parser has already normalised the host (lower case, IPv4 shorthands such as 127.1 or 0x7f.1
+  // written out, IPv6 in brackets), so these comparisons see what the browser will connect to.
+  function isLoopback(hostname) {
+    return hostname === "localhost" || hostname.endsWith(".localhost") || hostname === "[::1]" ||
+      /^127\.\d{1,3}\.\d{1,3}\.\d{1,3}$/.test(hostname);
+  }
+
+  function storedKeyFor(origin) {
+    try {
+      const stored = JSON.parse(sessionStorage.getItem(KEY_STORAGE) || "null");
+      if (stored && stored.origin === origin && typeof stored.key === "string") return stored.key;
+    } catch (e) {
+      // an old plain-text entry, or garbage: not known to belong to this API
+    }
+    return "";
   }
 
   async function ask() {
@@ -114,6 +158,7 @@
         signal: controller.signal,
         credentials: "omit",
         cache: "no-store",
+        redirect: "error", // a redirect would resend x-api-key to wherever it points
       });
       const payload = await readJson(response);
       const roundTripMs = performance.now() - started;

@@ -1,6 +1,9 @@
 """API Gateway stand-in: every path and method goes to one Lambda proxy integration ({proxy+}, ANY).
 
 Order of checks, as in API Gateway: payload limit (413) -> API key (403) -> throttling (429) -> Lambda.
+The payload limit holds for bodies without a Content-Length too (chunked): at most limit + 1 bytes are read,
+then the 413 goes out; werkzeug's server reads and drops what the client still sends, so a client that
+sends its whole body before reading gets the 413, not a broken pipe.
 Answers API Gateway itself produces ("gateway responses"), with its bodies:
     403 {"message":"Forbidden"}                 missing or unknown x-api-key (when keys are configured)
     413 {"message":"Request Too Long"}          body over the payload limit (10 MB)
@@ -112,8 +115,8 @@ def create_app(config: GatewayConfig, invoke: Invoker | None = None, log=None) -
         length = request.content_length
         if length is not None and length > config.max_payload_bytes:
             return gateway_response(413, "Request Too Long")
-        body = request.get_data()
-        if len(body) > config.max_payload_bytes:
+        body = read_at_most(request.stream, config.max_payload_bytes)
+        if body is None:
             return gateway_response(413, "Request Too Long")
 
         api_key = request.headers.get("x-api-key")
@@ -161,6 +164,19 @@ def create_app(config: GatewayConfig, invoke: Invoker | None = None, log=None) -
         return response
 
     return app
+
+
+def read_at_most(stream, limit: int) -> bytes | None:
+    """The request body, or None once it is longer than `limit`: never more than limit + 1 bytes in memory,
+    whatever the client declared (or did not: a chunked body has no Content-Length)."""
+    chunks, size = [], 0
+    while size <= limit:
+        chunk = stream.read(min(1 << 16, limit + 1 - size))
+        if not chunk:
+            return b"".join(chunks)
+        chunks.append(chunk)
+        size += len(chunk)
+    return None
 
 
 def _strip_stage(path: str, stage: str) -> str:

@@ -5,7 +5,8 @@ AWS_ENDPOINT_URL_LAMBDA pointing here (and the AWS Lambda RIE's URL works too):
 
     POST /2015-03-31/functions/{name}/invocations   X-Amz-Invocation-Type: RequestResponse | Event | DryRun
         200 payload; a failed function is still 200 with X-Amz-Function-Error: Unhandled (like Lambda)
-        413 RequestEntityTooLargeException   payload over 6 MB (Lambda's synchronous limit)
+        413 RequestEntityTooLargeException   payload over 6 MB (Lambda's synchronous limit), declared or
+                                             chunked: at most 6 MB + 1 byte is read before the answer
         429 TooManyRequestsException         every environment busy (reserved concurrency reached)
         404 ResourceNotFoundException        unknown function name
     GET  /_emulator/health                      {"status": "ok", ...} for compose health checks
@@ -117,13 +118,14 @@ def create_app(pool: EnvironmentPool, log=print) -> Flask:
         if invocation_type not in ("RequestResponse", "Event"):
             return _aws_error(400, "InvalidParameterValueException", f"Unsupported invocation type {invocation_type}")
         length = request.content_length or 0
-        if length > MAX_SYNC_PAYLOAD_BYTES:
+        payload = None if length > MAX_SYNC_PAYLOAD_BYTES else _read_at_most(request.stream, MAX_SYNC_PAYLOAD_BYTES)
+        if payload is None:
             return _aws_error(
                 413,
                 "RequestEntityTooLargeException",
                 f"Request must be smaller than {MAX_SYNC_PAYLOAD_BYTES} bytes for the InvokeFunction operation",
             )
-        payload = request.get_data() or b"{}"
+        payload = payload or b"{}"
 
         env = pool.acquire()
         if env is None:
@@ -143,6 +145,19 @@ def create_app(pool: EnvironmentPool, log=print) -> Flask:
         return Response(result.payload, status=200, headers=headers, content_type="application/json")
 
     return app
+
+
+def _read_at_most(stream, limit: int) -> bytes | None:
+    """The request body, or None once it is longer than `limit` (a chunked body declares no length): never
+    more than limit + 1 bytes in memory. werkzeug's server drops the rest after the answer."""
+    chunks, size = [], 0
+    while size <= limit:
+        chunk = stream.read(min(1 << 16, limit + 1 - size))
+        if not chunk:
+            return b"".join(chunks)
+        chunks.append(chunk)
+        size += len(chunk)
+    return None
 
 
 def _run(pool: EnvironmentPool, env: ExecutionEnvironment, payload: bytes, log) -> InvokeResult:

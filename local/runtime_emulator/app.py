@@ -58,8 +58,6 @@ EVENTSTREAM_CONTENT_TYPE = "application/vnd.amazon.eventstream"
 CONTAINER_NAME = "primary"
 # Container error bodies are quoted back to the caller; keep a runaway HTML page from flooding it.
 MAX_QUOTED_ERROR_CHARS = 4096
-# Past the limit we still drain (and drop) this much so the client reads our error, not a broken pipe.
-MAX_DRAINED_BODY_BYTES = 64 << 20
 
 CONFIG_KEY = web.AppKey("config", EmulatorConfig)
 RNG_KEY = web.AppKey("rng", random.Random)
@@ -102,7 +100,8 @@ class Invocation:
 
 def create_app(config: EmulatorConfig, rng: random.Random | None = None) -> web.Application:
     """Build the emulator; `rng` makes the traffic split reproducible in tests."""
-    app = web.Application(client_max_size=MAX_DRAINED_BODY_BYTES, middlewares=[_internal_failure])
+    # Bodies are read by _read_body, never by request.read(); client_max_size is set to the limit all the same.
+    app = web.Application(client_max_size=config.max_body_bytes, middlewares=[_internal_failure])
     app[CONFIG_KEY] = config
     app[RNG_KEY] = rng or random.Random(config.routing_seed)
     app[HEALTH_KEY] = {}
@@ -234,21 +233,22 @@ async def _validated_request(request: web.Request, call: Invocation) -> tuple[En
 
 
 async def _read_body(request: web.Request, limit: int, call: Invocation) -> bytes:
-    """Read the body, rejecting more than `limit` bytes before anything reaches a container."""
+    """Read the body, rejecting more than `limit` bytes before anything reaches a container. The error goes
+    out as soon as the limit is passed (or at once when the declared length is over it); aiohttp then reads and
+    drops what the client still sends for up to its lingering time (10 s), so a client that sends its whole
+    body before reading gets the error, not a broken pipe, and a client that stalls is let go after 10 s."""
     declared = request.content_length
     chunks, size = [], 0
-    async for chunk in request.content.iter_any():
-        size += len(chunk)
-        if size <= limit:
+    if declared is None or declared <= limit:
+        async for chunk in request.content.iter_any():
+            size += len(chunk)
+            if size > limit:
+                break
             chunks.append(chunk)
-        elif size > MAX_DRAINED_BODY_BYTES:
-            break
     call.bytes_in = size
     if size > limit or (declared is not None and declared > limit):
-        raise validation_error(
-            f"Request {call.request_id} has oversize body: {max(size, declared or 0)} bytes; "
-            f"the limit is {limit} bytes."
-        )
+        length = f"{declared} bytes" if declared is not None else f"more than {limit} bytes"
+        raise validation_error(f"Request {call.request_id} has oversize body: {length}; the limit is {limit} bytes.")
     return b"".join(chunks)
 
 

@@ -57,7 +57,8 @@ def make_parser(env: dict[str, str]) -> argparse.ArgumentParser:
     serve.add_argument(
         "--host",
         default=env.get("S3_STANDIN_HOST", "127.0.0.1"),
-        help="interface to listen on; 0.0.0.0 inside a container [S3_STANDIN_HOST]",
+        help="interface for the S3 port; 0.0.0.0 inside a container (the internal ports stay on loopback) "
+        "[S3_STANDIN_HOST]",
     )
 
     wait = commands.add_parser("wait", help="wait until the S3 endpoint answers (a compose health check)")
@@ -161,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
         from .server import S3ServerConfig, WeedNotFound, serve
 
         try:
-            serve(
+            return serve(
                 S3ServerConfig(
                     data_dir=args.data_dir.resolve(),
                     port=args.port,
@@ -169,11 +170,10 @@ def main(argv: list[str] | None = None) -> int:
                     access_key=args.access_key,
                     secret_key=args.secret_key,
                 )
-            )
+            )  # on loopback serve() execs weed and never returns
         except WeedNotFound as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
-        return 0  # not reached: serve() execs weed
     if args.command == "wait":
         if wait_until_up(args.endpoint_url, args.timeout, args.data_dir):
             return 0

@@ -8,11 +8,15 @@ shipping community binaries in 2025 and is not on PyPI or Debian.
 
 `weed server` also runs a master, a volume server and a filer; their ports are internal, so they are
 drawn free on first start and kept in the data directory (they must not collide with a serving container
-on 8080 when everything runs on one host).
+on 8080 when everything runs on one host). They bind to loopback only, whatever --host says: none of them
+asks for credentials (the filer serves every object unsigned, the S3 gateway's gRPC port reconfigures its
+identities). With a --host other than loopback (0.0.0.0 in a container) the S3 port itself is served by a
+relay (relay.py) in front of a loopback-only weed.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import shutil
@@ -26,11 +30,14 @@ class WeedNotFound(RuntimeError):
     pass
 
 
+LOOPBACK = "127.0.0.1"
+
+
 @dataclass(frozen=True)
 class S3ServerConfig:
     data_dir: Path
     port: int = 8333  # SeaweedFS's usual S3 port
-    host: str = "127.0.0.1"  # 0.0.0.0 inside a container
+    host: str = "127.0.0.1"  # 0.0.0.0 inside a container: the S3 port only (through the relay)
     # The one identity the server accepts; requests are SigV4-checked as on AWS, so a client without
     # these credentials fails here as it would there.
     access_key: str = "local"
@@ -54,12 +61,21 @@ def find_weed() -> str:
     )
 
 
-def _free_ports(count: int, host: str) -> list[int]:
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _free_ports(count: int) -> list[int]:
     sockets = []
     try:
         for _ in range(count):
             sock = socket.socket()
-            sock.bind((host if host != "0.0.0.0" else "127.0.0.1", 0))
+            sock.bind((LOOPBACK, 0))
             sockets.append(sock)
         return [s.getsockname()[1] for s in sockets]
     finally:
@@ -79,7 +95,7 @@ def internal_ports(config: S3ServerConfig) -> dict[str, int]:
         ports = json.loads(path.read_text())
         if set(ports) == set(_INTERNAL_PORTS):
             return ports
-    ports = dict(zip(_INTERNAL_PORTS, _free_ports(len(_INTERNAL_PORTS), config.host), strict=True))
+    ports = dict(zip(_INTERNAL_PORTS, _free_ports(len(_INTERNAL_PORTS)), strict=True))
     path.write_text(json.dumps(ports))
     return ports
 
@@ -97,21 +113,23 @@ def write_identities(config: S3ServerConfig) -> Path:
     return path
 
 
-def weed_command(config: S3ServerConfig, weed: str) -> list[str]:
+def weed_command(config: S3ServerConfig, weed: str, s3_port: int | None = None) -> list[str]:
+    """`weed server` with every port on loopback; `s3_port` (default config.port) is where its S3 gateway
+    listens, the relay's target when config.host is not loopback."""
     config.data_dir.mkdir(parents=True, exist_ok=True)
     ports = internal_ports(config)
     identities = write_identities(config)
     master, master_grpc = ports["master"], ports["master_grpc"]
     volume, volume_grpc = ports["volume"], ports["volume_grpc"]
     filer, filer_grpc, s3_grpc = ports["filer"], ports["filer_grpc"], ports["s3_grpc"]
-    # The internal servers find each other on loopback; only -ip.bind decides who else can connect.
-    ip = "127.0.0.1"
+    # The servers find each other on loopback and listen nowhere else; -s3.ip.bind (and the S3 gRPC port,
+    # which SeaweedFS binds with it) defaults to -ip.bind.
     return [
         weed,
         "server",
         f"-dir={config.data_dir}",
-        f"-ip={ip}",
-        f"-ip.bind={config.host}",
+        f"-ip={LOOPBACK}",
+        f"-ip.bind={LOOPBACK}",
         "-master.telemetry=false",  # never phone home from a developer's machine or CI
         f"-master.port={master}",
         f"-master.port.grpc={master_grpc}",
@@ -126,7 +144,7 @@ def weed_command(config: S3ServerConfig, weed: str) -> list[str]:
         f"-filer.port={filer}",
         f"-filer.port.grpc={filer_grpc}",
         "-s3",
-        f"-s3.port={config.port}",
+        f"-s3.port={s3_port or config.port}",
         f"-s3.config={identities}",
         f"-s3.port.grpc={s3_grpc}",
         "-s3.port.iceberg=0",
@@ -134,10 +152,13 @@ def weed_command(config: S3ServerConfig, weed: str) -> list[str]:
     ]
 
 
-def serve(config: S3ServerConfig) -> None:
-    """Replace this process with `weed server`, so signals (compose stop, Ctrl-C) reach it directly."""
+def serve(config: S3ServerConfig) -> int:
+    """On loopback, replace this process with `weed server`, so signals (compose stop, Ctrl-C) reach it
+    directly. On any other address, run weed on loopback behind the relay; returns weed's exit code."""
     weed = find_weed()
-    command = weed_command(config, weed)
+    loopback = is_loopback(config.host)
+    relay_target = None if loopback else _free_ports(1)[0]
+    command = weed_command(config, weed, s3_port=relay_target)
     print(
         f"S3 stand-in (SeaweedFS) on http://{config.host}:{config.port}, data in {config.data_dir}; "
         f"clients: export AWS_ENDPOINT_URL_S3=http://127.0.0.1:{config.port} "
@@ -148,7 +169,11 @@ def serve(config: S3ServerConfig) -> None:
     # weed turns AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY in its own environment into an extra admin
     # identity; the identity file above is the only source of credentials we want.
     env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
-    os.execve(weed, command, env)
+    if loopback:
+        os.execve(weed, command, env)
+    from s3_standin import relay
+
+    return relay.run(command, env, config.host, config.port, relay_target)
 
 
 def volumes_on_disk(data_dir: Path) -> int:

@@ -42,7 +42,10 @@ def _deploy_arguments(parser: argparse.ArgumentParser) -> None:
         help="a second variant for an A/B test, e.g. base=s3://.../base/model.tar.gz",
     )
     parser.add_argument("--weights", nargs="+", type=float, metavar="W", help="variant weights (default 1 or 50 50)")
-    parser.add_argument("--role", help="SageMaker execution role ARN (default: SAGEMAKER_ROLE_ARN)")
+    parser.add_argument(
+        "--role",
+        help="the endpoint's SageMaker role ARN (default: SAGEMAKER_HOSTING_ROLE_ARN, else SAGEMAKER_ROLE_ARN)",
+    )
     parser.add_argument("--instance-type", default="ml.g5.xlarge", help="default ml.g5.xlarge")
     parser.add_argument("--instance-count", type=int, default=1, help="initial instances per variant")
     parser.add_argument("--min-instances", type=int, default=1, help="autoscaling minimum per variant")
@@ -140,7 +143,7 @@ def dispatch(args) -> int:
 
     local = getattr(args, "local", False)
     if args.command == "train":
-        role = LOCAL_ROLE if local and not (args.role or "") else context.require_role(args.role)
+        role = LOCAL_ROLE if local and not (args.role or "") else context.require_role(args.role, "training")
         spec = training.spec_from_args(args, role)
         ctx = None if local else context.resolve(args.region, args.profile, args.dry_run)
         print(training.train(ctx, spec))
@@ -153,7 +156,7 @@ def dispatch(args) -> int:
         local_endpoint = LocalEndpoint(spec, args.port, root, args.health_check_timeout)
         return serve_until_interrupted(local_endpoint, args.ask, args.smoke_test)
     if args.command == "deploy":
-        spec = _deploy_spec(args, context.require_role(args.role))
+        spec = _deploy_spec(args, context.require_role(args.role, "hosting"))
         ctx = context.resolve(args.region, args.profile, args.dry_run)
         print(endpoint.deploy(ctx, spec, wait=not args.no_wait))
         return 0

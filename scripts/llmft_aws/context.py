@@ -89,13 +89,20 @@ def resolve(region: str | None = None, profile: str | None = None, dry_run: bool
     return AwsContext(region=region, dry_run=dry_run, profile=profile, _session=session)
 
 
-def require_role(role: str | None) -> str:
-    """The SageMaker execution role ARN from --role or SAGEMAKER_ROLE_ARN, checked for shape."""
-    role = role or os.environ.get("SAGEMAKER_ROLE_ARN", "")
+# Training jobs and endpoints assume different roles (infra/template.yaml: training writes its output, hosting
+# only reads model archives). SAGEMAKER_ROLE_ARN is still read for a one-role set-up made before the split.
+ROLE_ENV = {"training": "SAGEMAKER_TRAINING_ROLE_ARN", "hosting": "SAGEMAKER_HOSTING_ROLE_ARN"}
+TEMPLATE_OUTPUT = {"training": "SageMakerTrainingRoleArn", "hosting": "SageMakerHostingRoleArn"}
+
+
+def require_role(role: str | None, kind: str) -> str:
+    """The SageMaker execution role ARN for `kind` ("training" or "hosting") from --role, its own environment
+    variable or SAGEMAKER_ROLE_ARN, checked for shape."""
+    role = role or os.environ.get(ROLE_ENV[kind]) or os.environ.get("SAGEMAKER_ROLE_ARN", "")
     if not role:
         raise UsageError(
-            "no SageMaker execution role: pass --role arn:aws:iam::ACCOUNT:role/NAME or set SAGEMAKER_ROLE_ARN "
-            "(the role SageMaker assumes to read your data and images; docs/aws.md shows one)"
+            f"no SageMaker {kind} role: pass --role arn:aws:iam::ACCOUNT:role/NAME or set {ROLE_ENV[kind]} "
+            f"(the stack's {TEMPLATE_OUTPUT[kind]} output; docs/aws.md)"
         )
     if not ROLE_ARN_RE.match(role):
         raise UsageError(f"--role {role!r} is not an IAM role ARN (arn:aws:iam::123456789012:role/NAME)")

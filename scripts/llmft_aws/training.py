@@ -268,7 +268,9 @@ def add_arguments(parser) -> None:
     parser.add_argument(
         "--image", required=True, help="training image URI (from push-images; with --local a local tag)"
     )
-    parser.add_argument("--role", help="SageMaker execution role ARN (default: SAGEMAKER_ROLE_ARN)")
+    parser.add_argument(
+        "--role", help="the job's SageMaker role ARN (default: SAGEMAKER_TRAINING_ROLE_ARN, else SAGEMAKER_ROLE_ARN)"
+    )
     parser.add_argument("--train", required=True, help="train channel: s3:// prefix (with --local: a directory)")
     parser.add_argument("--validation", help="validation channel (optional)")
     parser.add_argument("--model-channel", help="base model as the `model` channel (optional; default: the image's)")

@@ -69,13 +69,33 @@ def test_unknown_profile_is_a_usage_error(cli):
     assert "no-such-profile" in err
 
 
-@pytest.mark.parametrize("role, message", [(None, "no SageMaker execution role"), ("admin", "is not an IAM role ARN")])
-def test_train_and_deploy_need_a_role(cli, role, message):
-    role_args = ["--role", role] if role else []
-    code, _, err = cli("train", "--image", "img", "--train", "s3://b/t/", "--output", "s3://b/o/", *role_args)
-    assert code == 2 and message in err
-    code, _, err = cli("deploy", "--endpoint", "faq", "--image", "img", "--model-data", "s3://b/m.tar.gz", *role_args)
-    assert code == 2 and message in err
+TRAIN_ARGS = ("train", "--image", "img", "--train", "s3://b/t/", "--output", "s3://b/o/")
+DEPLOY_ARGS = ("deploy", "--endpoint", "faq", "--image", "img", "--model-data", "s3://b/m.tar.gz")
+
+
+def test_train_and_deploy_need_a_role(cli):
+    code, _, err = cli(*TRAIN_ARGS)
+    assert code == 2 and "no SageMaker training role" in err and "SAGEMAKER_TRAINING_ROLE_ARN" in err
+    code, _, err = cli(*DEPLOY_ARGS)
+    assert code == 2 and "no SageMaker hosting role" in err and "SAGEMAKER_HOSTING_ROLE_ARN" in err
+    for args in (TRAIN_ARGS, DEPLOY_ARGS):
+        code, _, err = cli(*args, "--role", "admin")
+        assert code == 2 and "is not an IAM role ARN" in err
+
+
+def test_training_jobs_and_endpoints_assume_their_own_roles(cli, monkeypatch):
+    """infra/template.yaml makes two roles: training writes its output, hosting only reads model archives."""
+    training, hosting = f"{ROLE}-training", f"{ROLE}-hosting"
+    monkeypatch.setenv("SAGEMAKER_TRAINING_ROLE_ARN", training)
+    monkeypatch.setenv("SAGEMAKER_HOSTING_ROLE_ARN", hosting)
+    monkeypatch.setenv("SAGEMAKER_ROLE_ARN", f"{ROLE}-both")  # an older one-role set-up: not used when split
+    code, out, err = cli(*TRAIN_ARGS, "--dry-run")
+    assert code == 0, err
+    assert json.loads(out.split("sagemaker.create_training_job ", 1)[1].rsplit("\n", 2)[0])["RoleArn"] == training
+    code, out, err = cli(*DEPLOY_ARGS, "--dry-run")
+    assert code == 0, err
+    models = [request for op, request in dry_run_calls(out) if op == "sagemaker.create_model"]
+    assert models and all(m["ExecutionRoleArn"] == hosting for m in models)
 
 
 @pytest.mark.parametrize(

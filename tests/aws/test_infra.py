@@ -6,6 +6,7 @@ The Lambda/IAM/CORS checks read the template as data; the CORS and routing check
 
 from __future__ import annotations
 
+import fnmatch
 import io
 import json
 import re
@@ -149,7 +150,8 @@ def test_outputs_give_the_page_and_the_commands_what_they_need(template):
         "ApiKeyId",
         "DataBucketName",
         "ArtifactsBucketName",
-        "SageMakerExecutionRoleArn",
+        "SageMakerTrainingRoleArn",
+        "SageMakerHostingRoleArn",
         "WebBucketName",
         "DistributionId",
         "DirectApiBaseUrl",
@@ -163,7 +165,8 @@ def function_as_deployed(template, monkeypatch):
     """The real handler with the environment the template sets (parameters filled in), cold each time."""
     from qa_function import handler
 
-    params = {"EndpointName": "faq-assistant", "AllowedOrigins": "https://chat.example.com"}
+    params = {name: p.get("Default") for name, p in template["Parameters"].items()}
+    params.update({"EndpointName": "faq-assistant", "AllowedOrigins": "https://chat.example.com"})
     for key, value in template["Resources"]["QaFunction"]["Properties"]["Environment"]["Variables"].items():
         monkeypatch.setenv(key, params[value["Ref"]] if isinstance(value, dict) else value)
     for key, value in {
@@ -220,6 +223,181 @@ def test_function_routes_the_cloudfront_path_to_the_templates_endpoint(function_
         stub.assert_no_pending_responses()
     assert result["statusCode"] == 200, result["body"]
     assert json.loads(result["body"])["answer"] == "A managed ML service."
+
+
+def test_target_variant_is_off_unless_the_deployer_turns_it_on(template, function_as_deployed):
+    """Anyone with the page's key could otherwise steer answers away from the traffic split."""
+    parameter = template["Parameters"]["AllowTargetVariant"]
+    assert parameter["Default"] == "false" and set(parameter["AllowedValues"]) == {"true", "false"}
+    env = template["Resources"]["QaFunction"]["Properties"]["Environment"]["Variables"]
+    assert env["ALLOW_TARGET_VARIANT"] == {"Ref": "AllowTargetVariant"}
+    event = _event(
+        "rest_v1_ask.json", "/api/ask", "https://chat.example.com", {"question": "q", "target_variant": "base"}
+    )
+    result = function_as_deployed.handler(event, None)
+    assert result["statusCode"] == 400 and "disabled" in json.loads(result["body"])["error"]
+
+
+# --- the SageMaker roles: what each may do to which object, read as IAM would ---------------------------
+
+ARTIFACTS = "arn:aws:s3:::llmft-artifacts"
+DATA = "arn:aws:s3:::llmft-data"
+WEB = "arn:aws:s3:::llmft-web"
+FAKE_ARNS = {"ArtifactsBucket": ARTIFACTS, "DataBucket": DATA, "WebBucket": WEB}
+# Pseudo parameters, and the REST API's id (what !Ref Api gives)
+PSEUDO = {"AWS::Partition": "aws", "AWS::Region": "us-east-1", "AWS::AccountId": "123456789012", "Api": "abc123"}
+
+
+def _resolve(value) -> str:
+    """A policy Resource as a string: !GetAtt X.Arn and !Sub with ${X.Arn} / pseudo parameters filled in."""
+    if isinstance(value, str):
+        return value
+    if "Fn::GetAtt" in value:
+        name, attribute = value["Fn::GetAtt"]
+        assert attribute == "Arn"
+        return FAKE_ARNS[name]
+    text = value["Fn::Sub"]
+    for name, arn in FAKE_ARNS.items():
+        text = text.replace("${" + name + ".Arn}", arn)
+    for name, real in PSEUDO.items():
+        text = text.replace("${" + name + "}", real)
+    assert "${" not in text, text
+    return text
+
+
+def allows(role: dict, action: str, resource: str, context: dict[str, str] | None = None) -> bool:
+    """Whether one of the role's Allow statements grants `action` on `resource` (IAM's * and ? wildcards;
+    StringLike conditions checked against `context`, a missing key failing them). The roles use no Deny."""
+    for statement in statements(role):
+        assert statement["Effect"] == "Allow"
+        if not any(fnmatch.fnmatchcase(action, a) for a in _list(statement["Action"])):
+            continue
+        if not any(fnmatch.fnmatchcase(resource, _resolve(r)) for r in _list(statement["Resource"])):
+            continue
+        condition = statement.get("Condition", {})
+        assert set(condition) <= {"StringLike"}, condition
+        wanted = condition.get("StringLike", {})
+        if all(
+            key in (context or {}) and any(fnmatch.fnmatchcase(context[key], v) for v in _list(values))
+            for key, values in wanted.items()
+        ):
+            return True
+    return False
+
+
+def test_training_and_hosting_assume_separate_roles(template):
+    trusted_by_sagemaker = {
+        name
+        for name, role in resources_of(template, "AWS::IAM::Role").items()
+        if any(
+            s["Principal"].get("Service") == "sagemaker.amazonaws.com"
+            for s in role["Properties"]["AssumeRolePolicyDocument"]["Statement"]
+        )
+    }
+    assert trusted_by_sagemaker == {"SageMakerTrainingRole", "SageMakerHostingRole"}
+    outputs = template["Outputs"]
+    assert outputs["SageMakerTrainingRoleArn"]["Value"] == {"Fn::GetAtt": ["SageMakerTrainingRole", "Arn"]}
+    assert outputs["SageMakerHostingRoleArn"]["Value"] == {"Fn::GetAtt": ["SageMakerHostingRole", "Arn"]}
+
+
+@pytest.mark.parametrize(
+    ("action", "resource", "allowed"),
+    [
+        ("s3:GetObject", f"{ARTIFACTS}/jobs/llmft-2026-12-01/output/model.tar.gz", True),  # a tuned model
+        ("s3:GetObject", f"{ARTIFACTS}/base/model.tar.gz", True),  # the A/B base variant (package-base)
+        ("s3:GetObject", f"{ARTIFACTS}/checkpoints/faq/checkpoint-200/optimizer.pt", False),
+        ("s3:GetObject", f"{ARTIFACTS}/jobs/llmft-2026-12-01/output/output.tar.gz", False),
+        ("s3:GetObject", f"{DATA}/datasets/faq/train/faq.csv", False),
+        ("s3:PutObject", f"{ARTIFACTS}/jobs/llmft-2026-12-01/output/model.tar.gz", False),  # no model swapping
+        ("s3:PutObject", f"{ARTIFACTS}/base/model.tar.gz", False),
+        ("s3:PutObject", f"{ARTIFACTS}/checkpoints/faq/checkpoint-200/adapter_model.safetensors", False),
+        ("s3:DeleteObject", f"{ARTIFACTS}/jobs/llmft-2026-12-01/output/model.tar.gz", False),
+        ("s3:ListBucket", ARTIFACTS, False),
+        ("s3:GetObject", f"{WEB}/index.html", False),
+        ("ecr:BatchGetImage", "arn:aws:ecr:us-east-1:123456789012:repository/sagemaker-llm-finetune-serve", True),
+        ("ecr:BatchGetImage", "arn:aws:ecr:us-east-1:123456789012:repository/sagemaker-llm-finetune-train", False),
+    ],
+)
+def test_hosting_role_reads_model_archives_and_writes_nothing(template, action, resource, allowed):
+    assert allows(template["Resources"]["SageMakerHostingRole"], action, resource) is allowed
+
+
+@pytest.mark.parametrize(
+    ("action", "resource", "context", "allowed"),
+    [
+        ("s3:GetObject", f"{DATA}/datasets/faq/train/faq.csv", None, True),
+        ("s3:ListBucket", DATA, None, True),
+        ("s3:PutObject", f"{DATA}/datasets/faq/train/faq.csv", None, False),  # data is read-only
+        ("s3:PutObject", f"{ARTIFACTS}/jobs/llmft-2026-12-01/output/model.tar.gz", None, True),
+        ("s3:GetObject", f"{ARTIFACTS}/jobs/llmft-2026-11-01/output/model.tar.gz", None, False),
+        ("s3:DeleteObject", f"{ARTIFACTS}/jobs/llmft-2026-11-01/output/model.tar.gz", None, False),
+        ("s3:PutObject", f"{ARTIFACTS}/base/model.tar.gz", None, False),  # cannot replace the base variant
+        ("s3:GetObject", f"{ARTIFACTS}/checkpoints/faq/checkpoint-200/trainer_state.json", None, True),  # resume
+        ("s3:PutObject", f"{ARTIFACTS}/checkpoints/faq/checkpoint-200/trainer_state.json", None, True),
+        ("s3:ListBucket", ARTIFACTS, {"s3:prefix": "checkpoints/faq/"}, True),
+        ("s3:ListBucket", ARTIFACTS, {"s3:prefix": "base/"}, False),
+        ("s3:ListBucket", ARTIFACTS, None, False),
+        ("s3:PutObject", f"{WEB}/index.html", None, False),
+        ("ecr:BatchGetImage", "arn:aws:ecr:us-east-1:123456789012:repository/sagemaker-llm-finetune-train", None, True),
+        (
+            "ecr:BatchGetImage",
+            "arn:aws:ecr:us-east-1:123456789012:repository/sagemaker-llm-finetune-serve",
+            None,
+            False,
+        ),
+    ],
+)
+def test_training_role_writes_only_its_output_and_checkpoints(template, action, resource, context, allowed):
+    assert allows(template["Resources"]["SageMakerTrainingRole"], action, resource, context) is allowed
+
+
+def test_sagemaker_roles_have_no_wildcard_resources_but_the_ones_iam_requires(template):
+    for name in ("SageMakerTrainingRole", "SageMakerHostingRole"):
+        for statement in statements(template["Resources"][name]):
+            if _list(statement["Resource"]) == ["*"]:  # actions that take no resource
+                assert _list(statement["Action"]) in (["ecr:GetAuthorizationToken"], ["cloudwatch:PutMetricData"])
+
+
+# --- what CloudFront tells the browser ------------------------------------------------------------------
+
+
+def _csp(policy: dict) -> dict[str, list[str]]:
+    text = policy["Properties"]["ResponseHeadersPolicyConfig"]["SecurityHeadersConfig"]["ContentSecurityPolicy"]
+    text = _resolve(text["ContentSecurityPolicy"])
+    return {d.split()[0]: d.split()[1:] for d in (part.strip() for part in text.split(";")) if d}
+
+
+def test_cloudfront_sends_a_csp_whose_connect_src_is_the_api_only(template):
+    config = template["Resources"]["Distribution"]["Properties"]["DistributionConfig"]
+    behaviours = [config["DefaultCacheBehavior"], *config["CacheBehaviors"]]
+    for behaviour in behaviours:
+        assert behaviour["ResponseHeadersPolicyId"] == {"Ref": "WebResponseHeadersPolicy"}
+    policy = template["Resources"]["WebResponseHeadersPolicy"]
+    csp = _csp(policy)
+    assert csp["connect-src"] == ["'self'", "https://abc123.execute-api.us-east-1.amazonaws.com"]
+    assert csp["script-src"] == ["'self'"] and csp["default-src"] == ["'self'"]
+    assert csp["frame-ancestors"] == ["'none'"] and csp["base-uri"] == ["'none'"]
+    assert not any("unsafe" in s or "*" in s or s in ("http:", "https:") for sources in csp.values() for s in sources)
+    headers = policy["Properties"]["ResponseHeadersPolicyConfig"]["SecurityHeadersConfig"]
+    assert headers["ContentSecurityPolicy"]["Override"] is True
+    assert headers["StrictTransportSecurity"]["AccessControlMaxAgeSec"] >= 31536000
+    assert headers["ContentTypeOptions"]["Override"] is True
+    assert headers["FrameOptions"]["FrameOption"] == "DENY"
+    assert headers["ReferrerPolicy"]["ReferrerPolicy"] == "no-referrer"
+
+
+def test_the_local_cloudfront_stand_in_sends_the_same_csp(template):
+    """local/static_site is what the browser tests run against: its policy must be the one production sends."""
+    from static_site.app import create_app
+
+    api = "https://abc123.execute-api.us-east-1.amazonaws.com"
+    local = create_app(REPO / "web", api_base_url=f"{api}/prod/api").test_client().get("/")
+    parsed = {
+        d.split()[0]: d.split()[1:]
+        for d in (part.strip() for part in local.headers["Content-Security-Policy"].split(";"))
+        if d
+    }
+    assert parsed == _csp(template["Resources"]["WebResponseHeadersPolicy"])
 
 
 def _list(value) -> list:

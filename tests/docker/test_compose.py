@@ -30,6 +30,24 @@ STAND_IN_BASE = "sagemaker-llm-finetune-base:bookworm"
 SHORT_JOB = {"max_steps": "6", "eval_max_samples": "2", "eval_train_samples": "2", "eval_max_new_tokens": "16"}
 
 
+def test_the_serving_containers_run_unprivileged_read_only_without_capabilities():
+    """Read from compose.yaml itself (no Docker needed): both model servers run as the image's non-root user,
+    on a read-only root filesystem with /tmp in memory, with every capability dropped and no privilege
+    escalation, as tests/docker/test_hardened_serve.py shows the image serves."""
+    import yaml
+
+    services = yaml.safe_load((REPO / "compose.yaml").read_text())["services"]
+    for name in ("serve", "serve-base"):
+        service = services[name]
+        assert service.get("user") == "model-server", name
+        assert service.get("read_only") is True, name
+        assert [t.split(":")[0] for t in service.get("tmpfs", [])] == ["/tmp"], name
+        assert service.get("cap_drop") == ["ALL"] and not service.get("cap_add"), name
+        assert "no-new-privileges:true" in service.get("security_opt", []), name
+        assert not service.get("privileged"), name
+        assert all(volume.endswith(":ro") for volume in service["volumes"]), name
+
+
 def compose(*args: str, env: dict, timeout: float = 600, check: bool = True) -> subprocess.CompletedProcess:
     result = subprocess.run(
         ["docker", "compose", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout

@@ -36,9 +36,13 @@ def load_event(name: str) -> dict:
     return json.loads((EVENTS_DIR / name).read_text())
 
 
-def model_output(text: str = ANSWER) -> bytes:
-    """What the serving container's TGI-style /invocations returns."""
-    return json.dumps([{"generated_text": text}]).encode()
+def model_output(text: str = ANSWER, finish_reason: str | None = None) -> bytes:
+    """What the serving container's TGI-style /invocations returns (with `details` when a finish reason
+    is given, as it does when asked for details)."""
+    item: dict = {"generated_text": text}
+    if finish_reason is not None:
+        item["details"] = {"finish_reason": finish_reason, "generated_tokens": 3, "input_length": 7, "seed": None}
+    return json.dumps([item]).encode()
 
 
 def ask_event(

@@ -3,9 +3,11 @@
     python tests/lambda_fn/fake_sagemaker_runtime.py --port 8081 [--endpoint qa-endpoint] [--variant tuned]
 
 POST /endpoints/<name>/invocations with {"inputs": ..., "parameters": ...} answers TGI-style
-[{"generated_text": ...}] with x-Amzn-Invoked-Production-Variant. Markers in the question steer it:
-"[model-error]" -> 424 ModelError, "[sleep=N]" -> answer after N seconds. An unknown endpoint name gets
-400 ValidationError, like the real service.
+[{"generated_text": ...}] (with "details" when parameters.details is true) and
+x-Amzn-Invoked-Production-Variant. Markers in the question steer it: "[model-error]" -> 424 ModelError,
+"[sleep=N]" -> answer after N seconds, "[finish=REASON]" -> an empty answer whose details.finish_reason is
+REASON (the model server's "timeout" for a request that expired in its queue). An unknown endpoint name
+gets 400 ValidationError, like the real service.
 """
 
 from __future__ import annotations
@@ -48,7 +50,8 @@ def make_handler(endpoint: str, variant: str):
                     {"message": f"Endpoint {match.group(1)} of account 123456789012 not found."},
                     {"x-amzn-ErrorType": "ValidationError"},
                 )
-            question = json.loads(body)["inputs"]
+            request = json.loads(body)
+            question = request["inputs"]
             if "[model-error]" in question:
                 return self._send(
                     424,
@@ -63,7 +66,12 @@ def make_handler(endpoint: str, variant: str):
             if sleep:
                 time.sleep(float(sleep.group(1)))
             chosen = self.headers.get("X-Amzn-SageMaker-Target-Variant") or variant
-            self._send(200, [{"generated_text": ANSWER}], {"x-Amzn-Invoked-Production-Variant": chosen})
+            finish = re.search(r"\[finish=([a-z_]+)\]", question)
+            item = {"generated_text": "" if finish else ANSWER}
+            if (request.get("parameters") or {}).get("details"):
+                reason = finish.group(1) if finish else "eos_token"
+                item["details"] = {"finish_reason": reason, "generated_tokens": 0 if finish else 16}
+            self._send(200, [item], {"x-Amzn-Invoked-Production-Variant": chosen})
 
     return Handler
 

@@ -56,7 +56,7 @@ def body_of(response):
 
 def test_rest_v1_event_answers_with_variant_latency_and_cors(stubbed, context):
     handler, stubber = stubbed
-    expected_body = json.dumps({"inputs": QUESTION, "parameters": {"max_new_tokens": 64}}).encode()
+    expected_body = json.dumps({"inputs": QUESTION, "parameters": {"max_new_tokens": 64, "details": True}}).encode()
     stub_answer(stubber, variant="tuned", expected_body=expected_body)
 
     response = handler.handler(load_event("rest_v1_ask.json"), context)
@@ -73,7 +73,7 @@ def test_rest_v1_event_answers_with_variant_latency_and_cors(stubbed, context):
 
 def test_http_v2_event_with_base64_body(stubbed, context):
     handler, stubber = stubbed
-    expected_body = json.dumps({"inputs": QUESTION, "parameters": {"max_new_tokens": 192}}).encode()
+    expected_body = json.dumps({"inputs": QUESTION, "parameters": {"max_new_tokens": 192, "details": True}}).encode()
     stub_answer(stubber, expected_body=expected_body)
 
     response = handler.handler(load_event("http_v2_ask.json"), context)
@@ -420,6 +420,57 @@ def test_connection_failure_maps_to_502(one_attempt, fresh_handler, context):
     response = fresh_handler.handler(ask_event({"question": QUESTION}), context)
     assert response["statusCode"] == 502
     assert body_of(response)["error_type"] == "EndpointUnavailable"
+
+
+# The model server gave up on the request (queue expiry, deadline, shutdown) but still answered 200: with
+# the finish reason read, the caller gets a clear, retryable error instead of {"answer": ""}.
+@pytest.mark.parametrize(
+    ("reason", "text", "status", "error_type"),
+    [
+        ("timeout", "", 504, "EndpointTimeout"),  # expired in the server's queue: no text at all
+        ("timeout", "Amazon SageMaker is", 504, "EndpointTimeout"),  # cut off by the deadline mid-answer
+        ("cancelled", "", 503, "EndpointUnavailable"),
+    ],
+)
+def test_a_generation_the_server_gave_up_on_is_an_error_not_an_answer(
+    stubbed, context, reason, text, status, error_type
+):
+    handler, stubber = stubbed
+    body = model_output(text, finish_reason=reason)
+    stubber.add_response("invoke_endpoint", {"Body": StreamingBody(io.BytesIO(body), len(body))})
+    response = handler.handler(ask_event({"question": QUESTION}), context)
+    assert response["statusCode"] == status, response
+    assert body_of(response)["error_type"] == error_type
+    assert "answer" not in body_of(response)
+
+
+@pytest.mark.parametrize("reason", ["length", "eos_token", "stop_sequence", None])
+def test_a_finished_generation_is_an_answer_whatever_its_finish_reason(stubbed, context, capsys, reason):
+    handler, stubber = stubbed
+    body = model_output(finish_reason=reason)
+    stubber.add_response("invoke_endpoint", {"Body": StreamingBody(io.BytesIO(body), len(body))})
+    response = handler.handler(ask_event({"question": QUESTION}), context)
+    assert response["statusCode"] == 200 and body_of(response)["answer"] == ANSWER
+    logged = [json.loads(line) for line in capsys.readouterr().out.splitlines() if '"event": "request"' in line]
+    assert logged[-1]["finish_reason"] == reason
+
+
+def test_the_queue_expiry_answer_of_the_model_server_is_a_504(one_attempt, stubbed, context):
+    """The model server answers 504 with its error shape when a request expired in its queue."""
+    handler, stubber = stubbed
+    stubber.add_client_error(
+        "invoke_endpoint",
+        service_error_code="ModelError",
+        service_message="Received server error (504) from primary",
+        http_status_code=424,
+        modeled_fields={
+            "OriginalStatusCode": 504,
+            "OriginalMessage": json.dumps({"error": "the request waited 25 s in the queue", "error_type": "timeout"}),
+        },
+    )
+    response = handler.handler(ask_event({"question": QUESTION}), context)
+    assert response["statusCode"] == 504
+    assert body_of(response)["error_type"] == "EndpointTimeout"
 
 
 @pytest.mark.parametrize("raw", [b"not json", b'{"text": "x"}', b"[]"])

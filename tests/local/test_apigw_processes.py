@@ -96,6 +96,9 @@ def test_function_errors_surface_as_json_with_status(procs, qa_lambda):
     assert model_error.headers["access-control-allow-origin"] == ORIGIN
     bad = http("POST", gateway.url + "/ask", b"{not json", {"Content-Type": "application/json"})
     assert bad.status == 400 and bad.json()["error_type"] == "InvalidJSON"
+    # 200 from the endpoint, but the model server gave up on the request (expired in its queue).
+    expired = http("POST", gateway.url + "/ask", {"question": "[finish=timeout] too late"}, {"Origin": ORIGIN})
+    assert expired.status == 504 and expired.json()["error_type"] == "EndpointTimeout", expired.body
 
 
 def test_api_key_and_throttling(procs, qa_lambda):

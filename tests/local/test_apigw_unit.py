@@ -121,6 +121,19 @@ def test_token_bucket_refills_at_the_rate():
     assert bucket.try_take()
 
 
+def test_a_body_is_read_one_byte_past_the_limit_at_most():
+    """What keeps a chunked body (no Content-Length) out of memory; over sockets: test_hostile_emulators.py."""
+    import io
+
+    from apigw_emulator.app import read_at_most
+
+    endless = io.BytesIO(b"x" * 1_000_000)
+    assert read_at_most(endless, 100) is None
+    assert endless.tell() == 101
+    assert read_at_most(io.BytesIO(b"x" * 100), 100) == b"x" * 100
+    assert read_at_most(io.BytesIO(b""), 100) == b""
+
+
 def test_payload_limit():
     fake = Recorder()
     client = client_for(fake, max_payload_bytes=100)

@@ -62,8 +62,8 @@ def _cli(endpoint: str, *args: str) -> subprocess.CompletedProcess:
 
 
 class S3Server:
-    def __init__(self, data_dir: Path, log: Path):
-        self.data_dir, self.log, self.port = data_dir, log, _free_port()
+    def __init__(self, data_dir: Path, log: Path, host: str | None = None):
+        self.data_dir, self.log, self.port, self.host = data_dir, log, _free_port(), host
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen | None = None
 
@@ -78,6 +78,7 @@ class S3Server:
                 str(self.data_dir),
                 "--port",
                 str(self.port),
+                *(["--host", self.host] if self.host else []),
             ],
             env=_env(),
             stdout=self.log.open("ab"),
@@ -142,6 +143,51 @@ def test_weed_never_phones_home_and_binds_only_where_told(tmp_path):
 
     assert "-master.telemetry=false" in command
     assert "-ip.bind=127.0.0.1" in command and "-s3.port=9999" in command
+
+
+def test_weed_binds_to_loopback_even_when_the_s3_port_is_public(tmp_path):
+    """In a container (--host 0.0.0.0) weed's own ports stay on loopback; the S3 port is the relay's."""
+    config = S3ServerConfig(data_dir=tmp_path, port=8333, host="0.0.0.0")
+    command = weed_command(config, find_weed(), s3_port=45678)
+
+    assert "-ip.bind=127.0.0.1" in command and "-s3.port=45678" in command
+    assert not any("0.0.0.0" in arg for arg in command)
+
+
+def _listening(pid: int) -> set[tuple[str, int]]:
+    import psutil
+
+    procs = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
+    return {(c.laddr.ip, c.laddr.port) for p in procs for c in p.net_connections(kind="inet") if c.status == "LISTEN"}
+
+
+def test_on_a_public_address_only_the_s3_port_listens_beyond_loopback(tmp_path, monkeypatch):
+    """compose runs the stand-in with --host 0.0.0.0. The master, volume server and filer (whose HTTP port serves
+    every object unsigned) and the S3 gateway's gRPC port (which reconfigures its identities) listened there
+    too, open to every container on the network; now they listen on loopback and a relay serves the S3 port."""
+    server = S3Server(tmp_path / "data", tmp_path / "weed.log", host="0.0.0.0")
+    server.start()
+    try:
+        listening = _listening(server.proc.pid)
+        public = {(ip, port) for ip, port in listening if ip not in ("127.0.0.1", "::1")}
+        assert public == {("0.0.0.0", server.port)}, listening
+        assert len(listening) >= 8  # weed's seven internal ports and its S3 port, all on loopback, and the relay
+
+        # S3 through the relay: signed requests, a multipart upload, a ranged read.
+        monkeypatch.setenv("AWS_ENDPOINT_URL_S3", server.url)
+        for key, value in _env().items():
+            if key.startswith("AWS_"):
+                monkeypatch.setenv(key, value)
+        monkeypatch.delenv("AWS_PROFILE", raising=False)
+        client = transfer.make_client()
+        transfer.ensure_bucket(client, BUCKET)
+        data = os.urandom(9 * 1024 * 1024)
+        client.upload_fileobj(io.BytesIO(data), BUCKET, "relayed/blob")
+        got = client.get_object(Bucket=BUCKET, Key="relayed/blob", Range="bytes=100-199")["Body"].read()
+        assert got == data[100:200]
+    finally:
+        server.stop()
+    assert server.proc.poll() is not None
 
 
 def test_dataset_round_trip_through_the_seed_cli(s3_server, s3, tmp_path):

@@ -3,6 +3,7 @@ SageMaker runtime endpoint emulator. Never a 500, never a hang, always JSON, not
 
 from __future__ import annotations
 
+import http.client
 import socket
 
 import pytest
@@ -81,23 +82,90 @@ def test_header_abuse(stack, case, headers):
         assert reply.status < 500, (port, reply.status, reply.body[:300])
 
 
-@pytest.mark.parametrize("edge", ["apigw", "runtime_emulator"])
+# Each emulated service's limit and its answer to a body over it: API Gateway 413 {"message"}, Lambda's Invoke API
+# 413 RequestEntityTooLargeException, SageMaker's InvokeEndpoint 400 ValidationError "... oversize body".
+EDGES = {
+    "apigw": ("/prod/ask", 10 * 1024 * 1024, 413, "Request Too Long"),
+    "lambda": ("/2015-03-31/functions/function/invocations", 6 * 1024 * 1024, 413, "RequestEntityTooLargeException"),
+    "runtime_emulator": (f"/endpoints/{ENDPOINT_NAME}/invocations", 6_291_456, 400, "oversize body"),
+}
+
+
+def _port(stack, edge: str) -> int:
+    return {"apigw": stack.ports.apigw, "lambda": stack.ports.lambda_runtime}.get(edge) or stack.ports.runtime_emulator
+
+
+def _read_reply(sock: socket.socket) -> bytes:
+    """Status line, headers and (Connection: close or Content-Length) the body, or what came before a hang-up."""
+    data = b""
+    while b"\r\n\r\n" not in data or len(data) < data.index(b"\r\n\r\n") + 4 + _length(data):
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+def _length(data: bytes) -> int:
+    head = data.split(b"\r\n\r\n", 1)[0].lower()
+    for line in head.split(b"\r\n"):
+        if line.startswith(b"content-length:"):
+            return int(line.split(b":", 1)[1])
+    return 0
+
+
+def _assert_refusal(edge: str, reply: bytes) -> None:
+    _, _, status, marker = EDGES[edge]
+    assert reply.startswith(b"HTTP/1.1 %d " % status), reply[:300]
+    assert marker.encode() in reply, reply[:600]
+
+
+@pytest.mark.parametrize("edge", list(EDGES))
 def test_a_declared_body_over_the_limit_is_refused_before_it_is_sent(stack, edge):
-    """A client announcing 10 MB (API Gateway's limit) or 6 MB (SageMaker's) + 1 gets its 413/400 at once."""
-    port, path, limit = {
-        "apigw": (stack.ports.apigw, "/prod/ask", 10 * 1024 * 1024),
-        "runtime_emulator": (stack.ports.runtime_emulator, f"/endpoints/{ENDPOINT_NAME}/invocations", 6 << 20),
-    }[edge]
-    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+    """A client announcing the service's limit + 1 byte gets the service's refusal from the headers alone."""
+    path, limit, _, _ = EDGES[edge]
+    with socket.create_connection(("127.0.0.1", _port(stack, edge)), timeout=10) as sock:
         sock.sendall(
             b"POST %s HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: %d\r\n"
             b"Connection: close\r\n\r\n" % (path.encode(), limit + 1)
         )
-        # The gateway answers from the header alone; the endpoint emulator reads (and drops) what the client
-        # declared, up to 64 MB, so a client that keeps sending reads the error instead of a broken pipe.
-        sock.sendall(b"x" * (65536 if edge == "apigw" else limit + 1))
-        head = sock.recv(200)
-    assert b" 413 " in head or b" 400 " in head, head
+        sock.sendall(b"x" * 65536)  # then stalls: the answer must not wait for the rest
+        _assert_refusal(edge, _read_reply(sock))
+
+
+@pytest.mark.parametrize("edge", list(EDGES))
+def test_a_chunked_body_over_the_limit_is_refused_once_past_it(stack, edge):
+    """No Content-Length (chunked): the emulator reads the limit + 1 byte, answers, and buffers nothing more.
+    Before, API Gateway and Lambda read the whole body into memory first (a client that stalls, or sends
+    gigabytes, held the server), and Lambda's Invoke then ran the function on a body over its 6 MB limit."""
+    path, limit, _, _ = EDGES[edge]
+    with socket.create_connection(("127.0.0.1", _port(stack, edge)), timeout=10) as sock:
+        sock.sendall(
+            b"POST %s HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n"
+            b"Connection: close\r\n\r\n" % path.encode()
+        )
+        piece = b"x" * (1 << 20)
+        for _ in range(limit // len(piece) + 1):
+            sock.sendall(b"%x\r\n%s\r\n" % (len(piece), piece))
+        # No last chunk: the client stalls past the limit, and must get its answer anyway.
+        _assert_refusal(edge, _read_reply(sock))
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["declared", "chunked"])
+@pytest.mark.parametrize("edge", list(EDGES))
+def test_a_client_that_sends_the_whole_oversize_body_first_still_reads_the_refusal(stack, edge, chunked):
+    """Python's http.client sends the whole body before it reads: it gets the refusal, not a broken pipe."""
+    path, limit, status, marker = EDGES[edge]
+    size = limit + (1 << 20)
+    body = (b"x" * (1 << 20) for _ in range(size >> 20)) if chunked else b"x" * size
+    conn = http.client.HTTPConnection("127.0.0.1", _port(stack, edge), timeout=30)
+    try:
+        conn.request("POST", path, body=body, headers={"Content-Type": "application/json"}, encode_chunked=chunked)
+        response = conn.getresponse()
+        assert response.status == status
+        assert marker in response.read().decode() + str(response.headers.get("x-amzn-ErrorType"))
+    finally:
+        conn.close()
 
 
 def test_odd_paths_and_methods(stack):

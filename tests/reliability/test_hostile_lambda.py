@@ -11,7 +11,7 @@ import pytest
 from botocore.exceptions import ClientError
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from lambda_fn.events_helpers import FakeLambdaContext, ask_event, model_output
+from lambda_fn.events_helpers import ANSWER, FakeLambdaContext, ask_event, model_output
 from lambda_fn.local_stack import FAKE_CREDS
 from reliability.helpers import LEAK_MARKERS
 
@@ -108,6 +108,7 @@ def _model_error(original_status: int) -> ClientError:
     [
         (429, 429, "EndpointThrottled"),  # the model server's back-pressure (queue full) stays back-pressure
         (503, 503, "EndpointUnavailable"),  # loading or draining: retryable, not a model bug
+        (504, 504, "EndpointTimeout"),  # expired in the server's queue: a timeout, not a model bug
         (500, 502, "ModelError"),
         (424, 502, "ModelError"),
     ],
@@ -186,14 +187,23 @@ def test_any_bytes_base64(function, raw, version):
     ),
 )
 def test_any_question_and_parameters(function, question, parameters):
+    """Either the question is refused (4xx, the model never called) or it is asked exactly as sent: one call
+    whose JSON the serving container accepts, carrying the caller's question and parameters unchanged."""
     handler, fake = function
-    body = assert_clean(call(handler, ask_event({"question": question, "parameters": parameters})))
-    for sent in fake.calls:  # whatever reached the model is JSON the serving container accepts
-        payload = json.loads(sent["Body"])
-        assert payload["inputs"].strip()
-        json.dumps(payload, allow_nan=False)
-    fake.calls.clear()
-    assert body is not None
+    response = call(handler, ask_event({"question": question, "parameters": parameters}))
+    body = assert_clean(response, allowed=frozenset({200, 400, 413}))
+    calls, fake.calls = fake.calls, []
+    if not question.strip():
+        assert response["statusCode"] == 400, body
+    if response["statusCode"] != 200:
+        assert not calls, "a refused request must not reach the model"
+        return
+    assert body["answer"] == ANSWER and body["variant"] == "AllTraffic"
+    assert len(calls) == 1
+    payload = json.loads(calls[0]["Body"])
+    json.dumps(payload, allow_nan=False)  # finite numbers only: the server refuses NaN and Infinity
+    assert payload["inputs"] == question.strip() and payload["inputs"]
+    assert payload["parameters"] == {"max_new_tokens": 192, **parameters, "details": True}
 
 
 def test_base64_wrapped_text(function):

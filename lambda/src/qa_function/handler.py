@@ -119,7 +119,11 @@ def handler(event: dict[str, Any], context: Any) -> dict[str, Any]:
             ask = parse_ask_request(request.body, config)
             fields.update(question_chars=len(ask.question), parameters=sorted(ask.parameters))
             answer = sagemaker.invoke(runtime.client, config, ask)
-            fields.update(variant=answer.variant, model_latency_ms=round(answer.latency_ms, 1))
+            fields.update(
+                variant=answer.variant,
+                model_latency_ms=round(answer.latency_ms, 1),
+                finish_reason=answer.finish_reason,
+            )
             response = _json_response(200, success_body(answer), cors_headers(origin, config))
         else:
             raise RequestError(404, "NotFound", f"No route for {request.method} {request.path}; use POST {ASK_PATH}")

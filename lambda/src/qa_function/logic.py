@@ -62,6 +62,16 @@ PARAMETER_RULES: dict[str, tuple[Any, str]] = {
 }
 REQUEST_KEYS = ("question", "parameters", "target_variant")
 
+# The serving container reports why generation ended in TGI's `details.finish_reason` ("length",
+# "eos_token", "stop_sequence"), plus its own reasons for a request it gave up on: "timeout" (it waited in
+# the queue, or ran, past its deadline) and "cancelled" (the server is shutting down). Those are not
+# answers, even when some text came back: the caller gets a retryable error, never an empty or cut-off
+# answer that looks complete.
+UNFINISHED_REASONS = {
+    "timeout": (504, "EndpointTimeout", "The model ran out of time before it finished the answer"),
+    "cancelled": (503, "EndpointUnavailable", "The model endpoint cancelled the request; retry in a moment"),
+}
+
 
 class RequestError(Exception):
     """The caller's request cannot be served as sent (4xx)."""
@@ -91,10 +101,17 @@ class AskRequest:
 
 
 @dataclass(frozen=True)
+class ModelOutput:
+    text: str
+    finish_reason: str | None  # None when the server sent no details
+
+
+@dataclass(frozen=True)
 class Answer:
     text: str
     variant: str | None
     latency_ms: float
+    finish_reason: str | None = None
 
 
 def parse_ask_request(body: bytes, config: FunctionConfig) -> AskRequest:
@@ -174,22 +191,30 @@ def _validate_target_variant(raw: Any, config: FunctionConfig) -> str | None:
 
 
 def invoke_body(request: AskRequest, config: FunctionConfig) -> bytes:
-    """The serving container's TGI-style request: {"inputs": question, "parameters": {...}}."""
-    parameters = {"max_new_tokens": config.default_max_new_tokens, **request.parameters}
+    """The serving container's TGI-style request: {"inputs": question, "parameters": {...}}, with
+    `details` asked for so that the reply says why generation ended (see parse_model_output)."""
+    parameters = {"max_new_tokens": config.default_max_new_tokens, **request.parameters, "details": True}
     return json.dumps({"inputs": request.question, "parameters": parameters}).encode()
 
 
-def parse_model_output(body: bytes) -> str:
-    """Accept TGI's `[{"generated_text": ...}]` (and the single-object form); anything else is a 502."""
+def parse_model_output(body: bytes) -> ModelOutput:
+    """Accept TGI's `[{"generated_text": ..., "details": {"finish_reason": ...}}]` (and the single-object
+    form, and replies without details); anything else is a 502. A finish reason in UNFINISHED_REASONS is
+    the error it names, whatever text came with it."""
     try:
         payload = json.loads(body)
     except (UnicodeDecodeError, ValueError) as e:
         raise UpstreamError(502, "BadModelResponse", "The model endpoint returned a body that is not JSON") from e
     if isinstance(payload, list) and payload:
         payload = payload[0]
-    if isinstance(payload, dict) and isinstance(payload.get("generated_text"), str):
-        return payload["generated_text"].strip()
-    raise UpstreamError(502, "BadModelResponse", 'The model endpoint returned JSON without "generated_text"')
+    if not (isinstance(payload, dict) and isinstance(payload.get("generated_text"), str)):
+        raise UpstreamError(502, "BadModelResponse", 'The model endpoint returned JSON without "generated_text"')
+    details = payload.get("details")
+    reason = details.get("finish_reason") if isinstance(details, dict) else None
+    reason = reason if isinstance(reason, str) else None
+    if reason in UNFINISHED_REASONS:
+        raise UpstreamError(*UNFINISHED_REASONS[reason])
+    return ModelOutput(text=payload["generated_text"].strip(), finish_reason=reason)
 
 
 def success_body(answer: Answer) -> dict[str, Any]:

@@ -4,6 +4,7 @@ Error mapping (runtime API errors per the service model; HTTP status the caller 
     ModelError (424, container failed)          -> 502 ModelError
     ModelError, container answered 429 / 503    -> 429 EndpointThrottled / 503 EndpointUnavailable (the
                                                    server's own back-pressure stays retryable for the caller)
+    ModelError, container answered 504          -> 504 EndpointTimeout (expired in the server's queue)
     ModelError, container answered 413 / 422    -> 400 ModelRejectedRequest, quoting the server's reason
     ModelError whose message says it timed out  -> 504 EndpointTimeout
     ThrottlingException / ModelNotReadyException -> 429 EndpointThrottled
@@ -12,6 +13,8 @@ Error mapping (runtime API errors per the service model; HTTP status the caller 
     ServiceUnavailable (503)                    -> 503 EndpointUnavailable
     read timeout (botocore)                     -> 504 EndpointTimeout
     connection failure                          -> 502 EndpointUnavailable
+    200 whose details.finish_reason is timeout  -> 504 EndpointTimeout / 503 EndpointUnavailable
+        or cancelled                               (logic.UNFINISHED_REASONS)
 """
 
 from __future__ import annotations
@@ -70,10 +73,12 @@ def invoke(client: Any, config: FunctionConfig, request: AskRequest) -> Answer:
         except _Retry:
             time.sleep(random.uniform(0, min(1.0, 0.1 * 2**attempt)))  # full jitter, as AWS SDKs back off
     latency_ms = (time.perf_counter() - started) * 1000
+    output = parse_model_output(body)
     return Answer(
-        text=parse_model_output(body),
+        text=output.text,
         variant=response.get("InvokedProductionVariant"),
         latency_ms=latency_ms,
+        finish_reason=output.finish_reason,
     )
 
 
@@ -117,6 +122,8 @@ def _from_client_error(e: ClientError, request: AskRequest) -> Exception:
             return UpstreamError(429, "EndpointThrottled", "The model endpoint is busy; retry in a moment")
         if original == 503:
             return UpstreamError(503, "EndpointUnavailable", "The model is loading or restarting; retry in a moment")
+        if original == 504:  # the request waited in the server's queue past its deadline
+            return UpstreamError(504, "EndpointTimeout", "The model endpoint was too busy to answer in time")
         # 422/413: the request was well-formed but too long or out of range for this model (the caller can fix it);
         # a 400 means our own request was malformed, which stays a 502.
         if original in (413, 422):
