@@ -9,6 +9,7 @@ import errno
 import json
 import random
 import re
+import resource
 import shutil
 import signal
 import subprocess
@@ -18,6 +19,7 @@ from pathlib import Path
 
 import pytest
 from train.conftest import TRAIN_EXECUTABLE, csv_text, faq_rows, job_env, make_job, run_train, tiny_hyperparameters
+from trainer.checkpoints import COMPLETE_MARKER
 
 pytestmark = pytest.mark.slow
 
@@ -46,7 +48,7 @@ def steps_logged(log: str) -> list[int]:
 
 def complete_checkpoints(job: Path) -> list[int]:
     return sorted(
-        int(p.name.split("-")[1]) for p in job.glob("checkpoints/checkpoint-*") if (p / "trainer_state.json").exists()
+        int(p.name.split("-")[1]) for p in job.glob("checkpoints/checkpoint-*") if (p / COMPLETE_MARKER).exists()
     )
 
 
@@ -122,32 +124,68 @@ def test_a_checkpoint_cut_off_mid_save_is_never_loaded(tmp_path, tiny_model_dir)
     assert (job / "model" / "model.safetensors").read_bytes() == weights
 
 
-def _can_mount_tmpfs() -> bool:
-    probe = subprocess.run(
-        ["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", "mount -t tmpfs -o size=64k tmpfs /tmp"],
-        capture_output=True,
+UNSHARE_PREFIXES = (["unshare", "--user", "--map-root-user", "--mount"], ["unshare", "--mount"])
+FILE_SIZE_LIMIT = 64 * 1024  # bytes; the tiny model's weights alone are ~107 KiB
+
+
+def _tmpfs_namespace() -> tuple[list[str] | None, str]:
+    """How to mount a private tmpfs here: with a user namespace (no root needed), else as root in a mount namespace
+    of its own; or None and why not (Ubuntu 24.04's AppArmor restricts user namespaces, containers without
+    CAP_SYS_ADMIN refuse both)."""
+    if shutil.which("unshare") is None:
+        return None, "no unshare command"
+    errors = []
+    for prefix in UNSHARE_PREFIXES:
+        probe = subprocess.run([*prefix, "sh", "-c", "mount -t tmpfs -o size=64k tmpfs /tmp"], capture_output=True)
+        if probe.returncode == 0:
+            return prefix, ""
+        errors.append(f"{' '.join(prefix)}: {probe.stderr.decode(errors='replace').strip() or probe.returncode}")
+    return None, "cannot mount a private tmpfs (" + "; ".join(errors) + ")"
+
+
+def _limit_file_size() -> None:
+    resource.setrlimit(resource.RLIMIT_FSIZE, (FILE_SIZE_LIMIT, FILE_SIZE_LIMIT))
+
+
+@pytest.mark.parametrize("disk", ["tmpfs", "file-size-limit"])
+def test_a_full_disk_fails_clearly_and_leaves_no_artifact_that_looks_complete(tmp_path, tiny_model_dir, disk):
+    """Writing the artifact's weights fails in the kernel, part-way through the file.
+
+    `tmpfs`: the model directory is a 64 KiB tmpfs mounted in a private mount namespace: a real ENOSPC. Where no
+    such namespace is allowed, it is skipped with the reason in pytest's summary, and the other case still runs.
+    `file-size-limit`: an RLIMIT_FSIZE of 64 KiB on the job's process, so that any file it writes stops at 64 KiB
+    and the weights' write fails with EFBIG (Python ignores SIGXFSZ); no privileges needed, it runs wherever Linux
+    does. The LoRA is kept small so that the weights are the first file to outgrow the limit."""
+    job = small_job(
+        tmp_path,
+        tiny_model_dir,
+        max_steps=2,
+        save_steps=100,
+        lora_r=1,
+        lora_target_modules="q_proj",
+        lora_train_token_embeddings="false",
     )
-    return probe.returncode == 0
-
-
-@pytest.mark.skipif(
-    shutil.which("unshare") is None or not _can_mount_tmpfs(),
-    reason="needs unshare and user namespaces to mount a small tmpfs",
-)
-def test_a_full_disk_fails_clearly_and_leaves_no_artifact_that_looks_complete(tmp_path, tiny_model_dir):
-    """The model directory is a 64 KiB tmpfs (the weights alone are ~110 KiB), mounted in a private user and
-    mount namespace (no root needed), so writing the artifact hits a real ENOSPC."""
-    job = small_job(tmp_path, tiny_model_dir, max_steps=2, save_steps=100)
     model_dir, listing = job / "model", tmp_path / "model-dir-after.txt"
     model_dir.mkdir()
-    script = 'mount -t tmpfs -o size=64k tmpfs "$1" || exit 99\n"$2" "$3"; code=$?\nls -A "$1" > "$4"\nexit $code\n'
-    result = subprocess.run(
-        ["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", script, "sh", str(model_dir),
-         sys.executable, str(TRAIN_EXECUTABLE), str(listing)],
-        env=job_env(job), capture_output=True, text=True, timeout=240,
-    )  # fmt: skip
+    command, limit = [sys.executable, str(TRAIN_EXECUTABLE)], None
+    if disk == "tmpfs":
+        prefix, refused = _tmpfs_namespace()
+        if prefix is None:
+            pytest.skip(refused)
+        script = 'mount -t tmpfs -o size=64k tmpfs "$1" || exit 99\n"$2" "$3"; code=$?\nls -A "$1" > "$4"\nexit $code\n'
+        command = [*prefix, "sh", "-c", script, "sh", str(model_dir), *command, str(listing)]
+    else:
+        limit = _limit_file_size
+
+    result = subprocess.run(command, env=job_env(job), capture_output=True, text=True, timeout=240, preexec_fn=limit)
     assert result.returncode not in (0, 99), result.stdout[-2000:] + result.stderr[-2000:]
+    assert "training done" in result.stdout, result.stdout[-2000:]  # it failed at the artifact, not before
     failure = (job / "output" / "failure").read_text()
-    assert "No space left on device" in failure or f"Errno {errno.ENOSPC}" in failure, failure[:2000]
-    left = listing.read_text().split()
+    reason, number = {
+        "tmpfs": ("No space left on device", errno.ENOSPC),
+        "file-size-limit": ("File too large", errno.EFBIG),
+    }[disk]
+    assert reason in failure or f"Errno {number}" in failure or f"os error {number}" in failure, failure[:2000]
+    left = listing.read_text().split() if disk == "tmpfs" else [p.name for p in model_dir.iterdir()]
     assert "manifest.json" not in left, f"an artifact without its weights must not look complete: {left}"
+    assert "model.safetensors" not in left, f"half-written weights were moved into the model directory: {left}"

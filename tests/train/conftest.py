@@ -114,6 +114,31 @@ def job_env(job_dir: Path, extra: dict | None = None) -> dict:
     return env
 
 
+class PickleTrap:
+    """Unpickled, it creates `marker`: what someone who can write to the checkpoint location could plant."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def plant_pickle(path: Path, marker: Path) -> None:
+    """Replace the file at `path` with a torch.save archive that creates `marker` when it is loaded unsafely."""
+    import torch
+
+    torch.save({"state": PickleTrap(marker), "weights": torch.zeros(2)}, path)
+
+
+def set_hyperparameters(job_dir: Path, **changes) -> None:
+    """Change some hyperparameters of an existing job tree (its rerun then asks for more steps, say)."""
+    path = job_dir / "input" / "config" / "hyperparameters.json"
+    values = json.loads(path.read_text())
+    values.update({k: v if isinstance(v, str) else json.dumps(v) for k, v in changes.items()})
+    path.write_text(json.dumps(values))
+
+
 @pytest.fixture
 def faq_csv_small() -> str:
     """12 rows of the generated FAQ (tests/fixtures/faq_csv.py) with a header row."""

@@ -83,6 +83,19 @@ def test_readme_documents_every_hyperparameter_with_its_default():
         assert row.group(1) == expected, f"README gives {f.name} default {row.group(1)!r}, code has {expected!r}"
 
 
+@pytest.mark.parametrize(
+    ("hyperparameters", "message"),
+    [
+        ({"revision": "v2"}, r"'revision': the embedded default model has no revisions"),
+        ({"model_id": "org/model", "revision": " "}, r"'revision': must not be empty"),
+    ],
+)
+def test_a_revision_needs_a_hub_model(hyperparameters, message):
+    with pytest.raises(ConfigError, match=message):
+        TrainConfig.from_hyperparameters(hyperparameters)
+    assert TrainConfig.from_hyperparameters({"model_id": "org/model", "revision": "v2"}).revision == "v2"
+
+
 @pytest.mark.parametrize("other", [{"method": "full"}, {"deepspeed": "zero2"}])
 def test_trained_token_embeddings_are_refused_outside_plain_lora(other):
     with pytest.raises(ConfigError, match=r"'lora_train_token_embeddings': needs method=lora without DeepSpeed"):

@@ -9,8 +9,18 @@ import subprocess
 import sys
 
 import pytest
+from trainer.checkpoints import COMPLETE_MARKER, mark_complete
 
-from .conftest import TRAIN_EXECUTABLE, job_env, make_job, run_train, tiny_hyperparameters, train_until_sigterm
+from .conftest import (
+    TRAIN_EXECUTABLE,
+    job_env,
+    make_job,
+    plant_pickle,
+    run_train,
+    set_hyperparameters,
+    tiny_hyperparameters,
+    train_until_sigterm,
+)
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
@@ -33,6 +43,10 @@ def test_two_processes_with_deepspeed_zero2(tmp_path, tiny_model_dir, faq_csv_sm
     manifest = json.loads((job / "model" / "manifest.json").read_text())
     assert "deepspeed" in manifest["versions"] and manifest["hyperparameters"]["deepspeed"] == "zero2"
     assert list((job / "checkpoints").glob("checkpoint-*/global_step*"))  # DeepSpeed's own checkpoint layout
+    for checkpoint in (job / "checkpoints").glob("checkpoint-*"):  # each marked complete, every rank's part listed
+        listed = json.loads((checkpoint / COMPLETE_MARKER).read_text())["files"]
+        assert {"rng_state_0.pth", "rng_state_1.pth", "trainer_state.json"} <= set(listed), listed
+        assert sum(name.endswith("optim_states.pt") for name in listed) == 2, listed
 
 
 def test_two_hosts_meet_on_loopback(tmp_path, tiny_model_dir, faq_csv_small):
@@ -102,7 +116,9 @@ def test_zero3_loads_each_rank_s_shard_only(tmp_path, tiny_model_dir, faq_csv_sm
     )
     job = make_job(tmp_path, hyperparameters, {"train/faq.csv": faq_csv_small})
     result = run_train(job, timeout=600, env={"SM_MASTER_PORT": str(free_port())})
-    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    # Not the exit code: two ZeRO-3 processes on CPU (gloo) sometimes abort in teardown after finishing, about
+    # one run in eight (docs/reliability.md, "Not done"); what this test is about is logged long before.
+    assert result.stdout.count("trainer.job: training done") == 2, result.stdout[-4000:] + result.stderr[-4000:]
     held = {
         int(rank): (int(part), int(total))
         for rank, part, total in re.findall(
@@ -113,3 +129,48 @@ def test_zero3_loads_each_rank_s_shard_only(tmp_path, tiny_model_dir, faq_csv_sm
     for part, total in held.values():
         assert 0.45 <= part / total <= 0.55, held
     assert sum(part for part, _ in held.values()) >= held[0][1]  # together they hold it all
+
+
+# ZeRO-3 with one process: two on CPU abort now and then at exit (a pre-existing flake, see
+# test_zero3_loads_each_rank_s_shard_only); ZeRO-2 covers the files of a second rank.
+@pytest.mark.parametrize(("stage", "processes"), [("zero2", 2), ("zero3", 1)])
+def test_deepspeed_resumes_weights_only_and_refuses_a_planted_pickle(
+    tmp_path, tiny_model_dir, faq_csv_small, stage, processes
+):
+    """DeepSpeed's checkpoint engine unpickles with weights_only=False. A resume loads its real optimizer state
+    anyway (weights only, its few classes allowed), and a pickle planted in the checkpoint location is refused,
+    with a reason, before anything is loaded: it never runs."""
+    hyperparameters = tiny_hyperparameters(
+        tiny_model_dir,
+        deepspeed=stage,
+        nproc_per_node=processes,
+        max_steps=2,
+        save_steps=2,
+        per_device_batch_size=1,
+        eval_base_model=False,
+        eval_max_samples=1,
+        eval_train_samples=0,
+        eval_max_new_tokens=2,
+    )
+    job = make_job(tmp_path, hyperparameters, {"train/faq.csv": faq_csv_small})
+    first = run_train(job, timeout=600, env={"SM_MASTER_PORT": str(free_port())})
+    assert first.returncode == 0, first.stdout[-4000:] + first.stderr[-4000:]
+
+    set_hyperparameters(job, max_steps=4)
+    resumed = run_train(job, timeout=600, env={"SM_MASTER_PORT": str(free_port())})
+    assert resumed.returncode == 0, resumed.stdout[-4000:] + resumed.stderr[-4000:]
+    assert f"resuming from {job / 'checkpoints' / 'checkpoint-2'}" in resumed.stdout
+    assert json.loads((job / "model" / "manifest.json").read_text())["training"]["steps"] == 4
+
+    marker = tmp_path / "pwned"
+    shards = sorted((job / "checkpoints" / "checkpoint-4").glob("global_step4/*optim_states.pt"))
+    assert len(shards) == processes, shards
+    plant_pickle(shards[-1], marker)  # the last rank's optimizer state
+    mark_complete(shards[-1].parents[1], 4)  # whoever can write the checkpoint can write its marker too
+    set_hyperparameters(job, max_steps=6)
+    refused = run_train(job, timeout=600, env={"SM_MASTER_PORT": str(free_port())})
+    assert not marker.exists(), "a pickle planted in the checkpoint ran on resume"
+    assert refused.returncode != 0, refused.stdout[-4000:]
+    failure = (job / "output" / "failure").read_text()
+    assert failure.startswith("CheckpointError: refusing to resume from"), failure[:2000]
+    assert f"global_step4/{shards[-1].name} (builtins.getattr" in failure, failure[:2000]

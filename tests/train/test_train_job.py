@@ -7,8 +7,11 @@ import re
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
+from fixtures.tiny_model import build_tiny_model
+from trainer.checkpoints import mark_complete
 
 from .conftest import (
     REPO,
@@ -17,7 +20,9 @@ from .conftest import (
     faq_rows,
     job_env,
     make_job,
+    plant_pickle,
     run_train,
+    set_hyperparameters,
     tiny_hyperparameters,
     train_until_sigterm,
 )
@@ -37,6 +42,7 @@ def test_train_writes_a_servable_artifact_and_reports(tmp_path, tiny_model_dir, 
     assert manifest["training"]["steps"] == 4
     assert manifest["metrics"]["validation"]["rouge_l"]["base"] is not None
     assert not list(model_dir.glob("*.bin")) and (model_dir / "model.safetensors").exists()
+    assert list(manifest["weights_sha256"]) == ["model.safetensors"]
     assert not (model_dir / "adapter_config.json").exists()  # LoRA merged, not shipped as an adapter
     assert all(p.stat().st_mode & 0o004 for p in model_dir.iterdir()), "a non-root server must read the artifact"
     for name in ("eval_report.json", "sample_answers.jsonl", "loss_curve.png", "data_report.json"):
@@ -164,6 +170,76 @@ def test_sigterm_checkpoints_and_a_rerun_resumes(tmp_path, tiny_model_dir, faq_c
         tuned = AutoModelForCausalLM.from_pretrained(job / "model").get_input_embeddings().weight
         base = AutoModelForCausalLM.from_pretrained(tiny_model_dir).get_input_embeddings().weight
         assert (tuned != base).any(dim=1).sum() > 0
+
+
+def test_a_resume_refuses_pickles_planted_in_the_trainers_own_state_files(tmp_path, tiny_model_dir, faq_csv_small):
+    """Without DeepSpeed the Trainer reads its RNG, optimizer and scheduler state with weights_only=True; the job
+    checks every one of them first and names each planted file, and none of them runs."""
+    hyperparameters = tiny_hyperparameters(
+        tiny_model_dir, max_steps=2, save_steps=2, eval_base_model=False, eval_max_samples=1, eval_train_samples=0
+    )
+    job = make_job(tmp_path, hyperparameters, {"train/faq.csv": faq_csv_small})
+    first = run_train(job)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    checkpoint = job / "checkpoints" / "checkpoint-2"
+    marker = tmp_path / "pwned"
+    planted = ("rng_state.pth", "optimizer.pt", "scheduler.pt")
+    for name in planted:
+        assert (checkpoint / name).exists(), name
+        plant_pickle(checkpoint / name, marker)
+    mark_complete(checkpoint, 2)  # whoever can write the checkpoint can write its marker too
+    set_hyperparameters(job, max_steps=4)
+
+    rerun = run_train(job)
+    assert not marker.exists(), "a pickle planted in the checkpoint ran on resume"
+    assert rerun.returncode == 2, rerun.stdout[-3000:] + rerun.stderr[-3000:]
+    failure = (job / "output" / "failure").read_text()
+    assert failure.startswith(f"CheckpointError: refusing to resume from {checkpoint}"), failure[:2000]
+    for name in planted:
+        assert f"{name} (builtins.getattr" in failure, (name, failure[:2000])
+
+
+def _hub_cache_with_two_revisions(root, build) -> tuple[Path, str]:
+    """An offline Hugging Face hub cache holding org/tiny at two commits: `main` (fp32) and the tag `v2`, whose
+    config, weights (bf16) and tokenizer each carry a sign of v2. Returns the cache and v2's commit."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    repo = root / "hub" / "models--org--tiny"
+    commits = {"main": "a" * 40, "v2": "b" * 40}
+    for ref, commit in commits.items():
+        snapshot = build(repo / "snapshots" / commit)
+        if ref == "v2":
+            model = AutoModelForCausalLM.from_pretrained(snapshot)
+            model.config.fixture_revision = "v2"  # config.json
+            model.to(torch.bfloat16).save_pretrained(snapshot)  # weights (and dtype in the config)
+            tokenizer_config = json.loads((snapshot / "tokenizer_config.json").read_text())
+            tokenizer_config["model_max_length"] = 2000  # tokenizer
+            (snapshot / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
+        (repo / "refs").mkdir(parents=True, exist_ok=True)
+        (repo / "refs" / ref).write_text(commit)
+    return root / "hub", commits["v2"]
+
+
+def test_a_hub_model_is_loaded_at_its_revision_and_the_manifest_records_the_commit(tmp_path, faq_csv_small):
+    cache, commit = _hub_cache_with_two_revisions(tmp_path, build_tiny_model)
+    hyperparameters = tiny_hyperparameters("org/tiny", revision="v2", max_steps=1, eval_max_samples=1)
+    job = make_job(tmp_path / "job", hyperparameters, {"train/faq.csv": faq_csv_small})
+    result = run_train(job, env={"HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert f"base model org/tiny at revision v2 (commit {commit})" in result.stdout
+
+    model_dir = job / "model"
+    manifest = json.loads((model_dir / "manifest.json").read_text())
+    assert (manifest["base_model"], manifest["base_model_revision"], manifest["base_model_commit"]) == (
+        "org/tiny",
+        "v2",
+        commit,
+    )
+    assert manifest["hyperparameters"]["revision"] == "v2"
+    assert manifest["dtype"] == "bfloat16"  # v2's config, not main's (float32)
+    assert json.loads((model_dir / "config.json").read_text())["fixture_revision"] == "v2"  # v2's model
+    assert json.loads((model_dir / "tokenizer_config.json").read_text())["model_max_length"] == 2000  # v2's tokenizer
 
 
 def test_usage_error_for_other_commands():

@@ -1,5 +1,6 @@
 """The servable artifact: merged weights (safetensors), tokenizer with the training prompt format as its chat
-template, generation config, and manifest.json.
+template, generation config, and manifest.json, which records the sha256 of every weight file
+(`"weights_sha256": {"model.safetensors": "<hex>", ...}`) for the server to check before it loads them.
 
 Files are written into a staging folder inside the model directory and moved up one by one, the manifest
 last: a model directory with a manifest is complete, one without is not (a full disk or a kill mid-save
@@ -8,6 +9,7 @@ never leaves something that looks finished).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -43,6 +45,7 @@ def save_artifact(model, tokenizer, stop_token_ids, model_dir: Path, manifest: d
     model.config.pad_token_id = tokenizer.pad_token_id
     model.save_pretrained(staging, safe_serialization=True)
     tokenizer.save_pretrained(staging)
+    manifest = {**manifest, "weights_sha256": {p.name: _sha256(p) for p in sorted(staging.glob("*.safetensors"))}}
     for path in sorted(staging.iterdir()):
         # safetensors writes 0600; a serving container that runs as non-root must still read the weights.
         path.chmod(0o644)
@@ -53,3 +56,8 @@ def save_artifact(model, tokenizer, stop_token_ids, model_dir: Path, manifest: d
     tmp.chmod(0o644)
     os.replace(tmp, model_dir / MANIFEST)
     return model_dir
+
+
+def _sha256(path: Path) -> str:
+    with path.open("rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()

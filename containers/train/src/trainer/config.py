@@ -16,6 +16,7 @@ from typing import Any
 from .errors import ConfigError
 
 EMBEDDED_MODEL_ID = "embedded:SmolLM2-135M-Instruct"
+DEFAULT_REVISION = "main"  # the hub's default branch, as from_pretrained takes it
 
 # Keys that SageMaker SDKs add for their own toolkits; they mean nothing to this image and are ignored.
 _SDK_RESERVED_PREFIXES = ("sagemaker_", "_tuning_objective_metric")
@@ -39,6 +40,11 @@ class TrainConfig:
         EMBEDDED_MODEL_ID,
         "Base model: a Hugging Face hub id (e.g. databricks/dolly-v2-3b), a local directory, or the embedded "
         "default. A `model` channel, when given, takes precedence.",
+    )
+    revision: str = _hp(
+        DEFAULT_REVISION,
+        "For a hub `model_id`: the branch, tag or commit to load. A commit hash pins exactly what is trained; the "
+        "commit it resolved to is recorded in manifest.json either way.",
     )
     trust_remote_code: bool = _hp(False, "Allow the base model's own Python code to run. Off unless you trust it.")
     method: str = _hp("lora", "Fine-tuning method.", choices=("lora", "full"))
@@ -176,6 +182,12 @@ class TrainConfig:
             raise ConfigError("hyperparameter 'lr_decay_ratio': must be in [0, 1]")
         if self.lora_train_token_embeddings == "true" and (self.method != "lora" or self.deepspeed != "none"):
             raise ConfigError("hyperparameter 'lora_train_token_embeddings': needs method=lora without DeepSpeed")
+        if not self.revision.strip():
+            raise ConfigError("hyperparameter 'revision': must not be empty (the default branch is 'main')")
+        if self.revision != DEFAULT_REVISION and self.model_id == EMBEDDED_MODEL_ID:
+            raise ConfigError(
+                "hyperparameter 'revision': the embedded default model has no revisions; set 'model_id' to a hub id"
+            )
         if self.epochs <= 0 and self.max_steps <= 0:
             raise ConfigError("hyperparameter 'epochs': must be > 0 unless 'max_steps' is set")
 

@@ -15,6 +15,10 @@ class DataError(UserError):
     """A channel or data file is missing, empty or malformed."""
 
 
+class CheckpointError(UserError):
+    """A checkpoint in the checkpoint location would load more than tensors and plain data (code, when unpickled)."""
+
+
 class TrainingInterrupted(Exception):
     """SIGTERM arrived (stop or spot interruption); a checkpoint was saved for the rerun to resume from."""
 

@@ -86,7 +86,9 @@ def prepare(config: TrainConfig, job: Job, cache_dir: Path, rank: Rank) -> Prepa
             len(datasets.train),
             len(datasets.validation),
         )
-    base = resolve_base_model(config.model_id, job.model_channel_dir, cache_dir)
+    base = resolve_base_model(config.model_id, job.model_channel_dir, cache_dir, config.revision)
+    if base.revision and rank.is_main:
+        log.info("base model %s at revision %s (commit %s)", base.name, base.revision, base.commit or "unresolved")
     tokenizer = load_tokenizer(base, config.trust_remote_code)
     setup = prompts.prepare_tokenizer(tokenizer, prompts.choose_format(config.prompt_format, tokenizer, base.name))
     log.info(
@@ -396,6 +398,8 @@ def _manifest(config, parts: Prepared, outcome, table, started, dtype: str) -> d
     return {
         "format_version": 1,
         "base_model": parts.base.name,
+        "base_model_revision": parts.base.revision,  # a hub model's revision as asked for (None: not from the hub)
+        "base_model_commit": parts.base.commit,  # the commit it resolved to and was loaded at, when known
         "method": config.method,
         "prompt_format": parts.setup.format,
         "dtype": dtype,

@@ -9,6 +9,8 @@ What we add to the stock Trainer, and why:
 - optional LoRA+ learning rates (B matrices faster than A; `loraplus_lr_ratio`);
 - the warm-up-stable-decay schedule (`lr_scheduler=wsd`), its decay sized from the run's step count;
 - a SIGTERM callback that checkpoints and stops every rank at the same step (SageMaker stop / spot);
+- a checkpoint counts once every rank has saved it (a marker, written last), and resuming loads no pickled code,
+  DeepSpeed's optimizer state included (`trainer.checkpoints`);
 - metric lines CloudWatch's MetricDefinitions regexes can read.
 
 This module imports torch and transformers at the top: import it inside functions, never from the launcher.
@@ -19,6 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import pickle
 import threading
 import time
 from collections.abc import Collection
@@ -28,7 +31,9 @@ from pathlib import Path
 import torch
 from transformers import PrinterCallback, Trainer, TrainerCallback, TrainerState, TrainingArguments
 
+from . import checkpoints
 from .config import TrainConfig
+from .errors import CheckpointError
 from .prompts import answer_token_loss
 from .token_rows import use_row_sparse_forward
 
@@ -244,22 +249,32 @@ def _train(model, tokenizer, dataset, config, args, stop_requested, collator, ch
         train_dataset=dataset,
         data_collator=collator,
         processing_class=tokenizer,
-        callbacks=[timing, stop],
+        callbacks=[timing, stop, MarkCheckpointComplete()],
         job_config=config,
     )
     trainer.remove_callback(PrinterCallback)  # ProgressLogger prints one readable line per log instead
-    resume = last_complete_checkpoint(checkpoint_dir)
+    deepspeed = config.deepspeed != "none"
+    resume = checkpoints.last_complete_checkpoint(checkpoint_dir)
     if resume:
         log.info("resuming from %s (a previous run of this job left it)", resume)
-    if resume and config.deepspeed == "none" and _finished(resume, args.max_steps):
-        # transformers runs one more step when it resumes at max_steps in the middle of an epoch (a job stopped
-        # or killed after its last step): the training is done, so load that state instead of training on.
-        log.info("the checkpoint is at max_steps=%d: training is complete, loading it", args.max_steps)
-        trainer._load_from_checkpoint(resume)
-        trainer.state = TrainerState.load_from_json(str(Path(resume) / "trainer_state.json"))
-        result = None
-    else:
-        result = trainer.train(resume_from_checkpoint=resume)
+        checkpoints.refuse_unsafe_pickles(Path(resume), deepspeed=deepspeed)
+    try:
+        with checkpoints.weights_only_loading(deepspeed=deepspeed):
+            if resume and not deepspeed and _finished(resume, args.max_steps):
+                # transformers runs one more step when it resumes at max_steps in the middle of an epoch (a job
+                # stopped or killed after its last step): the training is done, so load that state instead.
+                log.info("the checkpoint is at max_steps=%d: training is complete, loading it", args.max_steps)
+                trainer._load_from_checkpoint(resume)
+                trainer.state = TrainerState.load_from_json(str(Path(resume) / "trainer_state.json"))
+                result = None
+            else:
+                result = trainer.train(resume_from_checkpoint=resume)
+    except pickle.UnpicklingError as e:  # what refuse_unsafe_pickles could not see statically, refused at load
+        detail = str(e).split("WeightsUnpickler error: ", 1)[-1].split(". ", 1)[0]  # not torch's advice to unpickle
+        raise CheckpointError(
+            f"refusing to resume from {resume}: a file there would call code when loaded ({detail}). Remove that "
+            "checkpoint directory to resume from an earlier one, and check who can write to the checkpoint location."
+        ) from e
     state = trainer.state
     return TrainOutcome(
         model=trainer.model if config.deepspeed == "none" else trainer.accelerator.unwrap_model(trainer.model_wrapped),
@@ -270,20 +285,6 @@ def _train(model, tokenizer, dataset, config, args, stop_requested, collator, ch
         tokens_seen=timing.tokens_this_run,
         log_history=list(state.log_history),
     ), trainer
-
-
-def last_complete_checkpoint(checkpoint_dir: Path) -> str | None:
-    """The newest checkpoint the Trainer finished saving. It writes trainer_state.json last, so a directory
-    without a readable one was cut off mid-save (SIGKILL, full disk) and is skipped, never loaded.
-    (transformers' get_last_checkpoint takes the highest step number, complete or not.)"""
-    candidates = [p for p in checkpoint_dir.glob("checkpoint-*") if p.is_dir() and p.name[11:].isdigit()]
-    for path in sorted(candidates, key=lambda p: int(p.name[11:]), reverse=True):
-        try:
-            json.loads((path / "trainer_state.json").read_text())
-            return str(path)
-        except (OSError, ValueError):
-            log.warning("skipping incomplete checkpoint %s (cut off while it was being saved)", path)
-    return None
 
 
 def _finished(checkpoint: str, max_steps: int) -> bool:
@@ -393,6 +394,18 @@ class ProgressLogger(TrainerCallback):
     def on_train_end(self, args, state, control, **kwargs):
         self.train_seconds = time.perf_counter() - self.started
         self.tokens_this_run = (state.num_input_tokens_seen or 0) - self.tokens_at_start
+
+
+class MarkCheckpointComplete(TrainerCallback):
+    """After each checkpoint save, once every rank has saved its part: the checkpoint's completion marker,
+    written by one process per host (each host's view of the directory; see trainer.checkpoints)."""
+
+    def on_save(self, args, state, control, **kwargs):
+        if args.world_size > 1:
+            torch.distributed.barrier()  # the Trainer's save has no barrier after the ranks' RNG state
+        if args.local_process_index == 0:
+            checkpoints.mark_complete(Path(args.output_dir) / f"checkpoint-{state.global_step}", state.global_step)
+        return control
 
 
 class StopOnSignal(TrainerCallback):
