@@ -148,3 +148,27 @@ def test_auto_dtype_is_the_artifacts_16_bit_type_on_gpu_and_fp32_on_cpu(tmp_path
     assert _dtype("auto", "cuda", tmp_path) == getattr(torch, cuda)
     assert _dtype("auto", "cpu", tmp_path) == getattr(torch, cpu)
     assert _dtype("float16", "cpu", tmp_path) == torch.float16  # SERVE_DTYPE set: as told
+
+
+def test_weights_that_differ_from_the_manifest_s_hashes_are_refused(tiny_model_dir, tmp_path, make_config_for):
+    """Issue 20, item 7: training records each weight file's sha256; the server checks them before loading."""
+    import hashlib
+    import shutil
+
+    artifact = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, artifact)
+    weights = artifact / "model.safetensors"
+    digest = hashlib.sha256(weights.read_bytes()).hexdigest()
+    (artifact / "manifest.json").write_text(json.dumps({"weights_sha256": {"model.safetensors": digest}}))
+    assert load_artifact(artifact, make_config_for(artifact)).model is not None  # as written: loads
+
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF  # one flipped bit in the last tensor
+    weights.write_bytes(bytes(data))
+    with pytest.raises(ArtifactError, match="sha256 differs"):
+        load_artifact(artifact, make_config_for(artifact))
+
+    weights.write_bytes(bytes(data[:-1]) + bytes([data[-1] ^ 0xFF]))  # restored
+    (artifact / "extra.safetensors").write_bytes(b"planted")
+    with pytest.raises(ArtifactError, match=r"not listed: \['extra.safetensors'\]"):
+        load_artifact(artifact, make_config_for(artifact))

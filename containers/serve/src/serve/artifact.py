@@ -7,6 +7,7 @@ adapter_model.safetensors) on top of a base model, merged at load. Pickle weight
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -56,6 +57,7 @@ def load_artifact(model_dir: Path, config: ServeConfig) -> LoadedModel:
     if not model_dir.is_dir():
         raise ArtifactError(f"model directory {model_dir} does not exist (set SAGEMAKER_BASE_DIR?)")
     _refuse_pickles(model_dir)
+    verify_weights(model_dir)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = _dtype(config.dtype, device, model_dir)
     if device == "cuda":
@@ -178,6 +180,36 @@ def _manifest_name(model_dir: Path) -> str:
         return f"{manifest['base_model']} ({manifest.get('method', 'fine-tuned')})"
     except (OSError, ValueError, KeyError, TypeError):
         return model_dir.resolve().name
+
+
+def verify_weights(model_dir: Path) -> None:
+    """Weights are what training wrote: when manifest.json lists `weights_sha256`, every safetensors file in the
+    directory must be listed there and hash to it. An artifact without the list (older, or not ours) loads as
+    before; the log says so."""
+    manifest_path = model_dir / "manifest.json"
+    try:
+        expected = json.loads(manifest_path.read_text())["weights_sha256"]
+    except (OSError, ValueError, KeyError, TypeError):
+        log.info("%s lists no weight hashes: weights loaded unverified", model_dir)
+        return
+    if not isinstance(expected, dict):
+        raise ArtifactError(f"{manifest_path}: weights_sha256 is not a mapping of file names to hashes")
+    present = sorted(p.name for p in model_dir.glob("*.safetensors"))
+    unlisted = [name for name in present if name not in expected]
+    missing = [name for name in expected if name not in present]
+    if unlisted or missing:
+        raise ArtifactError(
+            f"{model_dir}: weight files differ from manifest.json's weights_sha256 "
+            f"(not listed: {unlisted or 'none'}; listed but absent: {missing or 'none'})"
+        )
+    for name in present:
+        digest = hashlib.sha256()
+        with (model_dir / name).open("rb") as f:
+            for block in iter(lambda: f.read(1 << 24), b""):
+                digest.update(block)
+        if digest.hexdigest() != expected[name]:
+            raise ArtifactError(f"{model_dir / name}: sha256 differs from manifest.json's; the weights were changed")
+    log.info("weights verified against manifest.json: %s", ", ".join(present))
 
 
 def _eos_ids(model: Any, tokenizer: Any) -> list[int]:
