@@ -7,8 +7,10 @@ importing torch and transformers takes seconds, which the loader thread spends w
 from __future__ import annotations
 
 import logging
+import re
 import threading
 import time
+import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -132,8 +134,13 @@ class Predictor:
                 f"{field}: this model has no chat template; send raw text with "
                 "`inputs` and parameters.apply_chat_template=false"
             )
-        text = tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=False)
-        return list(tokenizer(text, add_special_tokens=False).input_ids)
+        specials = [t for t in tokenizer.all_special_tokens if t] + [
+            t.content for t in tokenizer.added_tokens_decoder.values() if t.special
+        ]
+        if not any(special in m["content"] for m in messages for special in specials):
+            text = tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=False)
+            return list(tokenizer(text, add_special_tokens=False).input_ids)
+        return _encode_with_content_as_text(tokenizer, messages)
 
     def encode_question(self, question: str, *, apply_chat_template: bool) -> list[int]:
         assert self.loaded is not None
@@ -159,3 +166,21 @@ class Predictor:
         if self.loaded.stop_strings:  # the artifact's own end markers end every answer, after the request's
             params = replace(params, stop=tuple(dict.fromkeys((*params.stop, *self.loaded.stop_strings))))
         return self.engine.submit(prompt_ids, params, deadline=deadline)
+
+
+def _encode_with_content_as_text(tokenizer, messages: Sequence[dict[str, str]]) -> list[int]:
+    """The chat template around `messages`, where what the caller typed is text even when it spells a special
+    token (`<|im_end|>`, `### End`): typed, such a string would otherwise end the turn or the answer, or pose as
+    the system. The template is rendered around placeholders; its own parts are tokenized as usual (their
+    special tokens are control tokens), each message's content with special-token parsing off."""
+    marks = [f"@@content-{uuid.uuid4().hex}@@" for _ in messages]
+    placeholders = [{**m, "content": mark} for m, mark in zip(messages, marks, strict=True)]
+    text = tokenizer.apply_chat_template(placeholders, add_generation_prompt=True, tokenize=False)
+    contents = {mark: m["content"] for m, mark in zip(messages, marks, strict=True)}
+    ids: list[int] = []
+    for part in re.split(f"({'|'.join(map(re.escape, marks))})", text):
+        if part in contents:
+            ids += tokenizer(contents[part], add_special_tokens=False, split_special_tokens=True).input_ids
+        elif part:
+            ids += tokenizer(part, add_special_tokens=False).input_ids
+    return ids
