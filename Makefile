@@ -48,6 +48,13 @@ test-docker: $(STAMP) system-setup
 images:
 	scripts/build-images.sh $(IMAGE_ARGS)
 
+# The deployables' hashed lock files (containers/*/requirements*.lock, lambda/ and local/requirements.lock),
+# regenerated from their requirements*.txt by uv: docker/lock.sh says how. Run it after changing any of those
+# files and commit the locks with them. LOCK_ARGS=--upgrade also refreshes what requirements.txt leaves free.
+.PHONY: lock
+lock: $(STAMP)
+	docker/lock.sh $(LOCK_ARGS)
+
 demo: $(STAMP)
 	$(PY) -m stack_runner up $(DEMO_ARGS)
 
