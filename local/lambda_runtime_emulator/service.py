@@ -18,6 +18,7 @@ import json
 import threading
 from typing import Any
 
+from apigw_emulator.app import read_at_most  # one bounded reader for both emulators' bodies
 from flask import Flask, Response, request
 
 from lambda_runtime_emulator.environment import ExecutionEnvironment, FunctionSpec, InvokeResult
@@ -118,7 +119,7 @@ def create_app(pool: EnvironmentPool, log=print) -> Flask:
         if invocation_type not in ("RequestResponse", "Event"):
             return _aws_error(400, "InvalidParameterValueException", f"Unsupported invocation type {invocation_type}")
         length = request.content_length or 0
-        payload = None if length > MAX_SYNC_PAYLOAD_BYTES else _read_at_most(request.stream, MAX_SYNC_PAYLOAD_BYTES)
+        payload = None if length > MAX_SYNC_PAYLOAD_BYTES else read_at_most(request.stream, MAX_SYNC_PAYLOAD_BYTES)
         if payload is None:
             return _aws_error(
                 413,
@@ -145,19 +146,6 @@ def create_app(pool: EnvironmentPool, log=print) -> Flask:
         return Response(result.payload, status=200, headers=headers, content_type="application/json")
 
     return app
-
-
-def _read_at_most(stream, limit: int) -> bytes | None:
-    """The request body, or None once it is longer than `limit` (a chunked body declares no length): never
-    more than limit + 1 bytes in memory. werkzeug's server drops the rest after the answer."""
-    chunks, size = [], 0
-    while size <= limit:
-        chunk = stream.read(min(1 << 16, limit + 1 - size))
-        if not chunk:
-            return b"".join(chunks)
-        chunks.append(chunk)
-        size += len(chunk)
-    return None
 
 
 def _run(pool: EnvironmentPool, env: ExecutionEnvironment, payload: bytes, log) -> InvokeResult:
