@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import tarfile
 import tempfile
 import threading
 import time
+import zlib
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -131,18 +133,36 @@ def upload_model(s3, model_dir: str | Path, uri: str) -> None:
 
 
 def extract_model(archive: str | Path, dest: str | Path) -> Path:
-    """Unpack a model.tar.gz refusing absolute paths, '..', links out of the tree and device files."""
+    """Unpack a model.tar.gz refusing absolute paths, '..', links out of the tree and device files. It is
+    unpacked into a staging folder beside `dest`, then moved in place: a truncated or corrupt archive is an error
+    that leaves `dest` as it was (an empty `dest` is replaced; a non-empty one gets the files added)."""
     dest = Path(dest)
-    dest.mkdir(parents=True, exist_ok=True)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}.partial-", dir=dest.parent))
     try:
         with tarfile.open(archive, "r:gz") as tar:
             if hasattr(tarfile, "data_filter"):
-                tar.extractall(dest, filter="data")
+                tar.extractall(staging, filter="data")
             else:  # Python < 3.11.4 (Debian 12's 3.11.2) has no extraction filters: check each member ourselves
-                tar.extractall(dest, members=_checked_members(tar, dest))
+                tar.extractall(staging, members=_checked_members(tar, staging))
+        _move_into(staging, dest)
     except (getattr(tarfile, "FilterError", TransferError), tarfile.ReadError) as exc:
         raise TransferError(f"refusing to unpack {archive}: {exc}") from exc
+    except (EOFError, zlib.error, tarfile.TarError) as exc:
+        raise TransferError(f"{archive} is truncated or corrupt ({exc}); nothing was unpacked") from exc
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return dest
+
+
+def _move_into(staging: Path, dest: Path) -> None:
+    if dest.is_dir() and not any(dest.iterdir()):
+        dest.rmdir()
+    if not dest.exists():
+        os.replace(staging, dest)
+        return
+    for entry in staging.iterdir():
+        os.replace(entry, dest / entry.name)
 
 
 def _checked_members(tar: tarfile.TarFile, dest: Path):

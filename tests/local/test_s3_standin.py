@@ -243,6 +243,29 @@ def test_fetch_model_refuses_an_archive_that_escapes_its_directory(s3, tmp_path)
     assert not (tmp_path / "outside.txt").exists()
 
 
+def test_a_truncated_archive_is_a_clear_error_and_leaves_no_partial_files(tmp_path):
+    """Issue 20, item 9: unpacked into a staging folder, moved in place only when whole."""
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    (model / "model.safetensors").write_bytes(os.urandom(1 << 20))
+    archive = transfer.pack_model(model, tmp_path / "model.tar.gz")
+    whole = archive.read_bytes()
+    archive.write_bytes(whole[: len(whole) * 2 // 3])
+
+    dest = tmp_path / "opt-ml-model"
+    with pytest.raises(transfer.TransferError, match="truncated or corrupt"):
+        transfer.extract_model(archive, dest)
+    assert not dest.exists() or not any(dest.iterdir())
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no staging left behind
+
+    archive.write_bytes(whole)
+    assert sorted(p.name for p in transfer.extract_model(archive, dest).iterdir()) == [
+        "config.json",
+        "model.safetensors",
+    ]
+
+
 def test_missing_object_is_a_clear_error_with_exit_code_1(s3_server, s3, tmp_path):
     result = _cli(s3_server.url, "download", f"s3://{BUCKET}/no/such/key", str(tmp_path / "x"))
 
