@@ -137,6 +137,23 @@ def test_body_over_6_mb_is_413_without_reading_it(server):
     assert json.loads(rest.split(b"\r\n\r\n", 1)[1])["error_type"] == "payload_too_large"
 
 
+def test_a_client_that_sends_the_whole_7_mb_body_first_still_reads_the_413(server):
+    """Issue 20, item 9: urllib writes the whole body before it reads; the server used to answer and close at
+    once, and the client saw a broken pipe instead of the 413."""
+    import urllib.error
+    import urllib.request
+
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{server.port}/invocations",
+        data=b"x" * (7 * 1024 * 1024),
+        headers={"Content-Type": "application/json"},
+    )
+    with pytest.raises(urllib.error.HTTPError) as caught:
+        urllib.request.urlopen(request, timeout=60)
+    assert caught.value.code == 413
+    assert json.loads(caught.value.read())["error_type"] == "payload_too_large"
+
+
 def test_stream_is_chunked_one_frame_per_chunk_over_a_socket(server):
     expected = server.generate(Q, max_new_tokens=20)["generated_text"]
     body = json.dumps({"inputs": Q, "stream": True, "parameters": {"max_new_tokens": 20}}).encode()

@@ -5,7 +5,7 @@ The same shape TGI uses, so clients written for TGI endpoints read our errors un
 
 from __future__ import annotations
 
-from flask import Flask, Response, json
+from flask import Flask, Response, json, request
 from werkzeug.exceptions import HTTPException
 
 
@@ -70,6 +70,36 @@ def error_response(message: str, error_type: str, status: int) -> Response:
     return Response(json.dumps(error_body(message, error_type)), status=status, mimetype="application/json")
 
 
+# A refused body is read and dropped, up to this many times the limit, before the 413 goes out: a client that
+# sends its whole body before reading (Python's urllib, most scripts) would otherwise get a broken pipe instead
+# of the reply. Beyond that, the connection is closed as before.
+DRAIN_LIMIT_FACTOR = 4
+
+
+DRAIN_IDLE_S = 2.0  # and no longer than the body keeps arriving: a client that stalls gets its 413 after this
+
+
+def _drain_body(request, most: int) -> None:
+    stream = request.environ.get("wsgi.input")
+    sock = request.environ.get("gunicorn.socket")
+    if stream is None:
+        return
+    previous = sock.gettimeout() if sock is not None else None
+    try:
+        if sock is not None:
+            sock.settimeout(DRAIN_IDLE_S)
+        while most > 0:
+            chunk = stream.read(min(1 << 16, most))
+            if not chunk:
+                return
+            most -= len(chunk)
+    except OSError:  # stalled (timeout) or gone: answer now
+        return
+    finally:
+        if sock is not None:
+            sock.settimeout(previous)
+
+
 def register_error_handlers(app: Flask) -> None:
     @app.errorhandler(ServeError)
     def _serve_error(e: ServeError):
@@ -81,6 +111,7 @@ def register_error_handlers(app: Flask) -> None:
         if e.code == 413:
             limit = app.config.get("MAX_CONTENT_LENGTH")
             message = f"request body is larger than the {limit} byte limit (SAGEMAKER_MAX_PAYLOAD_IN_MB)"
+            _drain_body(request, (limit or 0) * DRAIN_LIMIT_FACTOR)
         return error_response(message, _HTTP_ERROR_TYPES.get(e.code or 500, "http_error"), e.code or 500)
 
     @app.errorhandler(Exception)
