@@ -258,3 +258,23 @@ def test_prefills_measure_the_rate(model_and_tokenizer):
     assert engine._prefill_flops_per_s and engine._prefill_flops_per_s > 0
     # near-context prompts cost more per token than short ones: attention's n^2 term
     assert engine._cost.flops(2000) / 2000 > engine._cost.flops(20) / 20
+
+
+def test_a_failed_prefill_leaves_no_work_counted_ahead(model_and_tokenizer):
+    """After a prefill that failed (not out of memory), nothing of it stays in the wait estimate or the queue."""
+    model, tokenizer = model_and_tokenizer
+    engine = _engine(model, tokenizer)
+    first, second = _two_requests(engine)
+
+    def fail_first_call(call, _ids):
+        if call == 1:
+            raise RuntimeError("planted: a kernel failed")
+        return False
+
+    with Recording(model, fail=fail_first_call):
+        engine.start()
+        for handle in (first, second):
+            with pytest.raises(GenerationError, match="planted"):
+                handle.result(30)
+    engine.stop()
+    assert engine._prefilling == [] and engine._pending == 0

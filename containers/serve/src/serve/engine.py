@@ -242,6 +242,8 @@ class Engine:
                             self._finish(seq, None, failure=f"generation failed: {type(e).__name__}: {e}")
                         self._running = []
                         self._batch.clear()
+                        with self._lock:
+                            self._prefilling = []  # failed with the rest: no longer work ahead of anyone
         except BaseException as e:  # the thread dies: nobody may wait on it (health() now says so)
             message = f"the generation engine stopped: {type(e).__name__}: {e}"
             log.critical("%s", message, exc_info=True)
