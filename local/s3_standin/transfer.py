@@ -139,6 +139,7 @@ def extract_model(archive: str | Path, dest: str | Path) -> Path:
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}.partial-", dir=dest.parent))
+    staging.chmod(0o755)  # mkdtemp makes it 0700: the serving container's unprivileged user must read the model
     try:
         with tarfile.open(archive, "r:gz") as tar:
             if hasattr(tarfile, "data_filter"):

@@ -264,6 +264,7 @@ def test_a_truncated_archive_is_a_clear_error_and_leaves_no_partial_files(tmp_pa
         "config.json",
         "model.safetensors",
     ]
+    assert dest.stat().st_mode & 0o777 == 0o755  # readable by the serving container's unprivileged user
 
 
 def test_missing_object_is_a_clear_error_with_exit_code_1(s3_server, s3, tmp_path):
