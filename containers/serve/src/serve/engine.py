@@ -94,6 +94,7 @@ class _Sequence:
     tokens: list[Token] = field(default_factory=list)
     shown: list[str] = field(default_factory=list)  # the answer's text, as released to the request so far
     finished: bool = False
+    first_token_at: float | None = None
 
     @property
     def max_length(self) -> int:
@@ -387,6 +388,8 @@ class Engine:
 
     def _append(self, seq: _Sequence, token_id: int, logprob: float, now: float) -> None:
         seq.generated.append(token_id)
+        if seq.first_token_at is None:
+            seq.first_token_at = now
         reason = seq.stopping.limit(token_id, len(seq.generated), now, self._deadline_cap)
         text = seq.detokenizer.push(token_id)
         if reason is not None:  # nothing follows: an unfinished character goes out as it is
@@ -432,6 +435,8 @@ class Engine:
                 generated_tokens=len(seq.generated),
                 seed=seq.params.seed,
                 tokens=tuple(seq.tokens),
+                submitted_at=seq.handle.created,
+                first_token_at=seq.first_token_at,
             )
         )
 

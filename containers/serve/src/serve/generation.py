@@ -47,6 +47,11 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    typical_p: float = 1.0  # TGI's typical decoding (Meister et al.); 1.0 is off
+    # Per generated token, the `top_n_tokens` most likely alternatives (TGI's top_n_tokens, OpenAI's
+    # top_logprobs), and whether the prompt's own tokens are scored too (TGI's decoder_input_details).
+    top_n_tokens: int = 0
+    prefill_logprobs: bool = False
 
     @classmethod
     def build(
@@ -60,10 +65,18 @@ class SamplingParams:
         repetition_penalty: float | None = None,
         seed: int | None = None,
         stop: Sequence[str] = (),
+        typical_p: float | None = None,
+        top_n_tokens: int = 0,
+        prefill_logprobs: bool = False,
     ) -> SamplingParams:
         """TGI's rule: sampling when asked, or when a sampling knob is set; temperature 0 means greedy."""
         if do_sample is None:
-            do_sample = bool((temperature and temperature != 1.0) or (top_p is not None and top_p < 1) or top_k)
+            do_sample = bool(
+                (temperature and temperature != 1.0)
+                or (top_p is not None and top_p < 1)
+                or top_k
+                or (typical_p is not None and typical_p < 1)
+            )
         if temperature == 0:
             do_sample = False
         if do_sample and seed is None:
@@ -77,7 +90,21 @@ class SamplingParams:
             repetition_penalty=1.0 if repetition_penalty is None else repetition_penalty,
             seed=seed if do_sample else None,
             stop=tuple(stop),
+            typical_p=1.0 if typical_p is None else typical_p,
+            top_n_tokens=top_n_tokens,
+            prefill_logprobs=prefill_logprobs,
         )
+
+
+@dataclass(frozen=True)
+class TopToken:
+    """A scored token that is not (necessarily) the one generated: an alternative, or a prompt token. The
+    prompt's first token has no logprob (nothing precedes it), as in TGI."""
+
+    id: int
+    text: str
+    logprob: float | None
+    special: bool
 
 
 @dataclass(frozen=True)
@@ -87,6 +114,7 @@ class Token:
     logprob: float
     special: bool
     delta: str  # text this token adds to the visible answer (held back while it may be a stop string)
+    top_tokens: tuple[TopToken, ...] = ()  # the SamplingParams.top_n_tokens most likely, best first
 
 
 @dataclass(frozen=True)
@@ -100,6 +128,10 @@ class Finished:
     generated_tokens: int
     seed: int | None
     tokens: tuple[Token, ...]
+    prefill: tuple[TopToken, ...] = ()  # the prompt's tokens, scored when SamplingParams.prefill_logprobs
+    # time.monotonic() when the request was submitted and when its first token was chosen (None if none was)
+    submitted_at: float | None = None
+    first_token_at: float | None = None
 
 
 @dataclass(frozen=True)
