@@ -10,8 +10,10 @@ import sys
 import tarfile
 
 import pytest
+from trainer import base_variant
 from trainer.base_variant import PackageRequest, package_base, parse_args
 from trainer.errors import UserError
+from trainer.modeling import BaseModel
 
 from .conftest import REPO, csv_text, faq_rows, make_job, run_train, tiny_hyperparameters
 
@@ -213,6 +215,30 @@ def test_tuned_artifact_arguments(tmp_path):
         parse_args(["--tuned-artifact", str(tmp_path), *out])
     request = parse_args(["--tuned-artifact", str(tmp_path), "--model", "/models/x", "--dtype", "float32", *out])
     assert (request.model, request.prompt_format, request.dtype, request.seed) == ("/models/x", "dolly", "float32", 7)
+    # A hub base: the commit the training job loaded, so the pair is compared on the very same weights.
+    commit = "0" * 40
+    manifest |= {"base_model": "org/model", "base_model_revision": "v1", "base_model_commit": commit}
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    assert parse_args(["--tuned-artifact", str(tmp_path), *out]).revision == commit
+    assert parse_args(["--tuned-artifact", str(tmp_path), "--revision", "v2", *out]).revision == "v2"
+
+
+def test_revision_reaches_the_hub_load_and_the_manifest(tmp_path, tiny_model_dir, monkeypatch):
+    with pytest.raises(UserError, match="--revision v1: applies to hub models only"):
+        package_base(PackageRequest(model=str(tiny_model_dir), output=tmp_path / "out", revision="v1"), tmp_path)
+    with pytest.raises(UserError, match="--revision must not be empty"):
+        PackageRequest(model="org/model", output=tmp_path / "out", revision=" ")
+    asked = []
+
+    def hub(model_id, channel, cache_dir, revision):  # stands in for the hub: the tiny model at a pinned commit
+        asked.append((model_id, revision))
+        return BaseModel(str(tiny_model_dir), model_id, revision, "c" * 40)
+
+    monkeypatch.setattr(base_variant, "resolve_base_model", hub)
+    out = package_base(PackageRequest(model="org/model", output=tmp_path / "out", revision="v1"), tmp_path)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert asked == [("org/model", "v1")]
+    assert (manifest["base_model_revision"], manifest["base_model_commit"]) == ("v1", "c" * 40)
 
 
 def test_the_image_command_exits_2_with_the_reason(tmp_path):

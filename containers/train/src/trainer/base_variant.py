@@ -36,8 +36,8 @@ from pathlib import Path
 
 from . import prompts
 from .artifact import MANIFEST, save_artifact
-from .config import EMBEDDED_MODEL_ID, TrainConfig
-from .errors import UserError
+from .config import DEFAULT_REVISION, EMBEDDED_MODEL_ID, TrainConfig
+from .errors import ConfigError, UserError
 from .modeling import BaseModel, load_for_prompt_format, load_tokenizer, resolve_base_model, stored_dtype
 
 log = logging.getLogger(__name__)
@@ -57,12 +57,15 @@ class PackageRequest:
     dtype: str = _TRAIN_DEFAULTS["save_dtype"].default
     trust_remote_code: bool = False
     seed: int = _TRAIN_DEFAULTS["seed"].default  # rows of tokens the format adds start random, seeded as in training
+    revision: str = DEFAULT_REVISION  # a hub model's branch, tag or commit, as the training hyperparameter
 
     def __post_init__(self) -> None:
         if self.prompt_format not in PROMPT_FORMATS:
             raise UserError(f"prompt format {self.prompt_format!r} is not one of {', '.join(PROMPT_FORMATS)}")
         if self.dtype not in DTYPES:
             raise UserError(f"dtype {self.dtype!r} is not one of {', '.join(DTYPES)}")
+        if not self.revision.strip():
+            raise UserError("--revision must not be empty (the hub's default branch is 'main')")
 
     @property
     def archive(self) -> bool:
@@ -95,6 +98,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--trust-remote-code", action="store_true", default=None, help="allow the base model's own Python code to run"
     )
     parser.add_argument("--seed", type=int, help="seed of the embedding rows of tokens the format adds (default 42)")
+    parser.add_argument(
+        "--revision",
+        help="a hub model's branch, tag or commit, as the training hyperparameter `revision` (default main; "
+        "--tuned-artifact: the commit the training job loaded)",
+    )
     return parser
 
 
@@ -110,6 +118,7 @@ def parse_args(argv: list[str]) -> PackageRequest:
         "dtype": args.dtype,
         "trust_remote_code": args.trust_remote_code,
         "seed": args.seed,
+        "revision": args.revision,
     }
     options = {k: v for k, v in matched.items() if k != "model"} | {k: v for k, v in given.items() if v is not None}
     return PackageRequest(model=model, output=args.output, **options)
@@ -120,7 +129,7 @@ def package_base(request: PackageRequest, cache_dir: Path) -> Path:
     import torch
 
     _check_output(request)
-    base = resolve_model(request.model, cache_dir)
+    base = resolve_model(request.model, cache_dir, request.revision)
     tokenizer = load_tokenizer(base, request.trust_remote_code)
     setup = _install_prompt_format(tokenizer, request.prompt_format, base)
     dtype = request.dtype if request.dtype != "auto" else stored_dtype(base, request.trust_remote_code)
@@ -162,12 +171,17 @@ def package_base(request: PackageRequest, cache_dir: Path) -> Path:
     return output
 
 
-def resolve_model(model: str, cache_dir: Path) -> BaseModel:
+def resolve_model(model: str, cache_dir: Path, revision: str = DEFAULT_REVISION) -> BaseModel:
     """A hub id or the embedded default as training resolves them; a directory checked first, with the fix named."""
     path = Path(model).expanduser()
     looks_local = path.exists() or model.startswith(("/", "./", "../", "~"))
     if model == EMBEDDED_MODEL_ID or not looks_local:
-        return resolve_base_model(model, None, cache_dir)
+        try:
+            return resolve_base_model(model, None, cache_dir, revision)
+        except ConfigError as e:  # worded for the hyperparameter; here it is the command's option
+            raise UserError(str(e).replace("hyperparameter 'revision'", "--revision")) from None
+    if revision != DEFAULT_REVISION:
+        raise UserError(f"--revision {revision}: applies to hub models only, and --model {model} is a directory")
     if path.is_file():
         raise UserError(
             f"--model {model}: this is a file; pass the directory that holds it with config.json and the tokenizer"
@@ -193,6 +207,10 @@ def _from_manifest(artifact: Path) -> dict:
         # A base from a `model` channel is named by description only: --model must say where it is.
         if not manifest["base_model"].startswith("model channel"):
             matched["model"] = manifest["base_model"]
+            # The very weights the job trained from: the commit its revision resolved to, else the revision.
+            revision = manifest.get("base_model_commit") or manifest.get("base_model_revision")
+            if revision:
+                matched["revision"] = revision
     except FileNotFoundError as e:
         raise UserError(f"--tuned-artifact: {path} does not exist; pass a finished artifact's directory") from e
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
@@ -231,6 +249,8 @@ def _manifest(base: BaseModel, setup: prompts.PromptSetup, dtype: str) -> dict:
     return {
         "format_version": 1,
         "base_model": base.name,
+        "base_model_revision": base.revision,  # as a training job's manifest records them
+        "base_model_commit": base.commit,
         "method": UNTUNED,
         "prompt_format": setup.format,
         "dtype": dtype,
