@@ -43,6 +43,7 @@ from serve.generation import (
     QueueFull,
     SamplingParams,
     Token,
+    TopToken,
 )
 from serve.kv_batch import KVBatch, left_padded
 from serve.stopping import StoppingCriteria
@@ -60,6 +61,10 @@ UNHEALTHY_AFTER_FAILED_STEPS = 3
 WAIT_SHARE_OF_BUDGET = 0.5
 # Prefills of fewer tokens than this say more about per-step overhead than about the rate.
 MIN_TOKENS_TO_MEASURE = 16
+# A prompt whose own tokens are scored (SamplingParams.prefill_logprobs) needs the logits of every position, not
+# just the last: it is prefilled alone, so no other request pays for them, and its log-softmax is taken this many
+# positions at a time, so the float32 copy stays small whatever the prompt's length.
+SCORING_CHUNK_POSITIONS = 256
 
 
 @dataclass(frozen=True)
@@ -95,6 +100,7 @@ class _Sequence:
     shown: list[str] = field(default_factory=list)  # the answer's text, as released to the request so far
     finished: bool = False
     first_token_at: float | None = None
+    prefill: tuple[TopToken, ...] = ()  # the prompt scored, when its params ask (see _score_prompt)
 
     @property
     def max_length(self) -> int:
@@ -202,6 +208,11 @@ class Engine:
     def alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 
+    @property
+    def pending(self) -> int:
+        """Requests queued or running now (for the queue-depth metric; read without the lock)."""
+        return self._pending
+
     def health(self) -> str | None:
         """None while the engine can serve; else why not (for /ping). Failed steps make it unhealthy until a
         step succeeds again; requests still run meanwhile, so a few bad requests cannot take a worker out."""
@@ -274,6 +285,8 @@ class Engine:
                 candidate = self._waiting[0]
                 if admitted and len(candidate.prompt_ids) > budget:
                     break
+                if admitted and (candidate.params.prefill_logprobs or admitted[0].params.prefill_logprobs):
+                    break  # a prompt to be scored is prefilled alone (see SCORING_CHUNK_POSITIONS)
                 if (self._running or admitted) and not self._fits([*self._running, *admitted, candidate]):
                     break  # it waits for rows to free; alone it always fits (see Predictor's limits)
                 budget -= len(candidate.prompt_ids)
@@ -301,6 +314,7 @@ class Engine:
         input_ids, mask, positions = left_padded([s.prompt_ids for s in new], self.pad_id)
         self._running.extend(new)  # first, so a failing forward pass fails these requests too
         mask = mask.to(device)
+        scored = new[0].params.prefill_logprobs  # then it is alone in this prefill (see _admit)
         started = time.perf_counter()
         try:
             out = self.model(
@@ -309,7 +323,7 @@ class Engine:
                 position_ids=positions.to(device),
                 cache=KVBatch.new_cache(),
                 use_cache=True,
-                logits_to_keep=1,
+                logits_to_keep=0 if scored else 1,  # 0: every position's logits
             )
         except Exception as e:
             if not out_of_memory(e):
@@ -322,11 +336,34 @@ class Engine:
                 self._waiting.extendleft(reversed(new[:-1]))
             _release_memory(device)
             return
+        if scored:  # before the first token: a request that ends with it reports its prefill too
+            new[0].prefill = self._score_prompt(new[0].prompt_ids, out.logits[0])
         self._advance(new, out.logits[:, -1, :])  # reads the logits: the forward pass has finished
-        self._measure_prefill([len(s.prompt_ids) for s in new], time.perf_counter() - started)
+        if not scored:  # a scored prefill did more than read the prompt: it would skew the rate
+            self._measure_prefill([len(s.prompt_ids) for s in new], time.perf_counter() - started)
         with self._lock:
             self._prefilling = []
         self._batch.join(out.cache, mask)
+
+    def _score_prompt(self, prompt_ids: list[int], logits: torch.Tensor) -> tuple[TopToken, ...]:
+        """Each prompt token with its log-probability given the tokens before it (from `logits` [positions,
+        vocab], one row per prompt position); the first has none, as in TGI's decoder_input_details."""
+        targets = torch.tensor(prompt_ids[1:], dtype=torch.long, device=logits.device)
+        logprobs: list[float | None] = [None]
+        for start in range(0, len(targets), SCORING_CHUNK_POSITIONS):
+            rows = logits[start : start + SCORING_CHUNK_POSITIONS].float().log_softmax(-1)
+            chosen = targets[start : start + SCORING_CHUNK_POSITIONS, None]
+            logprobs += rows.gather(-1, chosen)[:, 0].tolist()
+        return tuple(
+            TopToken(token_id, text, logprob, token_id in self.special_ids)
+            for token_id, text, logprob in zip(prompt_ids, self._token_texts(prompt_ids), logprobs, strict=True)
+        )
+
+    def _token_texts(self, token_ids: Sequence[int]) -> list[str]:
+        """Each token's text on its own, special tokens by name (as TGI reports prefill and top tokens)."""
+        return self.tokenizer.batch_decode(
+            [[token_id] for token_id in token_ids], skip_special_tokens=False, clean_up_tokenization_spaces=False
+        )
 
     def _measure_prefill(self, prompt_lengths: list[int], seconds: float) -> None:
         if sum(prompt_lengths) < MIN_TOKENS_TO_MEASURE or seconds <= 0:
@@ -386,7 +423,14 @@ class Engine:
             else:
                 self._append(seq, *choice, now)
 
-    def _append(self, seq: _Sequence, token_id: int, logprob: float, now: float) -> None:
+    def _append(
+        self,
+        seq: _Sequence,
+        token_id: int,
+        logprob: float,
+        alternatives: list[tuple[int, float]],
+        now: float,
+    ) -> None:
         seq.generated.append(token_id)
         if seq.first_token_at is None:
             seq.first_token_at = now
@@ -400,7 +444,14 @@ class Engine:
         seq.shown.append(delta)
         special = token_id in self.special_ids
         token_text = self.tokenizer.decode([token_id], skip_special_tokens=False) if special else delta
-        token = Token(token_id, token_text, logprob, special, delta)
+        top_tokens: tuple[TopToken, ...] = ()
+        if alternatives:  # asked for (SamplingParams.top_n_tokens): no tokenizer call otherwise
+            texts = self._token_texts([top_id for top_id, _ in alternatives])
+            top_tokens = tuple(
+                TopToken(top_id, text, top_logprob, top_id in self.special_ids)
+                for (top_id, top_logprob), text in zip(alternatives, texts, strict=True)
+            )
+        token = Token(token_id, token_text, logprob, special, delta, top_tokens)
         seq.tokens.append(token)
         if reason is None:
             seq.handle.put(token)
@@ -435,6 +486,7 @@ class Engine:
                 generated_tokens=len(seq.generated),
                 seed=seq.params.seed,
                 tokens=tuple(seq.tokens),
+                prefill=seq.prefill,
                 submitted_at=seq.handle.created,
                 first_token_at=seq.first_token_at,
             )
