@@ -1,9 +1,13 @@
 """One error shape for every failure: {"error": <message>, "error_type": <kind>} with the right status.
 
-The same shape TGI uses, so clients written for TGI endpoints read our errors unchanged.
+The same shape TGI uses, so clients written for TGI endpoints read our errors unchanged. The OpenAI-compatible
+routes (/v1/..., serve.openai_routes) answer the same errors in OpenAI's shape instead, which OpenAI's clients
+read: {"error": {"message", "type", "param", "code"}} (see openai_error_body).
 """
 
 from __future__ import annotations
+
+import re
 
 from flask import Flask, Response, json, request
 from werkzeug.exceptions import HTTPException
@@ -67,7 +71,43 @@ def error_body(message: str, error_type: str) -> dict:
 
 
 def error_response(message: str, error_type: str, status: int) -> Response:
+    if request and request.path.startswith(OPENAI_PREFIX):
+        return openai_error_response(message, error_type, status)
     return Response(json.dumps(error_body(message, error_type)), status=status, mimetype="application/json")
+
+
+# ----- OpenAI's shape, for the /v1 routes only -----
+
+OPENAI_PREFIX = "/v1/"
+# A message that starts with a field path (`messages.0.role: ...`, `body: n: ...` from a rule across fields) names
+# OpenAI's `param`.
+_PARAM = re.compile(r"^(?:body: )?([A-Za-z_][\w.]*): ")
+
+
+def openai_status(status: int) -> int:
+    """OpenAI and vLLM answer a bad field with 400 where /invocations (like TGI) says 422."""
+    return 400 if status == 422 else status
+
+
+def openai_error_body(message: str, error_type: str, status: int) -> dict:
+    """OpenAI's error object: `type` is OpenAI's class of error, `code` our error_type (validation, overloaded,
+    not_ready ...), `param` the field the message names, if any."""
+    if status == 429:
+        kind = "rate_limit_error"
+    elif status >= 500 or error_type == "generation":
+        kind = "server_error"
+    else:
+        kind = "invalid_request_error"
+    field = _PARAM.match(message)
+    param = field.group(1) if field and field.group(1) != "body" else None
+    return {"error": {"message": message, "type": kind, "param": param, "code": error_type}}
+
+
+def openai_error_response(message: str, error_type: str, status: int) -> Response:
+    status = openai_status(status)
+    return Response(
+        json.dumps(openai_error_body(message, error_type, status)), status=status, mimetype="application/json"
+    )
 
 
 # A refused body is read and dropped, up to this many times the limit, before the 413 goes out: a client that

@@ -35,7 +35,7 @@ def _predictor() -> Predictor:
     return current_app.extensions["serve.predictor"]
 
 
-def _ready_predictor() -> Predictor:
+def ready_predictor() -> Predictor:
     predictor = _predictor()
     if predictor.state == "loading":
         raise NotReady("the model is still loading; retry when GET /ping answers 200")
@@ -75,10 +75,10 @@ def invocations() -> Response:
     content_type = request.mimetype or "application/json"  # SageMaker callers often omit it
     if content_type not in JSON_TYPES | JSONLINES_TYPES:
         raise UnsupportedMediaType(
-            f"Content-Type {_quoted(content_type)} is not supported; send application/json "
+            f"Content-Type {quoted(content_type)} is not supported; send application/json "
             "(one request) or application/jsonlines (one request per line)"
         )
-    predictor = _ready_predictor()
+    predictor = ready_predictor()
     body = request.get_data(cache=False)  # over SAGEMAKER_MAX_PAYLOAD_IN_MB -> 413 from werkzeug
     limits = GenerationLimits.of(predictor.config)
     if content_type in JSONLINES_TYPES:
@@ -92,7 +92,7 @@ def invocations() -> Response:
             return _stream(adapter, parsed, predictor)
         _negotiate(["application/json"])
     jobs = adapter.plan(parsed, predictor)
-    caller_gone = _caller_gone_check()
+    caller_gone = caller_gone_check()
     window = adapters.records_in_flight(predictor.config) if adapter is adapters.JSON_LINES else None
     results = service.run(jobs, predictor, caller_gone=caller_gone, window=window)
     g.outcome.record(results)
@@ -130,7 +130,7 @@ def _stream(adapter: adapters.Adapter, parsed: Any, predictor: Predictor) -> Res
     return response
 
 
-def _caller_gone_check() -> Callable[[], bool] | None:
+def caller_gone_check() -> Callable[[], bool] | None:
     """A check that the client has closed its connection (gunicorn hands the worker its socket; other servers,
     such as Flask's test client, have none to look at)."""
     sock = request.environ.get("gunicorn.socket")
@@ -156,13 +156,13 @@ def _negotiate(offers: list[str], produce: str | None = None) -> str:
     best = request.accept_mimetypes.best_match(offers)
     if best is None:
         raise NotAcceptable(
-            f"cannot produce any of Accept: {_quoted(request.headers.get('Accept'))}; this request "
+            f"cannot produce any of Accept: {quoted(request.headers.get('Accept'))}; this request "
             f"is answered as {produce or offers[0]}"
         )
     return best
 
 
-def _quoted(header: str | None, limit: int = 100) -> str:
+def quoted(header: str | None, limit: int = 100) -> str:
     """A caller's header value for an error message, cut short: errors must not echo kilobytes back."""
     text = repr(header)
     return text if len(text) <= limit else text[:limit] + "...(cut)"

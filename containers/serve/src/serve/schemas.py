@@ -84,19 +84,46 @@ def _check_cap(max_new_tokens: int | None, info: ValidationInfo) -> None:
         raise ValueError(f"{max_new_tokens} is above this server's cap of {cap} (SERVE_MAX_NEW_TOKENS)")
 
 
+# TGI's default --max-top-n-tokens: per generated token, at most this many alternatives are reported.
+MAX_TOP_N_TOKENS = 5
+# TGI fields this server accepts only at their default value (null, or this value): set otherwise, the request
+# is refused with a 422 naming the field rather than answered as if the field had been honoured.
+_DEFAULT_ONLY = {
+    "best_of": (1, "only 1: one sequence per input is generated (several samples: repeat the prompt in `inputs`)"),
+    "frequency_penalty": (0, "only 0: frequency penalty is not implemented (repetition_penalty is)"),
+    "watermark": (False, "only false: watermarking is not implemented"),
+    "grammar": (None, "only null: constrained generation (grammar) is not implemented"),
+    "adapter_id": (None, "only null: this server serves its one model, with no LoRA adapters to choose from"),
+}
+
+
 class GenerateParameters(_Strict):
+    """TGI's GenerateParameters (router/src/lib.rs), every field, so TGI's own clients work unchanged; null means
+    unset. Fields this server does not implement are accepted at their default only (see _DEFAULT_ONLY)."""
+
     max_new_tokens: Annotated[int, Field(ge=1)] | None = None
     temperature: Annotated[float, Field(ge=0)] | None = None
     top_p: Annotated[float, Field(gt=0, le=1)] | None = None
     top_k: Annotated[int, Field(ge=0)] | None = None
+    typical_p: Annotated[float, Field(gt=0, le=1)] | None = None  # 1 (or null) is off
+    # TGI's rule: a sampling knob set (temperature, top_p, top_k, typical_p) samples even with do_sample false.
     do_sample: bool | None = None
     repetition_penalty: Annotated[float, Field(ge=MIN_REPETITION_PENALTY, le=MAX_REPETITION_PENALTY)] | None = None
-    stop: Annotated[list[StopStr], Field(max_length=MAX_STOP_SEQUENCES)] = []
+    stop: Annotated[list[StopStr], Field(max_length=MAX_STOP_SEQUENCES)] | None = None
     seed: Annotated[int, Field(ge=0, le=MAX_SEED)] | None = None
-    return_full_text: bool = False
-    details: bool = False
+    return_full_text: bool | None = None
+    details: bool | None = None
+    # The prompt's tokens with their log-probabilities, in details.prefill (implies details; not when streaming).
+    decoder_input_details: bool | None = None
+    # Per generated token, this many most likely alternatives (details.top_tokens, a stream frame's top_tokens).
+    top_n_tokens: Annotated[int, Field(ge=0, le=MAX_TOP_N_TOKENS)] | None = None
     # Keep only the last `truncate` prompt tokens instead of refusing a prompt longer than the context.
     truncate: Annotated[int, Field(ge=1)] | None = None
+    best_of: Annotated[int, Field(ge=1)] | None = None
+    frequency_penalty: Annotated[float, Field(ge=-2, le=2)] | None = None
+    watermark: bool | None = None
+    grammar: Any = None
+    adapter_id: str | None = None
     # By default `inputs` is the user's question, wrapped in the artifact's prompt format (chat template).
     # false sends `inputs` to the model as raw text.
     apply_chat_template: bool = True
@@ -107,16 +134,32 @@ class GenerateParameters(_Strict):
         _check_cap(value, info)
         return value
 
+    @field_validator(*_DEFAULT_ONLY)
+    @classmethod
+    def _default_only(cls, value: Any, info: ValidationInfo) -> Any:
+        default, why = _DEFAULT_ONLY[info.field_name]
+        if value is not None and value != default:
+            raise ValueError(f"not supported by this server; {why}")
+        return value
+
+    @property
+    def wants_details(self) -> bool:
+        """TGI answers with details when asked for them or for the prompt's scores."""
+        return bool(self.details or self.decoder_input_details)
+
     def sampling(self, max_new_tokens: int) -> SamplingParams:
         return SamplingParams.build(
             max_new_tokens=max_new_tokens,
-            do_sample=self.do_sample,
+            do_sample=True if self.do_sample else None,  # false or unset: sampling if a knob says so (TGI)
             temperature=_floored(self.temperature),
             top_p=None if self.top_p is None else max(self.top_p, MIN_TOP_P),
             top_k=self.top_k,
             repetition_penalty=self.repetition_penalty,
             seed=self.seed,
-            stop=tuple(self.stop),
+            stop=tuple(self.stop or ()),
+            typical_p=self.typical_p,
+            top_n_tokens=self.top_n_tokens or 0,
+            prefill_logprobs=bool(self.decoder_input_details),
         )
 
 
@@ -130,6 +173,10 @@ class GenerateRequest(_Strict):
     def _stream_single(self) -> GenerateRequest:
         if self.stream and isinstance(self.inputs, list):
             raise ValueError("stream: streaming takes one input; send `inputs` as a string")
+        if self.stream and self.parameters.decoder_input_details:
+            raise ValueError(
+                "parameters.decoder_input_details: not available when streaming (as in TGI); ask without `stream`"
+            )
         return self
 
     @model_validator(mode="after")
@@ -162,13 +209,41 @@ class ChatMessage(_Strict):
         return "".join(part.text for part in self.content)
 
 
-class ChatRequest(_Strict):
-    """OpenAI chat-completions request. Sampling defaults follow OpenAI: temperature 1, top_p 1."""
+# ----- OpenAI: chat completions and (legacy) completions -----
 
-    messages: Annotated[list[ChatMessage], Field(min_length=1, max_length=MAX_CHAT_MESSAGES)]
-    model: str | None = None  # accepted and echoed; this server hosts one model
+# Choices one request may ask for (`n`), and generations in all (prompts x n for completions).
+MAX_CHOICES = 8
+MAX_GENERATIONS_PER_REQUEST = MAX_INPUTS_PER_REQUEST
+# Alternatives per generated token: chat's `top_logprobs` and completions' `logprobs`, OpenAI's own limits.
+MAX_TOP_LOGPROBS = 20
+MAX_COMPLETION_LOGPROBS = 5
+
+# OpenAI fields this server does not implement: accepted only with the value that asks for nothing (so a
+# client that always sends `presence_penalty: 0` works), else refused naming the field. See docs/serving.md.
+_NEUTRAL_ONLY: dict[str, tuple[tuple[Any, ...], str]] = {
+    "frequency_penalty": ((0,), "send 0 or leave it out; `repetition_penalty` (vLLM's extra) is supported"),
+    "presence_penalty": ((0,), "send 0 or leave it out; `repetition_penalty` (vLLM's extra) is supported"),
+    "logit_bias": (({},), "send {} or leave it out"),
+    "tools": (([],), "tool calling is not supported"),
+    "tool_choice": (("none", "auto"), 'tool calling is not supported: send "none" or leave it out'),
+    "response_format": (
+        ({"type": "text"},),
+        'structured output is not supported: send {"type": "text"} or leave it out',
+    ),
+    "suffix": (("",), "insertion (suffix) is not supported"),
+}
+
+
+class StreamOptions(_Strict):
+    include_usage: bool = False  # a last chunk with `usage` and empty `choices`, before [DONE]
+
+
+class _OpenAIRequest(_Strict):
+    """What OpenAI's chat and completions requests share. Sampling defaults follow OpenAI: temperature 1,
+    top_p 1. `model` is accepted whatever it says (this server hosts one model; the reply names it)."""
+
+    model: str | None = None
     max_tokens: Annotated[int, Field(ge=1)] | None = None
-    max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
     temperature: Annotated[float, Field(ge=0, le=2)] | None = None
     top_p: Annotated[float, Field(gt=0, le=1)] | None = None
     top_k: Annotated[int, Field(ge=0)] | None = None  # vLLM extra
@@ -177,25 +252,56 @@ class ChatRequest(_Strict):
     )
     seed: Annotated[int, Field(ge=0, le=MAX_SEED)] | None = None
     stop: StopStr | Annotated[list[StopStr], Field(max_length=MAX_STOP_SEQUENCES)] | None = None
+    n: Annotated[int, Field(ge=1, le=MAX_CHOICES)] = 1
     stream: bool = False
-    stream_options: dict[str, Any] | None = None
-    n: Literal[1] = 1
+    stream_options: StreamOptions | None = None
+    # Accepted only when they ask for nothing (_NEUTRAL_ONLY).
+    frequency_penalty: float | None = None
+    presence_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
+    # Accepted and ignored: they change nothing about the answer.
     user: str | None = None
+    metadata: dict[str, str] | None = None
+    store: bool | None = None
+    service_tier: str | None = None
     _max_new_tokens: int = PrivateAttr(0)
 
-    @field_validator("max_tokens", "max_completion_tokens")
+    @field_validator("max_tokens", "max_completion_tokens", check_fields=False)
     @classmethod
     def _within_cap(cls, value: int | None, info: ValidationInfo) -> int | None:
         _check_cap(value, info)
         return value
 
+    @field_validator(*_NEUTRAL_ONLY, check_fields=False)
+    @classmethod
+    def _neutral_only(cls, value: Any, info: ValidationInfo) -> Any:
+        allowed, hint = _NEUTRAL_ONLY[info.field_name]
+        if value is not None and value not in allowed:
+            raise ValueError(f"not supported by this server ({hint})")
+        return value
+
     @model_validator(mode="after")
-    def _settle_max_new_tokens(self, info: ValidationInfo) -> ChatRequest:
-        default = _limits(info).default_max_new_tokens
-        self._max_new_tokens = self.max_completion_tokens or self.max_tokens or default
+    def _stream_options_need_stream(self) -> _OpenAIRequest:
+        if self.stream_options is not None and not self.stream:
+            raise ValueError("stream_options: only allowed when stream is true")
         return self
 
-    def sampling(self) -> SamplingParams:
+    @model_validator(mode="after")
+    def _settle_max_new_tokens(self, info: ValidationInfo) -> _OpenAIRequest:
+        asked = getattr(self, "max_completion_tokens", None) or self.max_tokens
+        self._max_new_tokens = asked or _limits(info).default_max_new_tokens
+        return self
+
+    @property
+    def include_usage(self) -> bool:
+        return self.stream_options is not None and self.stream_options.include_usage
+
+    def top_n_tokens(self) -> int:
+        """Alternatives the engine reports per token (0: the chosen token's logprob only)."""
+        return 0
+
+    def sampling(self, choice: int = 0) -> SamplingParams:
+        """Choice `choice` of `n`: with a seed, each choice samples with its own (seed + choice)."""
         stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
         temperature = 1.0 if self.temperature is None else self.temperature
         return SamplingParams.build(
@@ -205,15 +311,76 @@ class ChatRequest(_Strict):
             top_p=None if self.top_p is None else max(self.top_p, MIN_TOP_P),
             top_k=self.top_k,
             repetition_penalty=self.repetition_penalty,
-            seed=self.seed,
+            seed=None if self.seed is None else (self.seed + choice) % (MAX_SEED + 1),
             stop=stop,
+            top_n_tokens=self.top_n_tokens(),
         )
+
+
+class ChatRequest(_OpenAIRequest):
+    """OpenAI chat-completions request (POST /v1/chat/completions, and `messages` bodies on /invocations)."""
+
+    messages: Annotated[list[ChatMessage], Field(min_length=1, max_length=MAX_CHAT_MESSAGES)]
+    max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
+    logprobs: bool = False
+    top_logprobs: Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS)] | None = None
+    # Accepted only when they ask for nothing (_NEUTRAL_ONLY); parallel_tool_calls means nothing without tools.
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    response_format: dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+
+    @model_validator(mode="after")
+    def _top_logprobs_need_logprobs(self) -> ChatRequest:
+        if self.top_logprobs and not self.logprobs:
+            raise ValueError("top_logprobs: needs logprobs: true")
+        return self
+
+    def top_n_tokens(self) -> int:
+        return (self.top_logprobs or 0) if self.logprobs else 0
 
     def conversation(self) -> list[dict[str, str]]:
         return [{"role": m.role, "content": m.text()} for m in self.messages]
 
 
-RequestModel = TypeVar("RequestModel", GenerateRequest, ChatRequest)
+class CompletionRequest(_OpenAIRequest):
+    """OpenAI (legacy) completions request, POST /v1/completions: `prompt` is raw text, no chat template."""
+
+    prompt: NonEmptyStr | Annotated[list[NonEmptyStr], Field(min_length=1, max_length=MAX_INPUTS_PER_REQUEST)]
+    logprobs: Annotated[int, Field(ge=0, le=MAX_COMPLETION_LOGPROBS)] | None = None
+    echo: bool = False
+    best_of: Annotated[int, Field(ge=1)] | None = None
+    suffix: str | None = None  # accepted only when empty (_NEUTRAL_ONLY)
+
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _text_only(cls, value: Any) -> Any:
+        if isinstance(value, list) and value and any(isinstance(x, int | list) for x in value):
+            raise ValueError("token-id prompts are not supported; send the prompt as text")
+        return value
+
+    @model_validator(mode="after")
+    def _within_limits(self) -> CompletionRequest:
+        if self.best_of is not None and self.best_of != self.n:
+            raise ValueError("best_of: not supported by this server (send the same value as n, or leave it out)")
+        if self.echo and self.logprobs is not None:
+            raise ValueError("echo: not supported together with logprobs (prompt logprobs are not returned)")
+        if len(self.prompts) * self.n > MAX_GENERATIONS_PER_REQUEST:
+            raise ValueError(
+                f"n: {len(self.prompts)} prompts x n={self.n} is more than {MAX_GENERATIONS_PER_REQUEST} "
+                "generations in one request"
+            )
+        return self
+
+    @property
+    def prompts(self) -> list[str]:
+        return self.prompt if isinstance(self.prompt, list) else [self.prompt]
+
+    def top_n_tokens(self) -> int:
+        return self.logprobs or 0
+
+
+RequestModel = TypeVar("RequestModel", GenerateRequest, ChatRequest, CompletionRequest)
 
 
 def validate(model: type[RequestModel], body: Any, limits: GenerationLimits) -> RequestModel:
@@ -224,12 +391,17 @@ def validate(model: type[RequestModel], body: Any, limits: GenerationLimits) -> 
         raise ValidationError(describe(e)) from None
 
 
+def _is_branch_name(part: str) -> bool:
+    """pydantic's name for a union branch (`str`, `list[...]`, `constrained-str`), not a field."""
+    return "[" in part or part in ("str", "int") or part.startswith("constrained-")
+
+
 def describe(e: PydanticValidationError) -> str:
     """`parameters.temperature: Input should be greater than or equal to 0` (first few errors)."""
     parts = []
     for err in e.errors()[:3]:
         # Drop pydantic's union-branch names (e.g. `str`, `list[...]`) so the path names only fields.
-        loc = [str(x) for x in err["loc"] if not (isinstance(x, str) and ("[" in x or x in ("str", "int")))]
+        loc = [str(x) for x in err["loc"] if not (isinstance(x, str) and _is_branch_name(x))]
         message = err["msg"].removeprefix("Value error, ")
         parts.append(f"{'.'.join(loc) or 'body'}: {message}")
     return "; ".join(parts)
