@@ -10,11 +10,19 @@ runs on the engine's single background thread.
 Each worker holds a slot, 0 .. workers-1, chosen in the master (pre_fork): a worker that dies is replaced in
 its slot, so the replacement gets the same GPU. Workers mark their health on a ReadyBoard (serve/readiness.py)
 whose directory the master makes; /ping is 200 only when every slot's worker serves.
+
+Prometheus (GET /metrics, serve/metrics.py): workers write their samples to files in $PROMETHEUS_MULTIPROC_DIR,
+a fresh directory the master makes (unless you set one) before forking them, so any worker reports the whole
+server; a worker's live gauges are dropped when it exits. The master never imports prometheus_client: it picks
+its storage when first imported, and workers would inherit the master's choice.
 """
 
+import glob
 import os
+import shutil
 import signal
 import sys
+import tempfile
 import time
 
 from serve import placement
@@ -44,9 +52,18 @@ control_socket_disable = True
 
 
 def on_starting(server):
-    """Master, once: say where the workers go, and make the directory where they mark themselves ready."""
+    """Master, once: say where the workers go, and make the directories where they mark themselves ready and
+    keep their Prometheus samples."""
+    for notice in _config.notices:  # the TGI / LMI env names read (serve/config.py ALIASES)
+        server.log.info("%s", notice)
     server.serve_ready = ReadyBoard.create(_plan.workers)
     server.log.info("worker placement: %s; readiness in %s", _plan.reason, server.serve_ready.directory)
+    server.serve_metrics_dir = None
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):  # yours: it must start empty (prometheus_client's rule)
+        os.makedirs(os.environ["PROMETHEUS_MULTIPROC_DIR"], exist_ok=True)
+    else:
+        server.serve_metrics_dir = tempfile.mkdtemp(prefix="serve-prometheus-")
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = server.serve_metrics_dir
 
 
 def pre_fork(server, worker):
@@ -63,10 +80,19 @@ def post_fork(server, worker):
 def child_exit(server, worker):
     """Master, once a worker has exited: its slot is loading until its replacement's model is ready."""
     server.serve_ready.clear(worker.serve_slot, worker.pid)
+    # prometheus_client's multiprocess.mark_process_dead, without importing it here: the dead worker's live
+    # gauges (its queue depth) leave the sum; its counters and histograms stay, as they should.
+    directory = os.environ["PROMETHEUS_MULTIPROC_DIR"]
+    for mode in ("liveall", "livesum", "livemax", "livemin", "livemostrecent"):
+        for path in glob.glob(os.path.join(directory, f"gauge_{mode}_{worker.pid}.db")):
+            os.remove(path)
 
 
 def on_exit(server):
     server.serve_ready.remove()
+    if server.serve_metrics_dir:
+        shutil.rmtree(server.serve_metrics_dir, ignore_errors=True)
+        os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)
 
 
 def post_worker_init(worker):

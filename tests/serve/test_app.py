@@ -135,6 +135,18 @@ def test_long_prompt_is_422_unless_truncated(tiny_model_dir, make_config_for, st
     assert ok.get_json()[0]["details"]["input_length"] == 20
 
 
+def test_the_prompt_cap_refuses_a_longer_prompt_and_truncate_keeps_within_it(
+    tiny_model_dir, make_config_for, start_predictor
+):
+    predictor = start_predictor(make_config_for(tiny_model_dir, max_input_tokens=64, max_prompt_tokens=30))
+    client = create_app(predictor.config, predictor=predictor).test_client()
+    response = client.post("/invocations", json={"inputs": "x" * 40, "parameters": {"apply_chat_template": False}})
+    assert response.status_code == 422
+    assert "cap of 30 (SERVE_MAX_PROMPT_TOKENS)" in response.get_json()["error"]
+    ok = client.post("/invocations", json={"inputs": "x" * 200, "parameters": {"truncate": 50, "details": True}})
+    assert ok.status_code == 200 and ok.get_json()[0]["details"]["input_length"] == 30
+
+
 # ----- errors: one shape, the right status, the field named -----
 
 

@@ -18,9 +18,10 @@ def create_app(config=None, predictor=None, ready_board=None) -> Flask:
     Under gunicorn.conf.py the worker holds a slot (serve.config.WorkerSlot): it publishes its health on the
     server's ReadyBoard, and /ping answers 200 only when every worker's model serves. Tests may inject the board.
     """
-    from serve import access_log
+    from serve import access_log, metrics
     from serve.config import ServeConfig, WorkerSlot
     from serve.errors import register_error_handlers
+    from serve.openai_routes import bp as openai_bp
     from serve.predictor import Predictor
     from serve.readiness import ReadyBoard
     from serve.routes import bp
@@ -47,8 +48,12 @@ def create_app(config=None, predictor=None, ready_board=None) -> Flask:
     app.extensions["serve.ready_board"] = ready_board
     register_error_handlers(app)
     app.register_blueprint(bp)
+    app.register_blueprint(openai_bp)
     access_log.install(app)
+    metrics.install(app, config)
     logging.getLogger("serve").info("starting with %s", config)
+    for notice in config.notices if slot is None else ():  # under gunicorn, its master logs them once
+        logging.getLogger("serve.config").info(notice)
     return app
 
 

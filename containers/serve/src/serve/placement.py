@@ -16,7 +16,7 @@ import os
 import struct
 import subprocess
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from serve.config import ConfigError, ServeConfig
@@ -47,6 +47,8 @@ class Plan:
     workers: int
     gpus: tuple[Gpu, ...]
     reason: str  # one line for the log
+    # SERVE_NUM_GPUS left some visible GPUs out: CUDA_VISIBLE_DEVICES for workers that see all of `gpus`.
+    visible: str | None = None
 
     def worker_env(self, slot: int) -> dict[str, str]:
         """The env vars worker `slot` needs before torch loads in it. SERVE_GPU_PLACEMENT becomes what `auto`
@@ -57,16 +59,37 @@ class Plan:
             env.update(CUDA_VISIBLE_DEVICES=self.gpus[slot].id, SERVE_GPU_PLACEMENT="per_gpu")
         elif self.kind == "device_map":
             env["SERVE_GPU_PLACEMENT"] = "device_map"
+        if self.kind != "per_gpu" and self.visible is not None:
+            env["CUDA_VISIBLE_DEVICES"] = self.visible
         return env
 
 
 def plan_for(config: ServeConfig, gpus: Sequence[Gpu] | None = None) -> Plan:
     """The plan for this machine; `gpus` (tests) replaces what visible_gpus() finds."""
     gpus = visible_gpus() if gpus is None else gpus
+    visible = len(gpus)
+    if config.num_gpus is not None:  # SERVE_NUM_GPUS, or TGI's SM_NUM_GPUS: the first N
+        if config.num_gpus > visible:
+            raise ConfigError(
+                f"{config.env_name('num_gpus')}={config.num_gpus} asks for {config.num_gpus} GPU(s), and nvidia-smi "
+                f"lists {visible} that {'is' if visible == 1 else 'are'} visible"
+            )
+        gpus = list(gpus)[: config.num_gpus]
     weights = None
     if config.gpu_placement == "auto" and len(gpus) > 1:
         weights = weight_bytes(config.model_dir, config.dtype)
-    return choose(config.gpu_placement, config.workers, gpus, weights)
+    try:
+        plan = choose(config.gpu_placement, config.workers, gpus, weights)
+    except ConfigError as e:
+        if config.sources.get("gpu_placement"):
+            raise ConfigError(f"{e} (set by {config.env_name('gpu_placement')})") from e
+        raise
+    if len(gpus) < visible:
+        ids = ",".join(g.id for g in gpus)
+        return replace(
+            plan, visible=ids, reason=f"{plan.reason}; {config.env_name('num_gpus')}: GPUs {ids} of {visible}"
+        )
+    return plan
 
 
 def choose(setting: str, workers: int, gpus: Sequence[Gpu], weights: int | None) -> Plan:

@@ -149,10 +149,17 @@ class Predictor:
         return self.encode_raw(question)
 
     def fit_context(self, prompt_ids: list[int], *, truncate: int | None, field: str) -> list[int]:
-        """Keep the prompt within the context (one token at least left to generate), or explain why not."""
+        """Keep the prompt within the context (one token at least left to generate) and the server's prompt cap,
+        or explain why not."""
         limit = self.context_length - 1
+        cap = self.config.max_prompt_tokens
         if truncate is not None:
-            prompt_ids = prompt_ids[-min(truncate, limit) :]
+            prompt_ids = prompt_ids[-min(truncate, limit, cap or limit) :]
+        if cap is not None and len(prompt_ids) > cap:
+            raise PromptError(
+                f"{field}: the prompt is {len(prompt_ids)} tokens, more than this server's cap of {cap} "
+                f"({self.config.env_name('max_prompt_tokens')}); shorten it or set parameters.truncate"
+            )
         if len(prompt_ids) > limit:
             raise PromptError(
                 f"{field}: the prompt is {len(prompt_ids)} tokens but the model's context is "
