@@ -20,7 +20,7 @@ import sys
 import threading
 import traceback
 
-from . import launch, sagemaker
+from . import launch, sagemaker, tracking
 from .config import TrainConfig
 from .errors import TrainingInterrupted, UserError
 from .modeling import default_cache_dir
@@ -46,6 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         job = sagemaker.read_job()
         config = TrainConfig.from_hyperparameters(job.hyperparameters)
+        tracking.check(config, job)  # report_to without its tracking server fails now, not after training
         if argv == ["evaluate"]:
             from .job import evaluate_artifact
 

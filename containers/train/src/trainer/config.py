@@ -152,6 +152,27 @@ class TrainConfig:
     save_steps: int = _hp(50, "Checkpoint every this many steps (and on SIGTERM).", minimum=1)
     save_total_limit: int = _hp(2, "Checkpoints kept in the checkpoint directory.", minimum=1)
     logging_steps: int = _hp(5, "Log metrics every this many steps.", minimum=1)
+    report_to: str = _hp(
+        "none",
+        "Where training metrics also go: `tensorboard` (event files in /opt/ml/output/tensorboard, which "
+        "SageMaker's TensorBoardOutputConfig uploads), `mlflow` (the tracking server in the environment variable "
+        "MLFLOW_TRACKING_URI, a SageMaker managed MLflow ARN included; experiment MLFLOW_EXPERIMENT_NAME, run "
+        "named after the training job), both as `tensorboard,mlflow`, or `none`. The A/B evaluation's results "
+        "follow at the end.",
+    )
+
+    # > Evaluation during training
+    eval_steps: int = _hp(
+        0,
+        "Every this many steps (and at the last step), compute the answer loss on the validation examples; 0 = "
+        "never. `save_steps` must then be a multiple of it.",
+        minimum=0,
+    )
+    load_best_model_at_end: bool = _hp(
+        True,
+        "With `eval_steps`: the artifact is the checkpoint with the lowest validation answer loss, not the last "
+        "step's weights (its step and loss are in manifest.json).",
+    )
 
     # > Evaluation (A/B: base model versus tuned model)
     evaluation: str = _hp(
@@ -190,6 +211,18 @@ class TrainConfig:
             )
         if self.epochs <= 0 and self.max_steps <= 0:
             raise ConfigError("hyperparameter 'epochs': must be > 0 unless 'max_steps' is set")
+        object.__setattr__(self, "report_to", ",".join(_trackers(self.report_to)) or "none")
+        if self.eval_steps and self.load_best_model_at_end and self.save_steps % self.eval_steps:
+            raise ConfigError(
+                f"hyperparameter 'save_steps': {self.save_steps} must be a multiple of eval_steps={self.eval_steps}, "
+                "so that the checkpoints saved for resuming were evaluated and can be compared (or set "
+                "load_best_model_at_end=false)"
+            )
+
+    @property
+    def trackers(self) -> tuple[str, ...]:
+        """The experiment trackers of `report_to`: () for none."""
+        return _trackers(self.report_to)
 
     @property
     def train_token_embeddings(self) -> bool:
@@ -223,7 +256,10 @@ class TrainConfig:
             if name not in known:
                 unknown.append(key)
                 continue
-            value = _coerce(key, _decode(raw_value), known[name].type)
+            decoded = _decode(raw_value)
+            if name == "report_to" and isinstance(decoded, list):  # ["tensorboard", "mlflow"], as HF takes it
+                decoded = ",".join(map(str, decoded))
+            value = _coerce(key, decoded, known[name].type)
             choices = known[name].metadata.get("choices", ())
             if isinstance(value, str) and value.lower() in choices:  # "True" from str(True), "LoRA" as written
                 value = value.lower()
@@ -237,6 +273,22 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+TRACKERS = ("tensorboard", "mlflow")
+
+
+def _trackers(report_to: str) -> tuple[str, ...]:
+    names = [n.strip().lower() for n in report_to.split(",") if n.strip()]
+    if names == ["none"] or not names:
+        return ()
+    unknown = [n for n in names if n not in TRACKERS]
+    if unknown:
+        raise ConfigError(
+            f"hyperparameter 'report_to': {report_to!r} names {', '.join(map(repr, unknown))}; expected none, "
+            f"{', '.join(TRACKERS)}, or several of those comma-separated (tensorboard,mlflow)"
+        )
+    return tuple(dict.fromkeys(names))
 
 
 def _decode(value: Any) -> Any:

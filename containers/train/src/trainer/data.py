@@ -1,6 +1,9 @@
-"""Question/answer data: read CSV / JSON Lines / Parquet from a channel, clean it, report what was fixed.
+"""Training data: read a channel, clean it, report what was fixed (docs/training-data.md has the formats).
 
-Pure functions over files and lists; no torch. Nothing is dropped silently: every empty row, duplicate
+A channel holds CSV, JSON Lines, JSON arrays or Parquet files of question/answer records (Alpaca's
+instruction/input/output records among them), chat conversations (`{"messages": [{"role", "content"}, ...]}`),
+or a Hugging Face dataset saved with `save_to_disk`. A malformed record is an error naming the file, the row and
+the field. Pure functions over files and lists; no torch. Nothing is dropped silently: every empty row, duplicate
 and repaired field is counted in the DataReport, which lands in the log and in output/data/.
 """
 
@@ -18,6 +21,10 @@ SUPPORTED_SUFFIXES = (".csv", ".jsonl", ".json", ".parquet")
 QUESTION_ALIASES = ("question", "instruction", "prompt")
 ANSWER_ALIASES = ("answer", "response", "completion", "output")
 CONTEXT_ALIASES = ("context", "input")
+MESSAGES_COLUMN = "messages"
+ROLES = ("system", "user", "assistant")
+# What `save_to_disk` writes at the top of a Dataset's / a DatasetDict's directory.
+DATASET_MARKERS = ("state.json", "dataset_dict.json")
 
 _SPACES = re.compile(r"[ \t\f\v]+")
 _MANY_NEWLINES = re.compile(r"\n{3,}")
@@ -26,10 +33,14 @@ _ANY_WHITESPACE = re.compile(r"\s+")
 
 @dataclass(frozen=True)
 class Example:
+    """One training example. A chat conversation keeps its turns in `messages` ((role, content) pairs, ending
+    with an assistant turn); its question and answer are then its last user and assistant turns."""
+
     question: str
     answer: str
     context: str = ""
     source: str = ""  # file:row, for error messages and reports
+    messages: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass
@@ -64,10 +75,22 @@ class Columns:
 
 
 def load_channel(
-    directory: Path, columns: Columns = Columns(), csv_header: str = "auto", report: DataReport | None = None
+    directory: Path,
+    columns: Columns = Columns(),
+    csv_header: str = "auto",
+    report: DataReport | None = None,
+    split_name: str = "train",
 ) -> tuple[list[Example], DataReport]:
-    """Read every supported file in a channel directory (sorted, recursive), cleaned and de-duplicated."""
+    """Read every supported file in a channel directory (sorted, recursive), cleaned and de-duplicated; or the
+    dataset saved there with `save_to_disk` (of a DatasetDict, the split `split_name`)."""
     report = report if report is not None else DataReport()
+    if any((directory / marker).is_file() for marker in DATASET_MARKERS):
+        label, records = _read_saved_dataset(directory, split_name)
+        report.files.append(label)
+        rows = _records_to_examples(Path(label), records, columns)
+        if not rows:
+            raise DataError(f"{directory}: the dataset ({label}) holds no rows")
+        return clean(rows, report), report
     files = sorted(
         p
         for p in directory.rglob("*")
@@ -98,10 +121,11 @@ def clean(rows: list[Example], report: DataReport) -> list[Example]:
         question = _clean_field(row.question, report, single_line=True)
         answer = _clean_field(row.answer, report)
         context = _clean_field(row.context, report)
-        if not question or not answer:
+        messages = tuple((role, _clean_field(content, report)) for role, content in row.messages)
+        if not question or not answer or any(not content and role != "system" for role, content in messages):
             report.empty_rows.append(row.source)
             continue
-        key = (question, answer, context)
+        key = (question, answer, context, messages)
         if key in seen_pairs:
             report.duplicate_rows_dropped.append(row.source)
             continue
@@ -109,7 +133,7 @@ def clean(rows: list[Example], report: DataReport) -> list[Example]:
         if question in answers_by_question and question not in report.questions_with_several_answers:
             report.questions_with_several_answers.append(question)
         answers_by_question.setdefault(question, answer)
-        kept.append(Example(question, answer, context, row.source))
+        kept.append(Example(question, answer, context, row.source, messages))
     report.rows_kept = len(kept)
     if not kept:
         raise DataError(f"no usable rows: all {report.rows_read} row(s) have an empty question or answer")
@@ -148,7 +172,7 @@ def _read_file(path: Path, columns: Columns, csv_header: str) -> list[Example]:
     if suffix == ".csv":
         return _read_csv(path, columns, csv_header)
     if suffix in (".jsonl", ".json"):
-        return _records_to_examples(path, _read_json_lines(path), columns)
+        return _records_to_examples(path, _read_json_records(path), columns)
     return _records_to_examples(path, _read_parquet(path), columns)
 
 
@@ -184,12 +208,22 @@ def _read_csv(path: Path, columns: Columns, csv_header: str) -> list[Example]:
     return _records_to_examples(path, named.to_dict("records"), Columns(), first_row_number=1)
 
 
-def _read_json_lines(path: Path) -> list[dict]:
+def _read_json_records(path: Path) -> list[dict]:
+    """JSON Lines (one object per line; row N is line N), or one JSON array of objects (row N is its Nth)."""
     records = []
     try:
         text = path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as e:
         raise DataError(f"{path}: not UTF-8 text (byte {e.start})") from e
+    if text.lstrip().startswith("["):
+        try:
+            array = json.loads(text)
+        except ValueError as e:
+            raise DataError(f"{path}: not a valid JSON array ({e})") from e
+        for number, record in enumerate(array, start=1):
+            if not isinstance(record, dict):
+                raise DataError(f"{path}: row {number} is not a JSON object (got {type(record).__name__})")
+        return array
     for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
@@ -201,6 +235,29 @@ def _read_json_lines(path: Path) -> list[dict]:
             raise DataError(f"{path}: line {number} is not a JSON object")
         records.append(record)
     return records
+
+
+def _read_saved_dataset(directory: Path, split_name: str) -> tuple[str, list[dict]]:
+    """The rows of a Hugging Face dataset saved with `save_to_disk`: a Dataset, or a DatasetDict's split
+    `split_name` (a DatasetDict of one split: that split). Returns a label for messages, `dir[split]`."""
+    from datasets import Dataset, DatasetDict, load_from_disk
+
+    try:
+        loaded = load_from_disk(str(directory))
+    except Exception as e:  # datasets raises several unrelated types for a damaged directory
+        raise DataError(f"{directory}: not a readable dataset saved with save_to_disk ({e})") from e
+    label = directory.name
+    if isinstance(loaded, DatasetDict):
+        names = list(loaded)
+        if split_name not in loaded and len(names) != 1:
+            raise DataError(
+                f"{directory}: the saved DatasetDict has no {split_name!r} split (it has {', '.join(map(repr, names))})"
+            )
+        chosen = split_name if split_name in loaded else names[0]
+        loaded, label = loaded[chosen], f"{directory.name}[{chosen}]"
+    if not isinstance(loaded, Dataset):
+        raise DataError(f"{directory}: expected a Dataset or DatasetDict, got {type(loaded).__name__}")
+    return label, loaded.to_list()
 
 
 def _read_parquet(path: Path) -> list[dict]:
@@ -216,12 +273,20 @@ def _records_to_examples(path: Path, records: list[dict], columns: Columns, firs
     if not records:
         return []
     names = list(records[0].keys())
+    if MESSAGES_COLUMN in names and not _has_column(names, columns.question, QUESTION_ALIASES):
+        return [
+            _chat_example(record.get(MESSAGES_COLUMN), f"{path.name}:row {first_row_number + offset}")
+            for offset, record in enumerate(records)
+        ]
     question = _find_column(path, names, columns.question, QUESTION_ALIASES, "question_column")
     answer = _find_column(path, names, columns.answer, ANSWER_ALIASES, "answer_column")
     context = _find_column(path, names, columns.context, CONTEXT_ALIASES, None)
     examples = []
     for offset, record in enumerate(records):
         source = f"{path.name}:row {first_row_number + offset}"
+        for column in (question, answer):
+            if column not in record:  # a JSON record without the field (an empty value is a different thing)
+                raise DataError(f"{source}: no field {column!r} (the file's first row has it)")
         examples.append(
             Example(
                 question=_as_text(record.get(question), source, question),
@@ -231,6 +296,46 @@ def _records_to_examples(path: Path, records: list[dict], columns: Columns, firs
             )
         )
     return examples
+
+
+def _chat_example(messages, source: str) -> Example:
+    """A conversation: an optional system turn, then user and assistant turns in turn, ending with an assistant
+    turn. Training learns every assistant turn; the question and answer are the last user and assistant turns."""
+    if hasattr(messages, "tolist"):  # Parquet hands lists over as numpy arrays
+        messages = messages.tolist()
+    if not isinstance(messages, list) or not messages:
+        raise DataError(f"{source}: field 'messages' must be a non-empty list of {{role, content}} objects")
+    turns = []
+    for i, message in enumerate(messages):
+        where = f"{source}: field 'messages[{i}]'"
+        if not isinstance(message, dict):
+            raise DataError(f"{where} is {type(message).__name__}, expected an object with 'role' and 'content'")
+        role, content = message.get("role"), message.get("content")
+        if role not in ROLES:
+            raise DataError(f"{where}.role is {role!r}, expected one of {', '.join(ROLES)}")
+        if not isinstance(content, str):
+            raise DataError(f"{where}.content is {type(content).__name__}, expected text")
+        previous = turns[-1][0] if turns else None
+        expected = {None: ("system", "user"), "system": ("user",), "user": ("assistant",), "assistant": ("user",)}[
+            previous
+        ]
+        if role not in expected:
+            raise DataError(
+                f"{where}.role is {role!r} where {' or '.join(map(repr, expected))} belongs: a conversation is an "
+                "optional system turn, then user and assistant turns in turn"
+            )
+        turns.append((role, content))
+    if turns[-1][0] != "assistant":
+        raise DataError(
+            f"{source}: field 'messages' ends with a {turns[-1][0]} turn; the last turn must be the assistant's"
+        )
+    question = next(content for role, content in reversed(turns) if role == "user")
+    return Example(question=question, answer=turns[-1][1], source=source, messages=tuple(turns))
+
+
+def _has_column(names: list, configured: str, aliases: tuple[str, ...]) -> bool:
+    lower = {str(n).lower() for n in names}
+    return any(candidate.lower() in lower for candidate in (configured, *aliases))
 
 
 def _names_a_column(first_row: list[str], configured: str, aliases: tuple[str, ...]) -> bool:

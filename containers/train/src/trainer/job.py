@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import data as data_lib
-from . import prompts, report
+from . import prompts, report, tracking
 from .config import TrainConfig
 from .errors import DataError, TrainingInterrupted, UserError
 from .modeling import (
@@ -118,10 +118,20 @@ def run(config: TrainConfig, job: Job, cache_dir: Path, stop_requested: threadin
     started = time.time()
     if rank.is_main:
         log.info("effective configuration:\n%s", json.dumps(config.to_dict(), indent=2))
+    trackers = tracking.check(config, job)
     parts = prepare(config, job, cache_dir, rank)
     if rank.is_main:
         report.write_json(job.output_data_dir / report.DATA_REPORT_FILE, parts.datasets.report.to_dict())
     train_set = _encode(parts.tokenizer, parts.datasets.train, config.max_seq_length, "training")
+    eval_rows = None
+    if config.eval_steps:
+        eval_set = _encode(parts.tokenizer, parts.datasets.validation, config.max_seq_length, "validation")
+        if not eval_set:
+            raise DataError(
+                f"eval_steps={config.eval_steps} needs validation examples, and there are none: give a validation "
+                "channel or a validation_fraction > 0 (with examples no longer than max_seq_length)"
+            )
+        eval_rows = training.evaluation_rows(eval_set, config)
     evaluate_in_job = config.evaluation == "in_job" and rank.is_main and bool(parts.eval_sets)
 
     resume = "Run the job again with the same checkpoint location to resume."
@@ -143,7 +153,9 @@ def run(config: TrainConfig, job: Job, cache_dir: Path, stop_requested: threadin
 
     rows = training.training_rows(train_set, config)
     # Before the model: under ZeRO-3 these arguments make from_pretrained load each rank's shard only.
-    args = training.training_arguments(config, job.checkpoint_dir, train_rows=len(rows), world_size=rank.world_size)
+    args = training.training_arguments(
+        config, job.checkpoint_dir, train_rows=len(rows), world_size=rank.world_size, run_name=job.job_name
+    )
     if config.shards_parameters:
         training.start_sharded_loading(args)
     model = _load_for_prompt_format(parts, config)
@@ -153,7 +165,17 @@ def run(config: TrainConfig, job: Job, cache_dir: Path, stop_requested: threadin
         data_tokens = {t for e in train_set for t in e["input_ids"]} if config.train_token_embeddings else ()
         model = training.apply_lora(model, config, token_ids=data_tokens)
     collator = prompts.PackedCollator(parts.tokenizer.pad_token_id) if training.use_packing(config) else parts.collator
-    outcome, trainer = training.train(model, parts.tokenizer, rows, config, args, stop_requested, collator)
+    outcome, trainer = training.train(
+        model,
+        parts.tokenizer,
+        rows,
+        config,
+        args,
+        stop_requested,
+        collator,
+        eval_rows=eval_rows,
+        callbacks=tracking.callbacks(trackers),
+    )
     if outcome.interrupted:
         raise TrainingInterrupted(
             f"stopped by SIGTERM at step {outcome.global_step}; checkpoint saved in {job.checkpoint_dir}. "
@@ -178,13 +200,17 @@ def run(config: TrainConfig, job: Job, cache_dir: Path, stop_requested: threadin
     final_model = merge_for_serving(final_model)
     tuned_results = evaluate(final_model, "tuned") if evaluate_in_job else {}
     table = report.comparison(base_results, tuned_results)
+    run_id = tracking.mlflow_run_id(trackers)
     save_dtype = _artifact_dtype(config, parts.base)
-    manifest = _manifest(config, parts, outcome, table, started, save_dtype)
+    manifest = _manifest(config, parts, outcome, table, started, save_dtype, _tracking_manifest(trackers, run_id))
     final_model = final_model.to("cpu", dtype=getattr(torch, save_dtype))
     save_artifact(
         final_model, parts.tokenizer, parts.setup.stop_token_ids, job.model_dir, manifest, parts.setup.stop_strings
     )
     log.info("artifact written to %s (%s)", job.model_dir, save_dtype)
+    if trackers.trackers:
+        metrics = tracking.results_metrics(table, manifest["training"]["best"])
+        _send_results(trackers, metrics, outcome.global_step, run_id)
 
     out = job.output_data_dir
     if config.evaluation == "in_job":
@@ -221,8 +247,45 @@ def evaluate_artifact(config: TrainConfig, job: Job, cache_dir: Path, stop_reque
     tuned = load_model(BaseModel(str(job.model_dir), "the tuned artifact"), config.trust_remote_code)
     tuned_results = evaluate(tuned, "tuned")
     table = report.comparison(base_results, tuned_results)
+    trackers = tracking.check(config, job)
+    if trackers.trackers:  # to the training's own run, which the manifest names
+        run_id = (manifest.get("tracking") or {}).get("mlflow_run_id")
+        _send_results(trackers, tracking.results_metrics(table), manifest["training"]["steps"], run_id)
     _write_eval_reports(job.output_data_dir, table, manifest, parts.eval_sets, base_results, tuned_results)
     log.info("reports written to %s", job.output_data_dir)
+
+
+def _send_results(trackers: tracking.Tracking, metrics: dict, step: int, run_id: str | None) -> None:
+    """The evaluation's results to the trackers. The artifact and reports are written by now: a tracking server
+    that fails at this point costs its copy of the results, not the job."""
+    try:
+        tracking.log_results(trackers, metrics, step, run_id)
+    except Exception as e:  # whatever a tracker's client raises (network, auth, store)
+        log.warning("could not send the evaluation results to %s: %s", " and ".join(trackers.trackers), e)
+
+
+def _best(outcome) -> dict | None:
+    """The best evaluation of the run (eval_steps), for the manifest: step, loss, and whether the artifact is it."""
+    if outcome.best_step is None:
+        return None
+    return {
+        "step": outcome.best_step,
+        "eval_loss": outcome.best_eval_loss,
+        "checkpoint": Path(outcome.best_checkpoint).name if outcome.best_checkpoint else None,
+        "artifact_is_best": outcome.loaded_best or outcome.best_step == outcome.global_step,
+    }
+
+
+def _tracking_manifest(trackers: tracking.Tracking, run_id: str | None) -> dict | None:
+    """Where the run's metrics went. Not the tracking URI: it can carry credentials, and the manifest ships."""
+    if not trackers.trackers:
+        return None
+    return {
+        "report_to": list(trackers.trackers),
+        "tensorboard_dir": str(trackers.tensorboard_dir) if trackers.tensorboard else None,
+        "mlflow_experiment_name": trackers.mlflow_experiment_name if trackers.mlflow else None,
+        "mlflow_run_id": run_id,
+    }
 
 
 def _artifact_dtype(config: TrainConfig, base: BaseModel) -> str:
@@ -341,7 +404,7 @@ def _eval_sets(tokenizer, datasets: Datasets, config: TrainConfig) -> dict:
             continue
         sets[name] = EvalSet(
             questions=[e.question for e in examples],
-            prompts=[prompts.prompt_text(tokenizer, e.question, e.context) for e in examples],
+            prompts=[prompts.example_prompt(tokenizer, e) for e in examples],
             references=[e.answer for e in examples],
             encoded=[prompts.encode_example(tokenizer, e) for e in examples],
         )
@@ -380,7 +443,7 @@ def _final_model(trainer, outcome, config: TrainConfig, base: BaseModel, job: Jo
     return load_model(BaseModel(str(gathered), base.name), config.trust_remote_code)
 
 
-def _manifest(config, parts: Prepared, outcome, table, started, dtype: str) -> dict:
+def _manifest(config, parts: Prepared, outcome, table, started, dtype: str, tracked: dict | None = None) -> dict:
     import peft
     import torch
     import transformers
@@ -418,7 +481,10 @@ def _manifest(config, parts: Prepared, outcome, table, started, dtype: str) -> d
             "resumed_from": outcome.resumed_from,
             "final_train_loss": next((e["loss"] for e in reversed(outcome.log_history) if "loss" in e), None),
             "wall_time_s": round(time.time() - started, 1),
+            "evaluations": outcome.evaluations,  # eval_steps: the validation answer loss during training
+            "best": _best(outcome),
         },
+        "tracking": tracked,
         "metrics": report.json_safe(table),
         "evaluation": config.evaluation,
         "versions": versions,

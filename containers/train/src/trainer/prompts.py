@@ -84,8 +84,16 @@ def prepare_tokenizer(tokenizer, prompt_format: str) -> PromptSetup:
 
 
 def user_message(example: Example) -> dict[str, str]:
+    """The question, with its context after it as Dolly's instruction-with-input format has it (`Input:`)."""
     content = example.question if not example.context else f"{example.question}\n\nInput:\n{example.context}"
     return {"role": "user", "content": content}
+
+
+def conversation(example: Example) -> list[dict[str, str]]:
+    """The example as chat messages: its own turns for a conversation, else the question and the answer."""
+    if example.messages:
+        return [{"role": role, "content": content} for role, content in example.messages]
+    return [user_message(example), {"role": "assistant", "content": example.answer}]
 
 
 def prompt_text(tokenizer, question: str, context: str = "") -> str:
@@ -95,24 +103,36 @@ def prompt_text(tokenizer, question: str, context: str = "") -> str:
     )
 
 
+def example_prompt(tokenizer, example: Example) -> str:
+    """What a model sees before the example's last answer: the question, or the conversation up to its last turn."""
+    return tokenizer.apply_chat_template(conversation(example)[:-1], add_generation_prompt=True, tokenize=False)
+
+
 def encode_example(tokenizer, example: Example) -> dict[str, list[int]]:
-    """Token ids and labels; prompt and answer are tokenized apart so the prompt matches inference exactly."""
-    prompt = prompt_text(tokenizer, example.question, example.context)
-    full = tokenizer.apply_chat_template(
-        [user_message(example), {"role": "assistant", "content": example.answer}], tokenize=False
-    )
-    if not full.startswith(prompt):
-        raise ValueError("the chat template renders the prompt differently with and without the answer")
-    completion = full[len(prompt) :]
+    """Token ids and labels, with labels on the assistant turns only (every one of a conversation's), each
+    ending on EOS. The text between assistant turns is tokenized apart from them, so each prompt matches what a
+    server renders for that point of the conversation."""
+    messages = conversation(example)
     eos = tokenizer.eos_token
-    end = completion.rfind(eos)
-    completion = completion[: end + len(eos)] if end >= 0 else completion + eos  # end on EOS, nothing after
-    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    completion_ids = tokenizer(completion, add_special_tokens=False)["input_ids"]
-    return {
-        "input_ids": prompt_ids + completion_ids,
-        "labels": [IGNORE_INDEX] * len(prompt_ids) + completion_ids,
-    }
+    input_ids: list[int] = []
+    labels: list[int] = []
+    consumed = ""  # the rendered conversation encoded so far
+    for turn, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        prompt = tokenizer.apply_chat_template(messages[:turn], add_generation_prompt=True, tokenize=False)
+        full = tokenizer.apply_chat_template(messages[: turn + 1], tokenize=False)
+        if not full.startswith(prompt) or not prompt.startswith(consumed):
+            raise ValueError("the chat template renders the prompt differently with and without the answer")
+        completion = full[len(prompt) :]
+        end = completion.rfind(eos)
+        completion = completion[: end + len(eos)] if end >= 0 else completion  # end on EOS, nothing after
+        prompt_ids = tokenizer(prompt[len(consumed) :], add_special_tokens=False)["input_ids"]
+        completion_ids = tokenizer(completion if end >= 0 else completion + eos, add_special_tokens=False)["input_ids"]
+        input_ids += prompt_ids + completion_ids
+        labels += [IGNORE_INDEX] * len(prompt_ids) + completion_ids
+        consumed = prompt + completion
+    return {"input_ids": input_ids, "labels": labels}
 
 
 class CompletionCollator:

@@ -9,6 +9,10 @@ image", and docs/docker.md, "How the images meet SageMaker's contract"):
     /opt/ml/output/data/               -> output.tar.gz
     /opt/ml/output/failure             -> FailureReason (first 1024 characters)
     /opt/ml/checkpoints/               <-> CheckpointConfig.S3Uri (spot resume)
+    /opt/ml/output/tensorboard/        -> TensorBoardOutputConfig.S3OutputPath (its default LocalPath)
+
+The platform also sets TRAINING_JOB_NAME, and passes the job's Environment map through: MLFLOW_TRACKING_URI and
+MLFLOW_EXPERIMENT_NAME, for `report_to=mlflow`, come from there.
 
 `SAGEMAKER_BASE_DIR` moves the root (tests and local runs use a temporary tree). Everything is read
 inside functions, never at import time. Other modules get plain paths and dicts from here.
@@ -62,10 +66,19 @@ class Job:
     channels: dict[str, Path]
     cluster: Cluster
     checkpoint_dir: Path
+    job_name: str | None = None  # TRAINING_JOB_NAME; None outside SageMaker
+    mlflow_tracking_uri: str | None = None
+    mlflow_experiment_name: str | None = None
 
     @property
     def model_dir(self) -> Path:
         return self.base_dir / "model"
+
+    @property
+    def tensorboard_dir(self) -> Path:
+        """Where TensorBoard event files go: the default LocalPath of SageMaker's TensorBoardOutputConfig,
+        synced to its S3OutputPath while the job runs."""
+        return self.base_dir / "output" / "tensorboard"
 
     @property
     def output_data_dir(self) -> Path:
@@ -118,6 +131,9 @@ def read_job(environ: dict[str, str] | None = None) -> Job:
         channels=channels,
         cluster=_cluster(resource_config, environ),
         checkpoint_dir=Path(checkpoint_config.get("LocalPath") or root / "checkpoints"),
+        job_name=environ.get("TRAINING_JOB_NAME") or None,
+        mlflow_tracking_uri=environ.get("MLFLOW_TRACKING_URI") or None,
+        mlflow_experiment_name=environ.get("MLFLOW_EXPERIMENT_NAME") or None,
     )
 
 

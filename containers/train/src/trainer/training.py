@@ -9,6 +9,9 @@ What we add to the stock Trainer, and why:
 - optional LoRA+ learning rates (B matrices faster than A; `loraplus_lr_ratio`);
 - the warm-up-stable-decay schedule (`lr_scheduler=wsd`), its decay sized from the run's step count;
 - a SIGTERM callback that checkpoints and stops every rank at the same step (SageMaker stop / spot);
+- with `eval_steps`, the validation answer loss (the same loss, summed over the set and divided once by its answer
+  tokens, as trainer.evaluation computes it), a checkpoint whenever it is a new best, and the best one loaded at
+  the end (`load_best_model_at_end`), so the artifact is the best model;
 - a checkpoint counts once every rank has saved it (a marker, written last), and resuming loads no pickled code,
   DeepSpeed's optimizer state included (`trainer.checkpoints`);
 - metric lines CloudWatch's MetricDefinitions regexes can read.
@@ -56,6 +59,15 @@ class TrainOutcome:
     train_runtime_s: float
     tokens_seen: int
     log_history: list[dict]
+    best_step: int | None = None  # with eval_steps: the step of the lowest validation answer loss
+    best_eval_loss: float | None = None
+    best_checkpoint: str | None = None  # the checkpoint of that step, when one was saved
+    loaded_best: bool = False  # the model holds the best checkpoint's weights, not the last step's
+
+    @property
+    def evaluations(self) -> list[dict]:
+        """Every validation answer loss of the run, in order: [{"step": ..., "eval_loss": ...}]."""
+        return [{"step": e["step"], "eval_loss": e["eval_loss"]} for e in self.log_history if "eval_loss" in e]
 
     @property
     def tokens_per_second(self) -> float:
@@ -152,8 +164,24 @@ def lr_scheduler_kwargs(config: TrainConfig, train_rows: int, world_size: int = 
     return {"num_decay_steps": decay_steps, "decay_type": "cosine"}
 
 
+def evaluation_rows(eval_set: list[dict], config: TrainConfig):
+    """The validation examples the Trainer evaluates every `eval_steps`: one per row, in the training collator's
+    shape (with packing, rows of a single example)."""
+    from datasets import Dataset
+
+    rows = Dataset.from_list(eval_set)
+    if use_packing(config):
+        rows = rows.add_column("seq_lengths", [[len(ids)] for ids in rows["input_ids"]])
+    return rows
+
+
 def training_arguments(
-    config: TrainConfig, checkpoint_dir: Path, *, train_rows: int, world_size: int = 1
+    config: TrainConfig,
+    checkpoint_dir: Path,
+    *,
+    train_rows: int,
+    world_size: int = 1,
+    run_name: str | None = None,
 ) -> TrainingArguments:
     """The HF Trainer settings a job's hyperparameters stand for, training on `train_rows` rows with
     `world_size` processes. Complete before the Trainer exists: nothing changes them during the run.
@@ -182,7 +210,17 @@ def training_arguments(
         save_strategy="steps",
         save_steps=config.save_steps,
         save_total_limit=config.save_total_limit,
-        report_to="none",
+        # Evaluation during training: the validation answer loss (AnswerOnlyLossTrainer.evaluation_loop), the
+        # lower the better; the last step is evaluated too. SaveWhenBest keeps every new best on disk.
+        eval_strategy="steps" if config.eval_steps else "no",
+        eval_steps=config.eval_steps or None,
+        per_device_eval_batch_size=config.eval_batch_size,
+        prediction_loss_only=True,
+        metric_for_best_model="eval_loss" if config.eval_steps else None,
+        greater_is_better=False if config.eval_steps else None,
+        load_best_model_at_end=bool(config.eval_steps) and config.load_best_model_at_end,
+        report_to="none",  # the trackers' callbacks come from trainer.tracking, pointed at the job's locations
+        run_name=run_name,
         disable_tqdm=True,  # progress comes as one log line per logging step, readable in CloudWatch
         train_sampling_strategy="group_by_length",
         include_num_input_tokens_seen="non_padding",
@@ -214,8 +252,11 @@ def train(
     args: TrainingArguments,
     stop_requested: threading.Event,
     collator,
+    eval_rows=None,
+    callbacks: Collection = (),
 ) -> tuple[TrainOutcome, Trainer]:
-    """Train on `rows` (from `training_rows`) with `args` (from `training_arguments`, for as many rows)."""
+    """Train on `rows` (from `training_rows`) with `args` (from `training_arguments`, for as many rows);
+    `eval_rows` (from `evaluation_rows`) are evaluated every `eval_steps`; `callbacks` report to trackers."""
     checkpoint_dir = Path(args.output_dir)
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
     if torch.cuda.is_available():
@@ -234,22 +275,27 @@ def train(
 
         attention = use_packed_attention(_unwrap(model))
     try:
-        return _train(model, tokenizer, rows, config, args, stop_requested, collator, checkpoint_dir)
+        return _train(
+            model, tokenizer, rows, config, args, stop_requested, collator, checkpoint_dir, eval_rows, callbacks
+        )
     finally:
         if attention is not None:  # what is saved and served afterwards attends as before
             _unwrap(model).set_attn_implementation(attention)
 
 
-def _train(model, tokenizer, dataset, config, args, stop_requested, collator, checkpoint_dir):
+def _train(model, tokenizer, dataset, config, args, stop_requested, collator, checkpoint_dir, eval_rows, callbacks):
     timing = ProgressLogger()
     stop = StopOnSignal(stop_requested)
+    keep_best = [SaveWhenBest()] if args.load_best_model_at_end else []
     trainer = AnswerOnlyLossTrainer(
         model=model,
         args=args,
         train_dataset=dataset,
+        eval_dataset=eval_rows if args.eval_strategy != "no" else None,
         data_collator=collator,
         processing_class=tokenizer,
-        callbacks=[timing, stop, MarkCheckpointComplete()],
+        # Trackers first: they see each log before anything else acts on it.
+        callbacks=[*callbacks, timing, stop, *keep_best, MarkCheckpointComplete()],
         job_config=config,
     )
     trainer.remove_callback(PrinterCallback)  # ProgressLogger prints one readable line per log instead
@@ -258,6 +304,9 @@ def _train(model, tokenizer, dataset, config, args, stop_requested, collator, ch
     if resume:
         log.info("resuming from %s (a previous run of this job left it)", resume)
         checkpoints.refuse_unsafe_pickles(Path(resume), deepspeed=deepspeed)
+        best = _best_checkpoint(resume)
+        if args.load_best_model_at_end and best and best != resume and Path(best).is_dir():
+            checkpoints.refuse_unsafe_pickles(Path(best), deepspeed=deepspeed)  # loaded at the end
     try:
         with checkpoints.weights_only_loading(deepspeed=deepspeed):
             if resume and not deepspeed and _finished(resume, args.max_steps):
@@ -266,6 +315,9 @@ def _train(model, tokenizer, dataset, config, args, stop_requested, collator, ch
                 log.info("the checkpoint is at max_steps=%d: training is complete, loading it", args.max_steps)
                 trainer._load_from_checkpoint(resume)
                 trainer.state = TrainerState.load_from_json(str(Path(resume) / "trainer_state.json"))
+                best = trainer.state.best_model_checkpoint
+                if args.load_best_model_at_end and best and Path(best).is_dir():
+                    trainer._load_best_model()  # what the end of trainer.train() would have done
                 result = None
             else:
                 result = trainer.train(resume_from_checkpoint=resume)
@@ -276,6 +328,16 @@ def _train(model, tokenizer, dataset, config, args, stop_requested, collator, ch
             "checkpoint directory to resume from an earlier one, and check who can write to the checkpoint location."
         ) from e
     state = trainer.state
+    best_checkpoint = state.best_model_checkpoint if state.best_global_step else None
+    loaded_best = bool(args.load_best_model_at_end and best_checkpoint and Path(best_checkpoint).is_dir())
+    if state.best_global_step and state.is_world_process_zero:
+        log.info(
+            "best validation answer loss %.4f at step %d of %d; the artifact holds %s",
+            state.best_metric,
+            state.best_global_step,
+            state.global_step,
+            f"that step's weights ({Path(best_checkpoint).name})" if loaded_best else "the last step's weights",
+        )
     return TrainOutcome(
         model=trainer.model if config.deepspeed == "none" else trainer.accelerator.unwrap_model(trainer.model_wrapped),
         interrupted=stop.stopped,
@@ -284,7 +346,16 @@ def _train(model, tokenizer, dataset, config, args, stop_requested, collator, ch
         train_runtime_s=timing.train_seconds or (result.metrics.get("train_runtime", 0.0) if result else 0.0),
         tokens_seen=timing.tokens_this_run,
         log_history=list(state.log_history),
+        best_step=state.best_global_step,
+        best_eval_loss=state.best_metric if state.best_global_step else None,
+        best_checkpoint=best_checkpoint,
+        loaded_best=loaded_best,
     ), trainer
+
+
+def _best_checkpoint(checkpoint: str) -> str | None:
+    state = json.loads((Path(checkpoint) / "trainer_state.json").read_text())
+    return state.get("best_model_checkpoint")
 
 
 def _finished(checkpoint: str, max_steps: int) -> bool:
@@ -327,6 +398,41 @@ class AnswerOnlyLossTrainer(Trainer):
         return super().create_optimizer(model)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        loss, answer_tokens = self._answer_loss(model, inputs)
+        if num_items_in_batch is not None:
+            loss = loss / num_items_in_batch
+            # The same scaling the stock compute_loss applies when tokens are averaged across devices.
+            if self.args.average_tokens_across_devices:
+                loss = loss * self.accelerator.num_processes
+        else:
+            loss = loss / answer_tokens.clamp(min=1)
+        return (loss, None) if return_outputs else loss
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        """Evaluation of one batch: its mean answer loss for the stock loop, and its summed loss and answer tokens
+        added to the set's totals, from which evaluation_loop reports the loss of the whole set."""
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad():
+            loss, answer_tokens = self._answer_loss(model, inputs)
+        self._eval_totals += torch.stack([loss.detach().double(), answer_tokens.double()])
+        return (loss / answer_tokens.clamp(min=1)).detach(), None, None
+
+    def evaluation_loop(
+        self, dataloader, description, prediction_loss_only=None, ignore_keys=None, metric_key_prefix="eval"
+    ):
+        """`eval_loss` is the set's answer loss: every batch's loss summed, divided once by all their answer tokens
+        (as trainer.evaluation.answer_loss), not the stock mean of batch means. With several processes a last
+        uneven batch is padded with repeated examples, which then count twice (a few examples in a whole set)."""
+        self._eval_totals = torch.zeros(2, dtype=torch.float64, device=self.args.device)
+        output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix)
+        totals = self._eval_totals
+        if self.args.world_size > 1:
+            torch.distributed.all_reduce(totals)
+        output.metrics[f"{metric_key_prefix}_loss"] = (totals[0] / totals[1].clamp(min=1)).item()
+        return output
+
+    def _answer_loss(self, model, inputs):
+        """The batch's answer-token loss, summed, and its number of answer tokens (prompts.answer_token_loss)."""
         inner = _unwrap(model)
         captured = {}
 
@@ -348,15 +454,7 @@ class AnswerOnlyLossTrainer(Trainer):
             model(input_ids=inputs["input_ids"], logits_to_keep=1, **masking)
         finally:
             handle.remove()
-        loss, answer_tokens = answer_token_loss(captured["hidden"], inputs["labels"], inner.get_output_embeddings())
-        if num_items_in_batch is not None:
-            loss = loss / num_items_in_batch
-            # The same scaling the stock compute_loss applies when tokens are averaged across devices.
-            if self.args.average_tokens_across_devices:
-                loss = loss * self.accelerator.num_processes
-        else:
-            loss = loss / answer_tokens.clamp(min=1)
-        return (loss, None) if return_outputs else loss
+        return answer_token_loss(captured["hidden"], inputs["labels"], inner.get_output_embeddings())
 
 
 class ProgressLogger(TrainerCallback):
@@ -375,6 +473,13 @@ class ProgressLogger(TrainerCallback):
         self._last = (self.started, self.tokens_at_start)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
+        if state.is_world_process_zero and logs and "eval_loss" in logs:
+            best = "" if state.best_metric is None else f" best_validation_answer_loss={state.best_metric:.4f}"
+            print(
+                f"metrics: step={state.global_step}/{state.max_steps} "
+                f"validation_answer_loss={logs['eval_loss']:.4f}{best}",
+                flush=True,
+            )
         if not state.is_world_process_zero or not logs or "loss" not in logs:
             return
         now = time.perf_counter()
@@ -394,6 +499,17 @@ class ProgressLogger(TrainerCallback):
     def on_train_end(self, args, state, control, **kwargs):
         self.train_seconds = time.perf_counter() - self.started
         self.tokens_this_run = (state.num_input_tokens_seen or 0) - self.tokens_at_start
+
+
+class SaveWhenBest(TrainerCallback):
+    """With load_best_model_at_end: a checkpoint at every evaluation that beats the best so far, so that the best
+    is always on disk to be loaded at the end (the Trainer only records a best step that it happens to save)."""
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        loss = (metrics or {}).get("eval_loss")
+        if loss is not None and (state.best_metric is None or loss < state.best_metric):
+            control.should_save = True
+        return control
 
 
 class MarkCheckpointComplete(TrainerCallback):
