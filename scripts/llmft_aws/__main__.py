@@ -5,6 +5,7 @@
     scripts/llmft-aws train --image URI --train s3://... --output s3://...  [--local]
     scripts/llmft-aws package-base --image URI --model MODEL_ID --s3-uri s3://.../base/   # the A/B base variant
     scripts/llmft-aws deploy --endpoint NAME --image URI --model-data s3://.../model.tar.gz [--variant ...] [--local]
+    scripts/llmft-aws deploy --endpoint NAME --engine tgi|lmi --model-data s3://...   # on AWS's TGI / LMI images
     scripts/llmft-aws shift-traffic --endpoint NAME --weight tuned=50 --weight base=50
     scripts/llmft-aws evaluate --endpoint NAME --data validation.csv
     scripts/llmft-aws publish-web --stack STACK          # the chat page to the stack's bucket + CloudFront
@@ -23,6 +24,7 @@ from pathlib import Path
 
 from llmft_aws import context
 from llmft_aws.context import EXIT_FAILED, EXIT_USAGE, CommandError, UsageError
+from llmft_aws.endpoint import ENGINES
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -33,8 +35,20 @@ def _common(parser: argparse.ArgumentParser) -> None:
 
 def _deploy_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--endpoint", required=True, help="endpoint name (lower case, digits, hyphens)")
-    parser.add_argument("--image", required=True, help="serving image URI (from push-images)")
-    parser.add_argument("--model-data", required=True, help="s3:// URI of the first variant's model.tar.gz")
+    parser.add_argument(
+        "--engine",
+        choices=ENGINES,
+        default="llmft",
+        help="llmft: our serving image (default); tgi or lmi: AWS's TGI or LMI (DJL) container, same artifact",
+    )
+    parser.add_argument(
+        "--image", help="serving image URI (from push-images; with --engine tgi|lmi: default the region's AWS image)"
+    )
+    parser.add_argument(
+        "--model-data",
+        required=True,
+        help="the first variant's s3://.../model.tar.gz, or an uncompressed s3://.../prefix/ (ending in /)",
+    )
     parser.add_argument("--variant-name", default="tuned", help="name of the first variant (default tuned)")
     parser.add_argument(
         "--variant",
@@ -56,11 +70,19 @@ def _deploy_arguments(parser: argparse.ArgumentParser) -> None:
         default=60.0,
         help="target-tracking target, invocations per instance per minute (default 60)",
     )
-    parser.add_argument("--env", action="append", metavar="KEY=VALUE", help="serving container env (repeatable)")
+    parser.add_argument(
+        "--env", action="append", metavar="KEY=VALUE", help="serving container env (repeatable; wins over --engine's)"
+    )
+    parser.add_argument("--max-input-tokens", type=int, default=2048, help="--engine tgi: prompt cap (default 2048)")
+    parser.add_argument(
+        "--max-total-tokens", type=int, default=4096, help="--engine tgi|lmi: prompt + answer cap (default 4096)"
+    )
     parser.add_argument("--tag", action="append", metavar="KEY=VALUE", help="resource tag (repeatable)")
     parser.add_argument("--no-wait", action="store_true", help="return once the endpoint is being created")
     parser.add_argument(
-        "--local", action="store_true", help="serve through the SDK's local mode on this machine (file:// model data)"
+        "--local",
+        action="store_true",
+        help="serve our image through sagemaker-core's local mode on this machine (file:// model data)",
     )
     parser.add_argument("--port", type=int, default=8080, help="--local: loopback port (default 8080)")
     parser.add_argument("--ask", help="--local: send this question once the endpoint is up; print the answer")
@@ -107,9 +129,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _deploy_spec(args, role: str):
-    from llmft_aws.endpoint import DeploySpec, Variant
+def _deploy_spec(args, role: str, region: str | None):
+    """The DeploySpec from the flags; `region` picks AWS's image for --engine tgi|lmi (None: --local)."""
+    from llmft_aws.endpoint import DeploySpec, Variant, engine_environment, engine_image, gpu_count
     from llmft_aws.training import parse_pairs
+
+    image, environment = args.image, {}
+    if args.engine != "llmft":
+        if region is None:
+            raise UsageError(f"--engine {args.engine} runs on SageMaker only; --local serves our image")
+        image = image or engine_image(args.engine, region)
+        gpus = gpu_count(args.instance_type, region)
+        environment = engine_environment(args.engine, gpus, args.max_input_tokens, args.max_total_tokens)
+    if not image:
+        raise UsageError("--image is required: the serving image URI that push-images printed")
 
     models = [(args.variant_name, args.model_data)]
     if args.variant:
@@ -122,7 +155,7 @@ def _deploy_spec(args, role: str):
         raise UsageError(f"--weights has {len(weights)} values for {len(models)} variants")
     return DeploySpec(
         endpoint=args.endpoint,
-        image=args.image,
+        image=image,
         role=role,
         variants=tuple(Variant(n, uri, w) for (n, uri), w in zip(models, weights, strict=True)),
         instance_type=args.instance_type,
@@ -130,8 +163,9 @@ def _deploy_spec(args, role: str):
         min_instances=args.min_instances,
         max_instances=args.max_instances,
         invocations_per_instance=args.invocations_per_instance,
-        environment=parse_pairs(args.env, "--env"),
+        environment={**environment, **parse_pairs(args.env, "--env")},
         tags=parse_pairs(args.tag, "--tag"),
+        engine=args.engine,
     )
 
 
@@ -151,13 +185,14 @@ def dispatch(args) -> int:
     if args.command == "deploy" and local:
         from llmft_aws.local_endpoint import LocalEndpoint, serve_until_interrupted
 
-        spec = _deploy_spec(args, args.role or LOCAL_ROLE)
+        spec = _deploy_spec(args, args.role or LOCAL_ROLE, region=None)
         root = Path(__file__).resolve().parents[2] / ".local" / "sagemaker-local"  # ignored by git
         local_endpoint = LocalEndpoint(spec, args.port, root, args.health_check_timeout)
         return serve_until_interrupted(local_endpoint, args.ask, args.smoke_test)
     if args.command == "deploy":
-        spec = _deploy_spec(args, context.require_role(args.role, "hosting"))
+        role = context.require_role(args.role, "hosting")
         ctx = context.resolve(args.region, args.profile, args.dry_run)
+        spec = _deploy_spec(args, role, ctx.region)
         print(endpoint.deploy(ctx, spec, wait=not args.no_wait))
         return 0
     ctx = context.resolve(args.region, args.profile, args.dry_run)

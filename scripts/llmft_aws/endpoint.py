@@ -3,14 +3,21 @@
     scripts/llmft-aws deploy --endpoint faq-assistant --image URI --model-data s3://.../model.tar.gz \
         [--variant base=s3://.../base-model.tar.gz --weights 80 20] [--instance-type ml.g5.xlarge] \
         [--min-instances 1 --max-instances 4 --invocations-per-instance 60]
+    scripts/llmft-aws deploy --endpoint faq-tgi --engine tgi --model-data s3://.../model.tar.gz   # AWS's TGI image
     scripts/llmft-aws shift-traffic --endpoint faq-assistant --weight tuned=50 --weight base=50
     scripts/llmft-aws delete --endpoint faq-assistant
 
 boto3 rather than the SDK's ModelBuilder: two variants with their own weights, the container start-up
-health-check timeout and autoscaling are plain fields of CreateEndpointConfig and Application Auto Scaling,
-and `--dry-run` can print exactly those requests. Every resource is tagged `llmft:endpoint=<name>`, which is
-how `delete` finds what `deploy` made. Deploy is safe to re-run: an existing endpoint is updated in place to a
-new endpoint config (a blue/green swap SageMaker does without dropping requests).
+health-check timeout and autoscaling are plain fields of CreateEndpointConfig and Application Auto Scaling.
+`model_request`, `endpoint_config_request` and `endpoint_request` build each request once: `--dry-run` prints
+exactly what a real run sends (and `deploy --local` hands the same CreateModel to the local client).
+`--engine tgi|lmi` serves the same artifact (a merged Transformers directory) on AWS's own LLM containers
+instead of ours; `--model-data` may also be an uncompressed S3 prefix (ending in /), which SageMaker copies
+to /opt/ml/model file by file, skipping the unpacking of a large archive.
+
+Every resource is tagged `llmft:endpoint=<name>`, which is how `delete` finds what `deploy` made. Deploy is
+safe to re-run: an existing endpoint is updated in place to a new endpoint config (a blue/green swap
+SageMaker does without dropping requests).
 """
 
 from __future__ import annotations
@@ -30,11 +37,18 @@ SCALABLE_DIMENSION = "sagemaker:variant:DesiredInstanceCount"
 # SageMaker allows 60..3600 s for the container's first successful /ping.
 MIN_STARTUP_S, MAX_STARTUP_S = 600, 3600
 
+ENGINES = ("llmft", "tgi", "lmi")  # our serving image; AWS's TGI and LMI (DJL Serving) containers
+# AWS's images per region come from sagemaker-core's image_uris, which reads the tables the SDK ships
+# (sagemaker/core/image_uri_config/huggingface-llm.json and djl-lmi.json: the DLC account and tag per region).
+# One pinned version each, so a deploy is reproducible; --image overrides.
+ENGINE_IMAGES = {"tgi": ("huggingface-llm", "3.3.6"), "lmi": ("djl-lmi", "0.38.0")}
+MODEL_DIR = "/opt/ml/model"  # where SageMaker puts the model data, for every engine
+
 
 @dataclass(frozen=True)
 class Variant:
     name: str
-    model_data: str  # s3://.../model.tar.gz (file://... in local mode)
+    model_data: str  # s3://.../model.tar.gz, an uncompressed s3://.../prefix/ (file://... in local mode)
     weight: float
 
 
@@ -51,8 +65,11 @@ class DeploySpec:
     invocations_per_instance: float = 60.0  # per minute: the target-tracking target
     environment: dict[str, str] = field(default_factory=dict)
     tags: dict[str, str] = field(default_factory=dict)
+    engine: str = "llmft"
 
     def __post_init__(self) -> None:
+        if self.engine not in ENGINES:
+            raise UsageError(f"--engine {self.engine!r}: one of {', '.join(ENGINES)}")
         # Lower case on purpose: endpoint ARNs are lower case, and the IaC's IAM policy names the ARN.
         if len(self.endpoint) > 63 or not NAME_RE.match(self.endpoint):
             raise UsageError(f"--endpoint {self.endpoint!r}: use lower-case letters, digits and hyphens (max 63)")
@@ -68,6 +85,8 @@ class DeploySpec:
                 raise UsageError(f"variant {v.name}: weight must be >= 0")
             if not v.model_data.startswith(("s3://", "file://")):
                 raise UsageError(f"variant {v.name}: model data {v.model_data!r} must be an s3:// (or file://) URI")
+            if self.engine != "llmft" and not v.model_data.startswith("s3://"):
+                raise UsageError(f"--engine {self.engine} runs on SageMaker only: {v.model_data!r} is not s3://")
         if sum(v.weight for v in self.variants) <= 0:
             raise UsageError("at least one variant needs a weight above 0")
         if not 1 <= self.min_instances <= self.max_instances:
@@ -78,7 +97,10 @@ class DeploySpec:
     @property
     def digest(self) -> str:
         """Short hash of everything a model or endpoint config is made of: new content, new names."""
-        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:8]
+        fields = asdict(self)
+        if self.engine == "llmft":
+            del fields["engine"]  # the names deploys made before --engine existed stay the same
+        return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:8]
 
     def model_name(self, variant: Variant) -> str:
         return f"{self.endpoint[:40]}-{variant.name[:12].lower()}-{self.digest}"
@@ -103,8 +125,12 @@ def model_size(ctx: AwsContext, uri: str) -> int | None:
     if ctx.dry_run or not uri.startswith("s3://"):
         return None
     bucket, _, key = uri[5:].partition("/")
+    s3 = ctx.client("s3")
     try:
-        return ctx.client("s3").head_object(Bucket=bucket, Key=key)["ContentLength"]
+        if key.endswith("/"):  # an uncompressed prefix: the sum of its objects
+            pages = s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=key)
+            return sum(o["Size"] for page in pages for o in page.get("Contents", []))
+        return s3.head_object(Bucket=bucket, Key=key)["ContentLength"]
     except Exception as e:
         log(f"cannot read the size of {uri} ({e}); using the longest start-up timeout")
         return None
@@ -114,26 +140,89 @@ def _tags(spec: DeploySpec) -> list[dict[str, str]]:
     return [{"Key": k, "Value": v} for k, v in {**spec.tags, TAG_KEY: spec.endpoint}.items()]
 
 
+def engine_image(engine: str, region: str) -> str:
+    """AWS's TGI or LMI image URI in this region (no network: the SDK's bundled tables)."""
+    from sagemaker.core import image_uris
+
+    framework, version = ENGINE_IMAGES[engine]
+    try:
+        return image_uris.retrieve(framework, region=region, version=version, image_scope="inference")
+    except ValueError as e:
+        raise UsageError(f"no {engine} image for {region} in sagemaker-core's tables ({e}); pass --image") from e
+
+
+def gpu_count(instance_type: str, region: str) -> int:
+    """GPUs of an ml.* instance type, from the SDK's table; 1 for a type it does not list (--env overrides)."""
+    from sagemaker.core import instance_types_gpu_info
+
+    return instance_types_gpu_info.retrieve(region).get(instance_type, {}).get("Count", 1)
+
+
+def engine_environment(engine: str, gpus: int, max_input_tokens: int, max_total_tokens: int) -> dict[str, str]:
+    """What AWS's containers need to serve the model SageMaker put in /opt/ml/model, on all the GPUs.
+
+    TGI's SageMaker entrypoint maps HF_MODEL_ID -> MODEL_ID and SM_NUM_GPUS -> NUM_SHARD (it exits without a
+    model id); LMI reads HF_MODEL_ID and OPTION_<X> (serving.properties' option.<x>). Our image needs nothing.
+    """
+    if engine == "tgi":
+        return {
+            "HF_MODEL_ID": MODEL_DIR,
+            "SM_NUM_GPUS": str(gpus),
+            "MAX_INPUT_TOKENS": str(max_input_tokens),
+            "MAX_TOTAL_TOKENS": str(max_total_tokens),
+        }
+    if engine == "lmi":
+        return {
+            "HF_MODEL_ID": MODEL_DIR,
+            "TENSOR_PARALLEL_DEGREE": str(gpus),
+            "OPTION_MAX_MODEL_LEN": str(max_total_tokens),
+        }
+    return {}
+
+
+def model_data_source(uri: str) -> dict:
+    """CreateModel's model data: a model.tar.gz (unpacked by SageMaker) or an uncompressed S3 prefix."""
+    if uri.startswith("s3://") and uri.endswith("/"):
+        return {
+            "ModelDataSource": {"S3DataSource": {"S3Uri": uri, "S3DataType": "S3Prefix", "CompressionType": "None"}}
+        }
+    return {"ModelDataUrl": uri}
+
+
+def model_request(spec: DeploySpec, variant: Variant) -> dict:
+    """The CreateModel request for one variant."""
+    return {
+        "ModelName": spec.model_name(variant),
+        "ExecutionRoleArn": spec.role,
+        "PrimaryContainer": {
+            "Image": spec.image,
+            **model_data_source(variant.model_data),
+            "Environment": dict(spec.environment),
+        },
+        "Tags": _tags(spec),
+    }
+
+
+def endpoint_config_request(spec: DeploySpec, production_variants: list[dict]) -> dict:
+    return {"EndpointConfigName": spec.config_name, "ProductionVariants": production_variants, "Tags": _tags(spec)}
+
+
+def endpoint_request(spec: DeploySpec) -> dict:
+    return {"EndpointName": spec.endpoint, "EndpointConfigName": spec.config_name, "Tags": _tags(spec)}
+
+
 def create_models(ctx: AwsContext, sm, spec: DeploySpec) -> None:
     for variant in spec.variants:
         name = spec.model_name(variant)
         if not ctx.dry_run and _exists(lambda name=name: sm.describe_model(ModelName=name)):
             log(f"model {name} exists")
             continue
-        log(f"creating model {name} ({variant.model_data})")
-        sm.create_model(
-            ModelName=name,
-            ExecutionRoleArn=spec.role,
-            PrimaryContainer={
-                "Image": spec.image,
-                "ModelDataUrl": variant.model_data,
-                "Environment": dict(spec.environment),
-            },
-            Tags=_tags(spec),
-        )
+        log(f"creating model {name} ({variant.model_data}, {spec.engine})")
+        sm.create_model(**model_request(spec, variant))
 
 
 def production_variants(ctx: AwsContext, spec: DeploySpec) -> list[dict]:
+    """The endpoint config's variants; the start-up timeouts grow with each model's size in S3."""
     variants = []
     for variant in spec.variants:
         timeout = startup_timeout_s(model_size(ctx, variant.model_data))
@@ -156,13 +245,11 @@ def deploy(ctx: AwsContext, spec: DeploySpec, wait: bool = True) -> str:
     create_models(ctx, sm, spec)
     if ctx.dry_run or not _exists(lambda: sm.describe_endpoint_config(EndpointConfigName=spec.config_name)):
         log(f"creating endpoint config {spec.config_name}")
-        sm.create_endpoint_config(
-            EndpointConfigName=spec.config_name, ProductionVariants=production_variants(ctx, spec), Tags=_tags(spec)
-        )
+        sm.create_endpoint_config(**endpoint_config_request(spec, production_variants(ctx, spec)))
     current = None if ctx.dry_run else _describe_endpoint(sm, spec.endpoint)
     if current is None:
         log(f"creating endpoint {spec.endpoint}")
-        sm.create_endpoint(EndpointName=spec.endpoint, EndpointConfigName=spec.config_name, Tags=_tags(spec))
+        sm.create_endpoint(**endpoint_request(spec))
     elif current["EndpointConfigName"] != spec.config_name:
         log(f"updating endpoint {spec.endpoint} to {spec.config_name}")
         _deregister_autoscaling(ctx, spec.endpoint, [v["VariantName"] for v in current["ProductionVariants"]])

@@ -1,9 +1,10 @@
-"""`deploy --local`: the serving image behind the SageMaker SDK's local mode (LocalSession), on this machine.
+"""`deploy --local`: the serving image behind sagemaker-core's local mode (LocalSession), on this machine.
 
-The SDK's local SageMaker client takes the same CreateModel / CreateEndpointConfig / CreateEndpoint requests
-as the real service, runs the image with `serve` through docker compose with the model.tar.gz unpacked at
-/opt/ml/model, and waits for /ping; its runtime client then invokes /invocations. Local mode serves a single
-variant (the first), on one loopback port.
+The local SageMaker client takes the CreateModel request `deploy` sends (endpoint.model_request) and the
+CreateEndpointConfig / CreateEndpoint calls, runs the image with `serve` through docker compose with the
+model.tar.gz unpacked at /opt/ml/model, and waits for /ping; its runtime client then invokes /invocations.
+Local mode serves a single variant (the first), on one loopback port. See llmft_aws.sagemaker_local for why
+this is sagemaker-core's local mode.
 """
 
 from __future__ import annotations
@@ -17,8 +18,7 @@ import threading
 from pathlib import Path
 
 from llmft_aws.context import CommandError, UsageError, log
-from llmft_aws.endpoint import DeploySpec
-from llmft_aws.training import TELEMETRY_OFF
+from llmft_aws.endpoint import DeploySpec, model_request
 
 DEFAULT_QUESTION = "What is Amazon SageMaker?"
 
@@ -37,35 +37,12 @@ class LocalEndpoint:
         self.session = None
 
     def start(self) -> None:
-        import boto3
+        from llmft_aws.sagemaker_local import local_session
 
-        try:
-            from sagemaker.core.local.local_session import LocalSession
-        except ImportError as e:
-            raise UsageError(
-                "the sagemaker SDK is not installed here: run the command through scripts/llmft-aws, "
-                "whose venv has it (scripts/requirements.txt)"
-            ) from e
-
-        self.container_root.mkdir(parents=True, exist_ok=True)
-        # Region only: the local session sends nothing to AWS for an image that is not in ECR.
-        boto_session = boto3.Session(region_name=boto3.Session().region_name or "us-east-1")
-        self.session = LocalSession(boto_session=boto_session, sagemaker_config=TELEMETRY_OFF)
-        local_config = {"serving_port": self.port, "container_root": str(self.container_root)}
-        self.session.config = {"local": local_config}
-        # The SDK reads local.health_check_timeout (default 120 s) but its config schema does not list it:
-        # add it to the validated dict afterwards (a big model on a CPU takes longer than 120 s to load).
-        local_config["health_check_timeout"] = self.health_check_timeout_s
+        self.session = local_session(self.container_root, self.port, self.health_check_timeout_s)
         sm = self.session.sagemaker_client
         model_name = self.spec.model_name(self.variant)
-        sm.create_model(
-            ModelName=model_name,
-            PrimaryContainer={
-                "Image": self.spec.image,
-                "ModelDataUrl": self.variant.model_data,
-                "Environment": dict(self.spec.environment),
-            },
-        )
+        sm.create_model(**model_request(self.spec, self.variant))
         sm.create_endpoint_config(
             EndpointConfigName=self.spec.config_name,
             ProductionVariants=[

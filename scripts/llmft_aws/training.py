@@ -1,22 +1,24 @@
-"""Start a SageMaker training job on our training image with the `sagemaker` SDK (v3 ModelTrainer).
+"""Start a SageMaker training job on our training image: one CreateTrainingJob request, sent with boto3.
 
     scripts/llmft-aws train --image URI --role ARN --train s3://.../train/ [--validation s3://.../validation/] \
         --output s3://BUCKET/jobs/ [--instance-type ml.g5.2xlarge --instance-count 2] \
         [--hyperparameter max_steps=200 ...] [--spot --max-wait 7200] [--checkpoint s3://BUCKET/checkpoints/faq/]
     scripts/llmft-aws train --local --image sagemaker-llm-finetune-train:local --train data/ --output file:///tmp/out \
-        [--model-channel DIR]        # the same job through the SDK's local mode (Docker on this machine)
+        [--model-channel DIR]        # the same request through sagemaker-core's local mode (Docker here)
 
-Metric definitions are the training image's own regexes (containers/train/metric_definitions.json), so the
-console charts loss, ROUGE-L and exact match. Logs stream until the job ends; the last line on stdout is the
-`model.tar.gz` URI. The SDK's telemetry is switched off: a local job talks to nothing outside this machine.
+`training_job_request` builds the request once: `--dry-run` prints it, a real run passes it to
+`create_training_job`, `--local` to sagemaker-core's local client (llmft_aws.sagemaker_local). Metric
+definitions are the training image's own regexes (containers/train/metric_definitions.json), so the console
+charts loss, ROUGE-L and exact match. The job's CloudWatch log streams to stderr until it ends; the last line
+on stdout is the `model.tar.gz` URI. A local job talks to nothing outside this machine (telemetry is off).
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
-import subprocess
 import sys
+import tarfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,8 +27,9 @@ from llmft_aws.context import AwsContext, CommandError, UsageError, log
 
 REPO = Path(__file__).resolve().parents[2]
 METRIC_DEFINITIONS = REPO / "containers" / "train" / "metric_definitions.json"
-TELEMETRY_OFF = {"SchemaVersion": "1.0", "SageMaker": {"PythonSDK": {"Modules": {"TelemetryOptOut": True}}}}
-LOCAL_INSTANCE_TYPES = ("local_cpu", "local_gpu")
+# Local mode's instance types: ours (as the v3 SDK names them) -> the local client's.
+LOCAL_INSTANCE_TYPES = {"local_cpu": "local", "local_gpu": "local_gpu"}
+TERMINAL = ("Completed", "Failed", "Stopped")  # TrainingJobStatus values after which nothing changes
 
 
 @dataclass(frozen=True)
@@ -43,7 +46,7 @@ class TrainSpec:
     max_run_s: int = 24 * 3600
     max_wait_s: int | None = None
     volume_gb: int = 100
-    job_name: str = "llmft"  # a prefix: the SDK appends a timestamp, so re-runs never collide
+    job_name: str = "llmft"  # a prefix: a timestamp is appended, so re-runs never collide
     tags: dict[str, str] = field(default_factory=dict)
     local: bool = False
     started: str = field(default_factory=lambda: time.strftime("%Y%m%d%H%M%S", time.gmtime()))
@@ -87,7 +90,7 @@ class TrainSpec:
 
     @property
     def name(self) -> str:
-        """The job's name as the SDK forms it from the prefix (for local mode's folder and the dry run)."""
+        """The job's name: the prefix and the start time, so re-runs never collide."""
         return f"{self.job_name}-{self.started}"
 
 
@@ -95,74 +98,11 @@ def metric_definitions() -> list[dict[str, str]]:
     return json.loads(METRIC_DEFINITIONS.read_text())
 
 
-def build_trainer(spec: TrainSpec, boto_session=None):
-    """The ModelTrainer for this spec. Heavy imports live here so that --help and tests stay fast."""
-    try:
-        from sagemaker.core.helper.session_helper import Session
-    except ImportError as e:
-        raise UsageError(
-            "the sagemaker SDK is not installed here: run the command through scripts/llmft-aws, "
-            "whose venv has it (scripts/requirements.txt)"
-        ) from e
-    from sagemaker.core.shapes import MetricDefinition
-    from sagemaker.train import ModelTrainer
-    from sagemaker.train.configs import (
-        CheckpointConfig,
-        Compute,
-        InputData,
-        OutputDataConfig,
-        StoppingCondition,
-        Tag,
-    )
-    from sagemaker.train.model_trainer import Mode
+def training_job_request(spec: TrainSpec) -> dict:
+    """The CreateTrainingJob request for this spec, in the API's own field names: the one description of the job.
 
-    if spec.local:
-        from sagemaker.core.local.local_session import LocalSession
-
-        session = LocalSession(boto_session=boto_session, sagemaker_config=TELEMETRY_OFF)
-    else:
-        session = Session(boto_session=boto_session, sagemaker_config=TELEMETRY_OFF)
-    stopping = StoppingCondition(max_runtime_in_seconds=spec.max_run_s)
-    if spec.spot:
-        stopping = StoppingCondition(
-            max_runtime_in_seconds=spec.max_run_s, max_wait_time_in_seconds=spec.max_wait_s or 2 * spec.max_run_s
-        )
-    local_root = Path(spec.output.removeprefix("file://")) / spec.name if spec.local else None
-    trainer = ModelTrainer(
-        training_image=spec.image,
-        training_mode=Mode.LOCAL_CONTAINER if spec.local else Mode.SAGEMAKER_TRAINING_JOB,
-        sagemaker_session=session,
-        role=spec.role,
-        base_job_name=spec.job_name,
-        compute=Compute(
-            instance_type=spec.instance_type,
-            instance_count=spec.instance_count,
-            volume_size_in_gb=spec.volume_gb,
-            enable_managed_spot_training=spec.spot or None,
-        ),
-        stopping_condition=stopping,
-        hyperparameters=dict(spec.hyperparameters),
-        input_data_config=[
-            InputData(channel_name=name, data_source=uri.removeprefix("file://")) for name, uri in spec.channels.items()
-        ],
-        output_data_config=OutputDataConfig(s3_output_path=spec.output),
-        tags=[Tag(key=k, value=v) for k, v in spec.tags.items()] or None,
-        **({"local_container_root": str(local_root)} if local_root else {}),
-    )
-    if spec.checkpoint_s3_uri:
-        # The trainer saves to /opt/ml/checkpoints and resumes from it; SageMaker syncs it with S3.
-        trainer = trainer.with_checkpoint_config(
-            CheckpointConfig(s3_uri=spec.checkpoint_s3_uri, local_path="/opt/ml/checkpoints")
-        )
-    if not spec.local:
-        trainer = trainer.with_metric_definitions(
-            [MetricDefinition(name=m["Name"], regex=m["Regex"]) for m in metric_definitions()]
-        )
-    return trainer
-
-
-def dry_run_request(spec: TrainSpec) -> dict:
-    """The CreateTrainingJob request this spec makes, in the API's own field names (no SDK, no network)."""
+    `--dry-run` prints it, a real run sends it with boto3, `--local` hands it to sagemaker-core's local client.
+    """
     stopping = {"MaxRuntimeInSeconds": spec.max_run_s}
     if spec.spot:
         stopping["MaxWaitTimeInSeconds"] = spec.max_wait_s or 2 * spec.max_run_s
@@ -181,16 +121,18 @@ def dry_run_request(spec: TrainSpec) -> dict:
                 "DataSource": {
                     "S3DataSource": {
                         "S3DataType": "S3Prefix",
-                        "S3Uri": uri,
+                        # Local mode mounts a file:// channel where SageMaker would download the prefix.
+                        "S3Uri": _local_uri(uri) if spec.local else uri,
                         "S3DataDistributionType": "FullyReplicated",
                     }
                 },
             }
             for name, uri in spec.channels.items()
         ],
-        "OutputDataConfig": {"S3OutputPath": spec.output},
+        # Local mode writes model.tar.gz straight into this folder; SageMaker adds <job>/output/ itself.
+        "OutputDataConfig": {"S3OutputPath": _local_job_dir(spec).as_uri() if spec.local else spec.output},
         "ResourceConfig": {
-            "InstanceType": spec.instance_type,
+            "InstanceType": LOCAL_INSTANCE_TYPES[spec.instance_type] if spec.local else spec.instance_type,
             "InstanceCount": spec.instance_count,
             "VolumeSizeInGB": spec.volume_gb,
         },
@@ -203,55 +145,126 @@ def dry_run_request(spec: TrainSpec) -> dict:
     return request
 
 
-def train(ctx: AwsContext | None, spec: TrainSpec) -> str:
-    """Runs the job to the end with logs streaming; returns the model.tar.gz URI."""
-    if ctx is not None and ctx.dry_run:
-        print("[dry-run] sagemaker.create_training_job " + json.dumps(dry_run_request(spec), indent=2))
-        return f"{spec.output.rstrip('/')}/{spec.name}/output/model.tar.gz"
-    trainer = build_trainer(spec, boto_session=ctx.session if ctx else None)
-    log(
-        f"starting training job {spec.job_name}-<timestamp> on {spec.instance_count} x {spec.instance_type} "
-        f"({spec.image})"
-    )
-    try:
-        # The SDK streams the job's log to stdout; stderr keeps stdout for the one result line.
-        with contextlib.redirect_stdout(sys.stderr):
-            trainer.train(wait=True, logs=True)
-    except Exception as e:
-        reason = _local_failure_reason(Path(trainer.local_container_root)) if spec.local else None
-        raise CommandError(f"training job {spec.name} failed: {reason or e}") from e
-    finally:
-        if spec.local:
-            _remove_local_containers(Path(trainer.local_container_root))
+def model_artifact_uri(spec: TrainSpec) -> str:
+    """Where the job's model.tar.gz lands: SageMaker's <output>/<job>/output/, the same folders locally."""
     if spec.local:
-        # The SDK's local mode gathers every host's /opt/ml/model into this one archive.
-        artifact = Path(trainer.local_container_root) / "compressed_artifacts" / "model.tar.gz"
-        if not artifact.exists():
-            raise CommandError(f"training job {spec.name} left no {artifact}")
-        return artifact.as_uri()
-    job = trainer._latest_training_job  # the SDK keeps no public handle on the job it started
-    job.refresh()
-    if job.training_job_status != "Completed":
-        raise CommandError(
-            f"training job {job.training_job_name} ended {job.training_job_status}: "
-            f"{getattr(job, 'failure_reason', '')}"
-        )
-    return job.model_artifacts.s3_model_artifacts
+        return (_local_job_dir(spec) / "model.tar.gz").as_uri()
+    return f"{spec.output.rstrip('/')}/{spec.name}/output/model.tar.gz"
 
 
-def _local_failure_reason(root: Path) -> str | None:
-    """The container's /opt/ml/output/failure, as SageMaker would report it (FailureReason: 1024 chars)."""
-    failure = root / "artifacts" / "output" / "failure"
-    return failure.read_text(errors="replace")[:1024].strip() if failure.exists() else None
+def train(ctx: AwsContext | None, spec: TrainSpec) -> str:
+    """Runs the job to the end with its log on stderr; returns the model.tar.gz URI."""
+    request = training_job_request(spec)
+    if spec.local:
+        return _train_local(spec, request)
+    sm = ctx.client("sagemaker")
+    log(f"starting training job {spec.name} on {spec.instance_count} x {spec.instance_type} ({spec.image})")
+    sm.create_training_job(**request)
+    if ctx.dry_run:
+        return model_artifact_uri(spec)
+    try:
+        job = wait_for_job(sm, JobLog(ctx.client("logs"), spec.name), spec.name)
+    except KeyboardInterrupt:
+        log(f"stopped watching; the job goes on: aws sagemaker stop-training-job --training-job-name {spec.name}")
+        raise
+    if job["TrainingJobStatus"] != "Completed":
+        reason = job.get("FailureReason", "no reason given")
+        raise CommandError(f"training job {spec.name} ended {job['TrainingJobStatus']}: {reason}")
+    return job["ModelArtifacts"]["S3ModelArtifacts"]
 
 
-def _remove_local_containers(root: Path) -> None:
-    """The SDK leaves the job's exited containers behind; its compose file names them, so compose removes them."""
-    compose_file = root / "docker-compose.yaml"
-    if compose_file.exists():
-        subprocess.run(
-            ["docker", "compose", "-f", str(compose_file), "rm", "--force", "--stop"], capture_output=True, timeout=120
-        )
+def wait_for_job(sm, job_log: JobLog, name: str, poll_s: float = 20) -> dict:
+    """Polls DescribeTrainingJob until the job ends, printing status changes and the job's new log lines."""
+    last = None
+    while True:
+        job = sm.describe_training_job(TrainingJobName=name)
+        state = (job["TrainingJobStatus"], job.get("SecondaryStatus"))
+        if state != last:
+            log(f"training job {name}: {state[0]} ({state[1]})")
+            last = state
+        job_log.print_new()
+        if state[0] in TERMINAL:
+            return job
+        time.sleep(poll_s)
+
+
+class JobLog:
+    """The job's CloudWatch log (/aws/sagemaker/TrainingJobs, one stream per host), printed to stderr as it grows.
+
+    The log is a convenience: if it cannot be read (no permission, not there yet) the job is still watched."""
+
+    GROUP = "/aws/sagemaker/TrainingJobs"
+
+    def __init__(self, logs, job_name: str):
+        self.logs = logs
+        self.prefix = f"{job_name}/"
+        self.start_ms = 0
+        self.seen: set[str] = set()
+        self.warned = False
+
+    def print_new(self) -> None:
+        kwargs = {"logGroupName": self.GROUP, "logStreamNamePrefix": self.prefix, "startTime": self.start_ms}
+        try:
+            while True:
+                page = self.logs.filter_log_events(**kwargs)
+                for event in page.get("events", []):
+                    if event["eventId"] not in self.seen:
+                        self.seen.add(event["eventId"])
+                        self.start_ms = max(self.start_ms, event["timestamp"])
+                        print(event["message"].rstrip("\n"), file=sys.stderr, flush=True)
+                if not page.get("nextToken"):
+                    return
+                kwargs["nextToken"] = page["nextToken"]
+        except Exception as e:
+            if "ResourceNotFound" not in str(e) and not self.warned:
+                log(f"cannot read the job's log ({e}); still watching its status")
+                self.warned = True
+
+
+def _local_uri(uri: str) -> str:
+    return Path(uri.removeprefix("file://")).resolve().as_uri()
+
+
+def _local_job_dir(spec: TrainSpec) -> Path:
+    return Path(spec.output.removeprefix("file://")).resolve() / spec.name / "output"
+
+
+def _train_local(spec: TrainSpec, request: dict) -> str:
+    """The request through sagemaker-core's local client: docker compose runs the image with `train` here."""
+    from llmft_aws.sagemaker_local import local_session, remove_compose_projects
+
+    container_root = _local_job_dir(spec).parent / "sagemaker-local"
+    log(f"starting local training job {spec.name} ({spec.image}); folders under {container_root}")
+    try:
+        session = local_session(container_root)
+        # The SDK streams the containers' output to stdout; stderr keeps stdout for the one result line.
+        with contextlib.redirect_stdout(sys.stderr):
+            session.sagemaker_client.create_training_job(**request)
+    except UsageError:
+        raise
+    except Exception as e:
+        raise CommandError(f"training job {spec.name} failed: {_local_failure_reason(spec) or e}") from e
+    finally:
+        remove_compose_projects(container_root)
+    artifact = Path(model_artifact_uri(spec).removeprefix("file://"))
+    if not artifact.exists():
+        raise CommandError(f"training job {spec.name} left no {artifact}")
+    return artifact.as_uri()
+
+
+def _local_failure_reason(spec: TrainSpec) -> str | None:
+    """The container's /opt/ml/output/failure, as SageMaker reports it (FailureReason: 1024 characters).
+
+    Local mode packs /opt/ml/output into output.tar.gz next to model.tar.gz, even when the job failed."""
+    archive = _local_job_dir(spec) / "output.tar.gz"
+    if not archive.exists():
+        return None
+    with tarfile.open(archive) as tar:
+        try:
+            member = tar.extractfile("failure")
+        except KeyError:
+            return None
+        return member.read().decode(errors="replace")[:1024].strip() if member else None
 
 
 def parse_pairs(pairs: list[str] | None, what: str) -> dict[str, str]:
@@ -291,11 +304,11 @@ def add_arguments(parser) -> None:
         "--max-wait", type=int, help="with --spot: max seconds incl. waiting for capacity (default 2 x --max-run)"
     )
     parser.add_argument("--volume-gb", type=int, default=100, help="EBS volume per instance (default 100)")
-    parser.add_argument(
-        "--job-name", default="llmft", help="job name prefix; the SDK appends a timestamp (default llmft)"
-    )
+    parser.add_argument("--job-name", default="llmft", help="job name prefix; a timestamp is appended (default llmft)")
     parser.add_argument("--tag", action="append", metavar="KEY=VALUE", help="repeatable resource tag")
-    parser.add_argument("--local", action="store_true", help="run through the SDK's local mode on this machine")
+    parser.add_argument(
+        "--local", action="store_true", help="run the same request through sagemaker-core's local mode (Docker here)"
+    )
 
 
 def spec_from_args(args, role: str) -> TrainSpec:

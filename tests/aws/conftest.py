@@ -4,9 +4,8 @@ Nothing here may reach AWS: every subprocess gets fake credentials, `/dev/null` 
 AWS_ENDPOINT_URL pointing at a loopback server (moto, or a closed port when no AWS call is expected), and
 a proxy on a closed port for anything else that tries to leave (loopback is exempt).
 
-The CLI runs in its own venv (scripts/llmft-aws makes .local/venv-aws from scripts/requirements.txt on first
-use): the sagemaker SDK's pins clash with the main venv's. Unit tests import llmft_aws in-process instead;
-they only need boto3, which the main venv has.
+The CLI runs in the main venv, as the tests do: `run_cli` goes through the scripts/llmft-aws wrapper (a user's
+path), the unit tests import llmft_aws in-process.
 """
 
 from __future__ import annotations
@@ -28,7 +27,6 @@ from lambda_fn.local_stack import FAKE_CREDS
 
 REPO = Path(__file__).resolve().parents[2]
 CLI = REPO / "scripts" / "llmft-aws"
-SCRIPTS = REPO / "scripts"
 
 CLOSED_PORT_URL = "http://127.0.0.1:9"  # discard port: nothing listens, a stray call fails at once
 FAKE_AWS = {
@@ -65,20 +63,7 @@ def clean_env(**extra: str) -> dict[str, str]:
 
 
 @pytest.fixture(scope="session")
-def cli_venv() -> Path:
-    """The CLI's venv, made (once) by the wrapper itself: the same path a user's first run takes.
-
-    Made with the machine's own network settings (pip needs the package index); `--help` calls no AWS API.
-    Every later CLI call in these tests runs in clean_env(), where any call leaving the machine fails."""
-    install_env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "SAGEMAKER_"))}
-    proc = subprocess.run([str(CLI), "--help"], capture_output=True, text=True, timeout=900, env=install_env)
-    if proc.returncode != 0:
-        pytest.fail(f"scripts/llmft-aws --help failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
-    return REPO / ".local" / "venv-aws"
-
-
-@pytest.fixture(scope="session")
-def run_cli(cli_venv):
+def run_cli():
     """Runs `scripts/llmft-aws ARGS` with a clean fake-AWS env; returns the CompletedProcess."""
 
     def run(*args: str, env: dict[str, str] | None = None, timeout: float = 300, cwd: Path = REPO):
@@ -138,13 +123,13 @@ def servers(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def moto(cli_venv, servers) -> types.SimpleNamespace:
+def moto(servers) -> types.SimpleNamespace:
     """moto in server mode on loopback: the ECR, S3, SageMaker and Application Auto Scaling APIs."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     servers.start(
         "moto",
-        [str(cli_venv / "bin" / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+        [str(Path(sys.executable).with_name("moto_server")), "-H", "127.0.0.1", "-p", str(port)],
         f"{url}/moto-api/",
         env=clean_env(),
     )

@@ -1,13 +1,14 @@
 """The llmft-aws CLI in-process: usage errors exit 2 before any AWS call, --dry-run prints the requests.
 
-Runs in the main venv (boto3 only; the SDK is imported only when a real job starts). The environment is
-scrubbed of the machine's AWS settings and AWS_ENDPOINT_URL points at a closed port, so a call that slipped
-through would fail loudly rather than reach AWS.
+The environment is scrubbed of the machine's AWS settings and AWS_ENDPOINT_URL points at a closed port, so a
+call that slipped through would fail loudly rather than reach AWS. The requests a dry run prints are the ones a
+real run sends: the same functions build both, and the tests below hold each path to them.
 """
 
 from __future__ import annotations
 
 import json
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -25,6 +26,13 @@ COMMANDS = [
     "evaluate",
     "publish-web",
 ]
+
+
+def dry_run_call(out: str, operation: str) -> dict:
+    """The one request `operation` (e.g. "sagemaker.create_training_job") the dry run printed."""
+    requests = [request for op, request in dry_run_calls(out) if op == operation]
+    assert len(requests) == 1, out
+    return requests[0]
 
 
 def dry_run_calls(out: str) -> list[tuple[str, dict]]:
@@ -91,7 +99,7 @@ def test_training_jobs_and_endpoints_assume_their_own_roles(cli, monkeypatch):
     monkeypatch.setenv("SAGEMAKER_ROLE_ARN", f"{ROLE}-both")  # an older one-role set-up: not used when split
     code, out, err = cli(*TRAIN_ARGS, "--dry-run")
     assert code == 0, err
-    assert json.loads(out.split("sagemaker.create_training_job ", 1)[1].rsplit("\n", 2)[0])["RoleArn"] == training
+    assert dry_run_call(out, "sagemaker.create_training_job")["RoleArn"] == training
     code, out, err = cli(*DEPLOY_ARGS, "--dry-run")
     assert code == 0, err
     models = [request for op, request in dry_run_calls(out) if op == "sagemaker.create_model"]
@@ -221,7 +229,7 @@ def test_train_dry_run_prints_the_create_training_job_request(cli):
         "faq-1",
     )
     assert code == 0, err
-    request = json.loads(out.split("sagemaker.create_training_job ", 1)[1].rsplit("\n", 2)[0])
+    request = dry_run_call(out, "sagemaker.create_training_job")
     metrics = json.loads((REPO / "containers/train/metric_definitions.json").read_text())
     assert request["AlgorithmSpecification"]["MetricDefinitions"] == metrics
     assert request["ResourceConfig"]["InstanceCount"] == 2
@@ -360,13 +368,279 @@ def test_evaluate_reads_the_faq_file_as_it_is_published(tmp_path):
     assert read_pairs(path) == [("Q1", "A1")]
 
 
-def test_sdk_commands_outside_their_venv_say_how_to_run_them(cli, tmp_path):
-    pytest.importorskip("boto3")
-    try:
-        import sagemaker.train  # noqa: F401
-    except ImportError:
-        pass
-    else:
-        pytest.skip("this venv has the SDK")
-    code, _, err = cli("train", "--local", "--image", "img", "--train", str(tmp_path), "--output", tmp_path.as_uri())
-    assert code == 2 and "scripts/llmft-aws" in err
+# ------------------------------------------------------------------- the wrapper runs in the main venv
+
+
+def test_the_wrapper_runs_the_commands_in_the_main_venv(run_cli):
+    wrapper = (REPO / "scripts" / "llmft-aws").read_text()
+    assert '"$ROOT/.venv/bin/python" -m llmft_aws' in wrapper and "venv-aws" not in wrapper
+    result = run_cli("--help")
+    assert result.returncode == 0, result.stderr
+    assert "deploy" in result.stdout and result.stderr == ""  # .venv exists: nothing is installed
+
+
+# ------------------------------------------- one request per API call: dry run, real run and local mode
+
+
+def _stubbed_clients(monkeypatch, *services: str) -> dict:
+    """Real boto3 clients for AwsContext.client to hand out, ready for botocore's Stubber."""
+    import boto3
+    from llmft_aws import context
+
+    session = boto3.Session(region_name="us-east-1")
+    clients = {name: session.client(name) for name in services}
+    monkeypatch.setattr(context.AwsContext, "client", lambda self, service, **kw: clients[service])
+    return clients
+
+
+def test_train_sends_the_request_the_dry_run_prints(fake_aws, monkeypatch, capsys):
+    from botocore.stub import Stubber
+    from llmft_aws import context, training
+
+    spec = training.TrainSpec(
+        image="img:1",
+        role=ROLE,
+        channels={"train": "s3://b/d/train/", "validation": "s3://b/d/validation/"},
+        output="s3://b/jobs/",
+        spot=True,
+        checkpoint_s3_uri="s3://b/ckpt/",
+        hyperparameters={"max_steps": "10"},
+        tags={"team": "ml"},
+    )
+    artifact = f"s3://b/jobs/{spec.name}/output/model.tar.gz"
+    assert training.train(context.resolve(region="us-east-1", dry_run=True), spec) == artifact
+    printed = dry_run_call(capsys.readouterr().out, "sagemaker.create_training_job")
+    assert printed == training.training_job_request(spec)
+
+    clients = _stubbed_clients(monkeypatch, "sagemaker", "logs")
+    with Stubber(clients["sagemaker"]) as sm, Stubber(clients["logs"]) as logs:
+        sm.add_response(
+            "create_training_job", {"TrainingJobArn": "arn:aws:sagemaker:us-east-1:1:training-job/x"}, printed
+        )
+        sm.add_response(
+            "describe_training_job",
+            {
+                "TrainingJobName": spec.name,
+                "TrainingJobArn": "arn:aws:sagemaker:us-east-1:1:training-job/x",
+                "ModelArtifacts": {"S3ModelArtifacts": artifact},
+                "TrainingJobStatus": "Completed",
+                "SecondaryStatus": "Completed",
+                "AlgorithmSpecification": {"TrainingInputMode": "File"},
+                "ResourceConfig": {"InstanceCount": 1, "VolumeSizeInGB": 100},
+                "StoppingCondition": {},
+                "CreationTime": "2026-01-01T00:00:00Z",
+            },
+            {"TrainingJobName": spec.name},
+        )
+        logs.add_response(
+            "filter_log_events",
+            {
+                "events": [
+                    {
+                        "logStreamName": f"{spec.name}/algo-1",
+                        "timestamp": 5,
+                        "message": "step 2 loss=1.5\n",
+                        "eventId": "1",
+                    }
+                ]
+            },
+            {"logGroupName": "/aws/sagemaker/TrainingJobs", "logStreamNamePrefix": f"{spec.name}/", "startTime": 0},
+        )
+        assert training.train(context.resolve(region="us-east-1"), spec) == artifact
+        sm.assert_no_pending_responses()
+    err = capsys.readouterr().err
+    assert "step 2 loss=1.5" in err and "Completed" in err
+
+
+def test_train_local_hands_the_same_request_to_sagemaker_cores_local_client(fake_aws, monkeypatch, tmp_path):
+    from types import SimpleNamespace
+
+    from llmft_aws import sagemaker_local, training
+
+    data = tmp_path / "train"
+    data.mkdir()
+    sent = []
+
+    class LocalClient:  # stands in for LocalSession().sagemaker_client, which runs docker compose
+        def create_training_job(self, **request):
+            sent.append(request)
+            out = Path(request["OutputDataConfig"]["S3OutputPath"].removeprefix("file://"))
+            out.mkdir(parents=True)
+            (out / "model.tar.gz").write_bytes(b"")
+
+    monkeypatch.setattr(
+        sagemaker_local, "local_session", lambda root, *a: SimpleNamespace(sagemaker_client=LocalClient())
+    )
+    spec = training.TrainSpec(
+        image="img:local",
+        role=ROLE,
+        channels={"train": str(data)},
+        output=(tmp_path / "jobs").as_uri(),
+        local=True,
+        instance_type="local_cpu",
+    )
+    uri = training.train(None, spec)
+    assert sent == [training.training_job_request(spec)]
+    request = sent[0]
+    assert request["InputDataConfig"][0]["DataSource"]["S3DataSource"]["S3Uri"] == data.as_uri()
+    assert request["ResourceConfig"]["InstanceType"] == "local"
+    assert uri == (tmp_path / "jobs" / spec.name / "output" / "model.tar.gz").as_uri()
+
+
+def test_train_local_reports_the_failure_file_local_mode_packed(fake_aws, monkeypatch, tmp_path):
+    from types import SimpleNamespace
+
+    from llmft_aws import sagemaker_local, training
+
+    class FailingClient:  # local mode tars /opt/ml/output next to model.tar.gz, then raises
+        def create_training_job(self, **request):
+            out = Path(request["OutputDataConfig"]["S3OutputPath"].removeprefix("file://"))
+            out.mkdir(parents=True)
+            (tmp_path / "failure").write_text("unknown hyperparameter 'no_such_knob'\n")
+            with tarfile.open(out / "output.tar.gz", "w:gz") as tar:
+                tar.add(tmp_path / "failure", arcname="failure")
+            raise RuntimeError("Failed to run: docker compose ... exited with code 1")
+
+    monkeypatch.setattr(
+        sagemaker_local, "local_session", lambda root, *a: SimpleNamespace(sagemaker_client=FailingClient())
+    )
+    spec = training.TrainSpec(
+        image="img",
+        role=ROLE,
+        channels={"train": str(tmp_path)},
+        output=(tmp_path / "jobs").as_uri(),
+        local=True,
+        instance_type="local_cpu",
+    )
+    with pytest.raises(Exception, match="unknown hyperparameter 'no_such_knob'"):
+        training.train(None, spec)
+
+
+def test_train_local_goes_through_sagemaker_cores_local_client(cli, tmp_path, monkeypatch):
+    """No Docker engine (DOCKER_HOST points nowhere, so this holds where one runs too; test_sdk_local_mode runs
+    real local jobs there): the real LocalSession takes the request and gets as far as docker compose."""
+    monkeypatch.setenv("DOCKER_HOST", f"unix://{tmp_path}/no-engine.sock")
+    data = tmp_path / "train"
+    data.mkdir()
+    output = (tmp_path / "jobs").as_uri()
+    code, _, err = cli(
+        "train", "--local", "--image", "img", "--train", str(data), "--output", output, "--job-name", "nd"
+    )
+    assert code == 1, err
+    if "Docker Compose is not installed" in err:
+        return
+    assert "Failed to run: ['docker', 'compose'" in err
+    compose = next((tmp_path / "jobs").glob("nd-*/sagemaker-local/*/docker-compose.yaml")).read_text()
+    assert "command: train" in compose and f"{data}:/opt/ml/input/data/train" in compose
+
+
+def test_deploy_sends_the_requests_the_dry_run_prints(fake_aws, monkeypatch, capsys):
+    from botocore.stub import Stubber
+    from llmft_aws import context, endpoint
+
+    spec = endpoint.DeploySpec(
+        endpoint="faq-tgi",
+        image="763104351884.dkr.ecr.us-east-1.amazonaws.com/huggingface-pytorch-tgi-inference:x",
+        role=ROLE,
+        variants=(endpoint.Variant("tuned", "s3://b/tuned/model/", 1.0),),
+        environment=endpoint.engine_environment("tgi", 1, 2048, 4096),
+        engine="tgi",
+    )
+    endpoint.deploy(context.resolve(region="us-east-1", dry_run=True), spec, wait=False)
+    printed = dict(dry_run_calls(capsys.readouterr().out))
+    assert printed["sagemaker.create_model"] == endpoint.model_request(spec, spec.variants[0])
+    assert printed["sagemaker.create_endpoint"] == endpoint.endpoint_request(spec)
+
+    clients = _stubbed_clients(monkeypatch, "sagemaker", "s3", "sts")
+    missing = {"service_error_code": "ValidationException", "service_message": "Could not find it"}
+    with Stubber(clients["sagemaker"]) as sm, Stubber(clients["s3"]) as s3, Stubber(clients["sts"]) as sts:
+        sm.add_client_error("describe_model", **missing)
+        sm.add_response(
+            "create_model",
+            {"ModelArn": "arn:aws:sagemaker:us-east-1:123456789012:model/m"},
+            printed["sagemaker.create_model"],
+        )
+        sm.add_client_error("describe_endpoint_config", **missing)
+        s3.add_client_error("list_objects_v2", "AccessDenied")  # size unknown, as in the dry run: longest timeout
+        sm.add_response(
+            "create_endpoint_config",
+            {"EndpointConfigArn": "arn:aws:sagemaker:us-east-1:123456789012:endpoint-config/c"},
+            printed["sagemaker.create_endpoint_config"],
+        )
+        sm.add_client_error("describe_endpoint", **missing)
+        sm.add_response(
+            "create_endpoint",
+            {"EndpointArn": "arn:aws:sagemaker:us-east-1:123456789012:endpoint/faq-tgi"},
+            printed["sagemaker.create_endpoint"],
+        )
+        sts.add_response("get_caller_identity", {"Account": "123456789012"})
+        endpoint.deploy(context.resolve(region="us-east-1"), spec, wait=False)
+        sm.assert_no_pending_responses()
+
+
+# ------------------------------------------------------------- deploy --engine: AWS's TGI and LMI images
+
+
+def test_deploy_on_tgi_uses_the_regions_image_its_env_and_an_uncompressed_prefix(cli):
+    code, out, err = cli(
+        "deploy", "--dry-run", "--role", ROLE, "--endpoint", "faq-tgi", "--engine", "tgi",
+        "--model-data", "s3://b/tuned/model/", "--instance-type", "ml.g5.12xlarge",
+        "--max-input-tokens", "1024", "--max-total-tokens", "2048",
+    )  # fmt: skip
+    assert code == 0, err
+    container = dry_run_call(out, "sagemaker.create_model")["PrimaryContainer"]
+    # sagemaker-core's image_uris table: the DLC account's huggingface-pytorch-tgi-inference, TGI 3.3.6
+    assert container["Image"].startswith(
+        "763104351884.dkr.ecr.us-east-1.amazonaws.com/huggingface-pytorch-tgi-inference:"
+    )
+    assert "-tgi3.3.6-" in container["Image"]
+    assert container["Environment"] == {
+        "HF_MODEL_ID": "/opt/ml/model",
+        "SM_NUM_GPUS": "4",  # ml.g5.12xlarge has 4 GPUs: one TGI shard each
+        "MAX_INPUT_TOKENS": "1024",
+        "MAX_TOTAL_TOKENS": "2048",
+    }
+    assert "ModelDataUrl" not in container
+    assert container["ModelDataSource"] == {
+        "S3DataSource": {"S3Uri": "s3://b/tuned/model/", "S3DataType": "S3Prefix", "CompressionType": "None"}
+    }
+
+
+def test_deploy_on_lmi_takes_the_tar_and_lets_env_flags_win(cli):
+    code, out, err = cli(
+        "deploy", "--dry-run", "--role", ROLE, "--region", "eu-west-1", "--endpoint", "faq-lmi", "--engine", "lmi",
+        "--model-data", "s3://b/tuned/model.tar.gz", "--env", "OPTION_ROLLING_BATCH=disable",
+    )  # fmt: skip
+    assert code == 0, err
+    container = dry_run_call(out, "sagemaker.create_model")["PrimaryContainer"]
+    assert container["Image"].startswith("763104351884.dkr.ecr.eu-west-1.amazonaws.com/djl-inference:0.38.0-lmi")
+    assert container["ModelDataUrl"] == "s3://b/tuned/model.tar.gz"
+    assert container["Environment"] == {
+        "HF_MODEL_ID": "/opt/ml/model",
+        "TENSOR_PARALLEL_DEGREE": "1",
+        "OPTION_MAX_MODEL_LEN": "4096",
+        "OPTION_ROLLING_BATCH": "disable",
+    }
+
+
+def test_deploy_engine_image_can_be_overridden_and_ours_needs_one(cli):
+    args = ("deploy", "--dry-run", "--role", ROLE, "--endpoint", "faq", "--model-data", "s3://b/m.tar.gz")
+    code, out, err = cli(*args, "--engine", "tgi", "--image", "123456789012.dkr.ecr.us-east-1.amazonaws.com/tgi:1")
+    assert code == 0, err
+    assert dry_run_call(out, "sagemaker.create_model")["PrimaryContainer"]["Image"].endswith("/tgi:1")
+    code, _, err = cli(*args)
+    assert code == 2 and "--image is required" in err
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--local", "--model-data", "file:///tmp/model.tar.gz"], "--local serves our image"),
+        (["--model-data", "file:///tmp/model.tar.gz"], "runs on SageMaker only"),
+        (["--model-data", "s3://b/m.tar.gz", "--engine", "vllm"], "invalid choice"),
+    ],
+)
+def test_deploy_engine_errors(cli, args, message):
+    code, _, err = cli("deploy", "--role", ROLE, "--endpoint", "faq", "--engine", "tgi", *args)
+    assert code == 2, err
+    assert message in err

@@ -163,9 +163,9 @@ def test_publish_web_uploads_the_page_with_config_from_the_api_url_and_invalidat
     assert again.returncode == 0 and again.stderr.count("unchanged: not uploaded again") >= 4
 
 
-def test_train_starts_the_job_through_the_sdk_with_our_image_metrics_spot_and_checkpoints(run_cli, moto):
-    # The v3 SDK's ModelTrainer against moto's SageMaker API. SAGEMAKER_VALIDATE_ROLE=false: the SDK checks the
-    # role with iam:SimulatePrincipalPolicy first, which moto does not implement.
+def test_train_starts_the_job_with_our_image_metrics_spot_and_checkpoints(run_cli, moto):
+    # CreateTrainingJob with boto3 against moto's SageMaker API, then DescribeTrainingJob until it ends (moto's
+    # jobs complete at once) and the job's CloudWatch log (moto has none: the command still watches the status).
     image = "123456789012.dkr.ecr.us-east-1.amazonaws.com/sagemaker-llm-finetune-train:abc"
     result = run_cli(
         "train",
@@ -194,7 +194,7 @@ def test_train_starts_the_job_through_the_sdk_with_our_image_metrics_spot_and_ch
         "team=ml",
         "--job-name",
         "faq-moto",
-        env={**moto.env, "SAGEMAKER_VALIDATE_ROLE": "false"},
+        env=moto.env,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     model_uri = result.stdout.strip().splitlines()[-1]
@@ -210,3 +210,26 @@ def test_train_starts_the_job_through_the_sdk_with_our_image_metrics_spot_and_ch
     assert job["CheckpointConfig"]["S3Uri"] == "s3://llmft-test-data/checkpoints/faq/"
     assert {c["ChannelName"] for c in job["InputDataConfig"]} == {"train", "validation"}
     # (moto answers MetricDefinitions with canned ones; the request's are checked by the dry-run test)
+
+
+def test_deploy_on_aws_tgi_image_from_an_uncompressed_prefix(run_cli, moto, bucket):
+    s3 = moto.client("s3")
+    for name in ("config.json", "model.safetensors", "tokenizer.json"):
+        s3.put_object(Bucket=bucket, Key=f"models/tuned-dir/{name}", Body=b"\0" * 1000)
+    deployed = run_cli(
+        "deploy", "--endpoint", "faq-tgi", "--role", ROLE, "--engine", "tgi",
+        "--model-data", f"s3://{bucket}/models/tuned-dir/", "--instance-type", "ml.g4dn.12xlarge",
+        env=moto.env,
+    )  # fmt: skip
+    assert deployed.returncode == 0, deployed.stderr
+    sm = moto.client("sagemaker")
+    config_name = sm.describe_endpoint(EndpointName="faq-tgi")["EndpointConfigName"]
+    variant = sm.describe_endpoint_config(EndpointConfigName=config_name)["ProductionVariants"][0]
+    container = sm.describe_model(ModelName=variant["ModelName"])["PrimaryContainer"]
+    assert "/huggingface-pytorch-tgi-inference:" in container["Image"]
+    assert container["Environment"]["HF_MODEL_ID"] == "/opt/ml/model"
+    assert container["Environment"]["SM_NUM_GPUS"] == "4"  # ml.g4dn.12xlarge
+    assert container["ModelDataSource"]["S3DataSource"]["S3Uri"] == f"s3://{bucket}/models/tuned-dir/"
+    assert variant["ContainerStartupHealthCheckTimeoutInSeconds"] == 900  # the prefix holds 3 kB: 600 s + 300 s
+    deleted = run_cli("delete", "--endpoint", "faq-tgi", env=moto.env)
+    assert deleted.returncode == 0, deleted.stderr

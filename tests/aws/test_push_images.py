@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 import urllib.request
 from base64 import b64encode
 
@@ -29,15 +30,15 @@ def _docker(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def registry(docker_engine, cli_venv, servers, tmp_path_factory) -> str:
+def registry(docker_engine, servers, tmp_path_factory) -> str:
     """docker-registry on a loopback port, with htpasswd auth that accepts only AWS / moto's token."""
     binary = shutil.which("docker-registry") or shutil.which("registry")
     if binary is None:
         pytest.fail("no docker-registry binary: `make test` installs it (scripts/setup.d/30-registry.sh, as root)")
     root = tmp_path_factory.mktemp("registry")
-    hashed = subprocess.run(  # bcrypt, as the registry wants; it comes with the CLI venv (paramiko)
+    hashed = subprocess.run(  # bcrypt, as the registry wants; it comes with sagemaker-core (paramiko)
         [
-            str(cli_venv / "bin" / "python"),
+            sys.executable,
             "-c",
             f"import bcrypt; print(bcrypt.hashpw(b'{MOTO_PASSWORD}', bcrypt.gensalt(rounds=4)).decode())",
         ],

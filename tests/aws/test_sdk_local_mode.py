@@ -1,13 +1,15 @@
-"""The sagemaker SDK's local mode with our images: `train --local` (v3 ModelTrainer, Mode.LOCAL_CONTAINER)
-fine-tunes the tiny model from file:// data, then `deploy --local` (the SDK's LocalSession: CreateModel,
-CreateEndpointConfig, CreateEndpoint) serves the model.tar.gz with the serving image and a predictor call
-answers. Fake credentials; AWS endpoints and proxies point at a closed loopback port, telemetry is off.
+"""sagemaker-core's local mode with our images: `train --local` hands the CreateTrainingJob request to the
+local client (docker compose runs the training image with `train`), fine-tuning the tiny model from file://
+data; then `deploy --local` (CreateModel, CreateEndpointConfig, CreateEndpoint on the same client) serves the
+model.tar.gz with the serving image and a runtime-client call answers. Fake credentials; AWS endpoints and
+proxies point at a closed loopback port, telemetry is off.
 """
 
 from __future__ import annotations
 
 import subprocess
 import tarfile
+from pathlib import Path
 from urllib.parse import urlparse
 
 import pytest
@@ -24,7 +26,7 @@ ROWS = [
 
 
 @pytest.fixture(scope="module")
-def local_training(run_cli, images, tiny_model_dir, tmp_path_factory) -> tuple[str, str]:
+def local_training(run_cli, images, tiny_model_dir, tmp_path_factory) -> tuple[int, str, str, Path]:
     root = tmp_path_factory.mktemp("sdk-local")
     train = root / "train"
     train.mkdir()
@@ -46,11 +48,11 @@ def local_training(run_cli, images, tiny_model_dir, tmp_path_factory) -> tuple[s
     for hp in TINY_HYPERPARAMETERS:
         args += ["-H", hp]
     result = run_cli(*args, timeout=900)
-    return result.returncode, result.stdout, result.stderr
+    return result.returncode, result.stdout, result.stderr, root / "jobs"
 
 
 def test_train_local_runs_the_training_image_and_prints_the_model_tar_gz(local_training):
-    code, out, err = local_training
+    code, out, err, _ = local_training
     assert code == 0, err[-4000:]
     uri = out.strip().splitlines()[-1]
     assert uri.startswith("file://") and uri.endswith("/model.tar.gz")
@@ -61,7 +63,7 @@ def test_train_local_runs_the_training_image_and_prints_the_model_tar_gz(local_t
 
 
 def test_deploy_local_serves_the_artifact_and_a_predictor_call_answers(run_cli, images, local_training, servers):
-    code, out, err = local_training
+    code, out, err, _ = local_training
     assert code == 0, err[-4000:]
     model_data = out.strip().splitlines()[-1]
     serving_before = _containers(images.serve)
@@ -112,12 +114,24 @@ def test_train_local_reports_the_containers_failure_reason(run_cli, images, tmp_
 
 
 def test_no_training_containers_are_left_behind(images, local_training):
-    assert not [n for n in _containers(images.train) if "llmft-sdk-local" in n]
+    # Each local job's folder holds the compose file the SDK ran; its project is that folder's name.
+    jobs = local_training[3]
+    projects = {p.parent.name.lower() for p in jobs.glob("*/sagemaker-local/*/docker-compose.yaml")}
+    assert projects, f"no compose file under {jobs}"
+    for project in projects:
+        assert not _containers(images.train, f"label=com.docker.compose.project={project}")
 
 
-def _containers(image: str) -> list[str]:
+def _containers(image: str, *filters: str) -> list[str]:
     return subprocess.run(
-        ["docker", "ps", "-a", "--filter", f"ancestor={image}", "--format", "{{.Names}}"],
+        [
+            "docker",
+            "ps",
+            "-a",
+            f"--filter=ancestor={image}",
+            *(f"--filter={f}" for f in filters),
+            "--format={{.Names}}",
+        ],
         capture_output=True,
         text=True,
         timeout=60,
