@@ -82,8 +82,13 @@ def emulator(servers, tiny_model_dir, tmp_path_factory) -> str:
 @pytest.fixture
 def aws_env(emulator, fake_aws, monkeypatch) -> None:
     """Unmodified clients find the emulator through AWS_ENDPOINT_URL_SAGEMAKER_RUNTIME; one attempt each."""
+    import boto3
+
     monkeypatch.setenv("AWS_ENDPOINT_URL_SAGEMAKER_RUNTIME", emulator)
     monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
+    # boto3.client() makes and keeps a default session that caches the credentials it finds: a fresh one for this
+    # test, the old one back after it, or later tests' clients (the S3 stand-in's) would sign with these.
+    monkeypatch.setattr(boto3, "DEFAULT_SESSION", None)
 
 
 def _request(stream: bool = False) -> str:
@@ -118,7 +123,7 @@ def answer(emulator) -> str:
     """The non-streamed answer, straight from boto3: what every other call must agree with (greedy decoding)."""
     import boto3
 
-    client = boto3.client(
+    client = boto3.Session().client(  # not boto3.client(): that would keep a default session past this module
         "sagemaker-runtime",
         endpoint_url=emulator,
         region_name="us-east-1",
