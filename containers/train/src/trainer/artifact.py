@@ -1,5 +1,6 @@
 """The servable artifact: merged weights (safetensors), tokenizer with the training prompt format as its chat
-template, generation config, and manifest.json, which records the sha256 of every weight file
+template, generation config, the retrieval index when the job trained with one (`retrieval/`, trainer.retrieval),
+and manifest.json, which records the sha256 of every weight file
 (`"weights_sha256": {"model.safetensors": "<hex>", ...}`) for the server to check before it loads them.
 
 Files are written into a staging folder inside the model directory and moved up one by one, the manifest
@@ -25,8 +26,12 @@ def merge_for_serving(model):
     return model
 
 
-def save_artifact(model, tokenizer, stop_token_ids, model_dir: Path, manifest: dict, stop_strings=()) -> Path:
+def save_artifact(
+    model, tokenizer, stop_token_ids, model_dir: Path, manifest: dict, stop_strings=(), retrieval_index=None
+) -> Path:
     from transformers import GenerationConfig
+
+    from .retrieval import RETRIEVAL_DIR
 
     model_dir.mkdir(parents=True, exist_ok=True)
     staging = model_dir / ".partial"
@@ -45,10 +50,13 @@ def save_artifact(model, tokenizer, stop_token_ids, model_dir: Path, manifest: d
     model.config.pad_token_id = tokenizer.pad_token_id
     model.save_pretrained(staging, safe_serialization=True)
     tokenizer.save_pretrained(staging)
+    shutil.rmtree(model_dir / RETRIEVAL_DIR, ignore_errors=True)  # an earlier run's index is not this model's
+    if retrieval_index is not None:
+        retrieval_index.save(staging / RETRIEVAL_DIR)
     manifest = {**manifest, "weights_sha256": {p.name: _sha256(p) for p in sorted(staging.glob("*.safetensors"))}}
     for path in sorted(staging.iterdir()):
         # safetensors writes 0600; a serving container that runs as non-root must still read the weights.
-        path.chmod(0o644)
+        _readable(path)
         os.replace(path, model_dir / path.name)
     staging.rmdir()
     tmp = model_dir / f".{MANIFEST}.tmp"
@@ -56,6 +64,16 @@ def save_artifact(model, tokenizer, stop_token_ids, model_dir: Path, manifest: d
     tmp.chmod(0o644)
     os.replace(tmp, model_dir / MANIFEST)
     return model_dir
+
+
+def _readable(path: Path) -> None:
+    """Readable by everyone: files 0644, folders (the retrieval index) 0755, all the way down."""
+    if path.is_dir():
+        path.chmod(0o755)
+        for child in path.iterdir():
+            _readable(child)
+    else:
+        path.chmod(0o644)
 
 
 def _sha256(path: Path) -> str:

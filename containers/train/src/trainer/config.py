@@ -16,6 +16,8 @@ from typing import Any
 from .errors import ConfigError
 
 EMBEDDED_MODEL_ID = "embedded:SmolLM2-135M-Instruct"
+RETRIEVAL_MIN_ROWS = 40  # `retrieval=auto` turns retrieval on from this many training rows
+RETRIEVAL_MAX_K = 10
 DEFAULT_REVISION = "main"  # the hub's default branch, as from_pretrained takes it
 
 # Keys that SageMaker SDKs add for their own toolkits; they mean nothing to this image and are ignored.
@@ -69,6 +71,25 @@ class TrainConfig:
     )
     max_seq_length: int = _hp(
         1024, "Longest training sequence in tokens; longer examples are reported and skipped.", minimum=16
+    )
+
+    # > Retrieval (RAFT: training with retrieved passages in the prompt, arXiv:2403.10131)
+    retrieval: str = _hp(
+        "auto",
+        "Build a BM25 index over the training rows (one passage per row: question and answer) and the `documents` "
+        "channel, ship it in the artifact (model/retrieval/, used by the serving image), and train each example "
+        "with `retrieval_k` retrieved passages in its prompt. `auto` turns it on from "
+        f"{RETRIEVAL_MIN_ROWS} training rows, or with a `documents` channel.",
+        choices=("auto", "on", "off"),
+    )
+    retrieval_k: int = _hp(
+        3, f"Passages retrieved into each prompt, in training and when serving (1 to {RETRIEVAL_MAX_K}).", minimum=1
+    )
+    retrieval_gold_fraction: float = _hp(
+        0.8,
+        "Share of training examples whose passages include the example's own row (the others get only other rows' "
+        "passages, so the model also answers from what it learned), from 0 to 1.",
+        minimum=0.0,
     )
 
     # > Optimisation
@@ -189,6 +210,10 @@ class TrainConfig:
     eval_batch_size: int = _hp(8, "Questions answered at once during evaluation.", minimum=1)
 
     def __post_init__(self) -> None:
+        # true/false as a boolean hyperparameter would be written (SDK v2 sends json.dumps(True))
+        object.__setattr__(
+            self, "retrieval", {"true": "on", "false": "off"}.get(str(self.retrieval).lower(), self.retrieval)
+        )
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             choices = f.metadata.get("choices")
@@ -199,6 +224,10 @@ class TrainConfig:
                 raise ConfigError(f"hyperparameter '{f.name}': {value!r} must be at least {minimum:g}")
         if not 0.0 <= self.validation_fraction < 1.0:
             raise ConfigError("hyperparameter 'validation_fraction': must be in [0, 1)")
+        if self.retrieval_k > RETRIEVAL_MAX_K:
+            raise ConfigError(f"hyperparameter 'retrieval_k': {self.retrieval_k} must be at most {RETRIEVAL_MAX_K}")
+        if self.retrieval_gold_fraction > 1.0:
+            raise ConfigError("hyperparameter 'retrieval_gold_fraction': must be in [0, 1]")
         if self.lr_decay_ratio > 1.0:
             raise ConfigError("hyperparameter 'lr_decay_ratio': must be in [0, 1]")
         if self.lora_train_token_embeddings == "true" and (self.method != "lora" or self.deepspeed != "none"):
@@ -218,6 +247,13 @@ class TrainConfig:
                 "so that the checkpoints saved for resuming were evaluated and can be compared (or set "
                 "load_best_model_at_end=false)"
             )
+
+    def use_retrieval(self, train_rows: int, documents: bool = False) -> bool:
+        """Whether a job with `train_rows` training rows (and a documents channel or not) trains with retrieval,
+        and ships an index."""
+        if self.retrieval == "auto":
+            return documents or train_rows >= RETRIEVAL_MIN_ROWS
+        return self.retrieval == "on"
 
     @property
     def trackers(self) -> tuple[str, ...]:

@@ -1,8 +1,9 @@
 """Did fine-tuning help? Answer quality and loss for a model on question/answer pairs.
 
-The scoring half (`score_answers`, `rouge_l`, `exact_match`, `latency_summary`) is pure Python with no
-torch, so the endpoint A/B evaluation (scripts/) scores answers from a live endpoint with the very same
-code. The model half answers questions in batches and measures the loss on the answer tokens.
+The scoring half (`score_answers`, `rouge_l`, `exact_match`, `latency_summary`, `gold_retrieved`) is pure Python
+with no torch, so the endpoint A/B evaluation (scripts/) scores answers from a live endpoint with the very same
+code. The model half answers questions in batches and measures the loss on the answer tokens; given
+`documents_for` (retrieval), each question's prompt carries the passages retrieved for it, as serving builds it.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import math
 import re
 import string
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 
 log = logging.getLogger(__name__)
@@ -35,6 +36,27 @@ class EvalSet:
     prompts: list[str]  # rendered with the chat template, as a server would
     references: list[str]
     encoded: list[dict]  # token ids and labels, for the answer loss
+    # The examples themselves (trainer.data.Example), so that prompts and encodings can be built again with the
+    # documents retrieved for each question. Empty: the set cannot be evaluated with retrieval.
+    examples: list = field(default_factory=list)
+    # Whether each reference answer is also a passage of the retrieval index (training questions, and rewordings
+    # of them answered with the original's answer): then the passage whose text equals the reference is the
+    # question's gold passage, and recall is measured. Held-out questions have none.
+    gold_in_index: bool = False
+
+
+def eval_set(tokenizer, examples: Sequence, *, gold_in_index: bool = False) -> EvalSet:
+    """An EvalSet of `examples` (trainer.data.Example), rendered with the tokenizer's chat template."""
+    from . import prompts
+
+    return EvalSet(
+        questions=[e.question for e in examples],
+        prompts=[prompts.example_prompt(tokenizer, e) for e in examples],
+        references=[e.answer for e in examples],
+        encoded=[prompts.encode_example(tokenizer, e) for e in examples],
+        examples=list(examples),
+        gold_in_index=gold_in_index,
+    )
 
 
 def normalize_answer(text: str) -> str:
@@ -81,6 +103,19 @@ def latency_summary(latencies_s: Sequence[float]) -> dict[str, float]:
         return 1000 * ordered[min(len(ordered) - 1, max(0, math.ceil(p / 100 * len(ordered)) - 1))]
 
     return {"p50_ms": rank(50), "p90_ms": rank(90), "p99_ms": rank(99), "count": len(ordered)}
+
+
+def gold_retrieved(reference: str, passage_texts: Sequence[str]) -> bool:
+    """Whether the gold passage of a question is among the passages used: for a question whose answer is a passage
+    of the index (a training row: passage text = its answer), the passage whose text is the reference answer."""
+    gold = " ".join(reference.split())
+    return any(" ".join(text.split()) == gold for text in passage_texts)
+
+
+def recall(hits: Sequence[bool | None]) -> float | None:
+    """Share of the questions with a known gold passage (not None) whose gold was retrieved; None if none."""
+    known = [hit for hit in hits if hit is not None]
+    return sum(known) / len(known) if known else None
 
 
 def cut_at_stop(text: str, stop_strings: Sequence[str]) -> str:
@@ -186,11 +221,29 @@ def evaluate_model(
     batch_size: int,
     stop_strings: Sequence[str] = (),
     should_stop: Callable[[], bool] = _never,
+    documents_for: Callable[[str], list[dict]] | None = None,
 ) -> dict:
-    """Loss/perplexity and answer quality on each named EvalSet; EvaluationStopped when should_stop()."""
+    """Loss/perplexity and answer quality on each named EvalSet; EvaluationStopped when should_stop().
+
+    With `documents_for` (a question -> the passages retrieved for it, `{"id", "title", "text", "source"}` each),
+    every prompt and every loss example carries its question's passages through the chat template's `documents`,
+    as serving builds them. Each set's result then has `retrieval`: the passage ids used per question, whether the
+    gold passage was among them (None where the set has no gold), and `recall_at_k`, the share of questions whose
+    gold was among the k used (None for a set without gold passages, such as held-out questions).
+    """
     results: dict[str, dict] = {}
     for set_name, eval_set in sets.items():
-        loss = answer_loss(model, eval_set.encoded, collator, batch_size, should_stop)
+        prompts_, encoded, retrieval = eval_set.prompts, eval_set.encoded, None
+        if documents_for is not None:
+            prompts_, encoded, retrieval = _with_documents(tokenizer, set_name, eval_set, documents_for)
+            log.info(
+                "eval %s/%s: %d passages retrieved per question at most, recall %s",
+                label,
+                set_name,
+                retrieval["k"],
+                "n/a (no gold passages)" if retrieval["recall_at_k"] is None else f"{retrieval['recall_at_k']:.3f}",
+            )
+        loss = answer_loss(model, encoded, collator, batch_size, should_stop)
 
         def progress(done: int, total: int, set_name=set_name) -> None:
             log.info("eval %s/%s: answered %d/%d questions", label, set_name, done, total)
@@ -198,7 +251,7 @@ def evaluate_model(
         answers = generate_answers(
             model,
             tokenizer,
-            eval_set.prompts,
+            prompts_,
             max_new_tokens=max_new_tokens,
             batch_size=batch_size,
             stop_token_ids=stop_token_ids,
@@ -211,5 +264,33 @@ def evaluate_model(
             "perplexity": math.exp(min(loss, 50.0)),
             **score_answers(answers, eval_set.references),
             "answers": answers,
+            **({"retrieval": retrieval} if retrieval is not None else {}),
         }
     return results
+
+
+def _with_documents(
+    tokenizer, set_name: str, eval_set: EvalSet, documents_for: Callable[[str], list[dict]]
+) -> tuple[list[str], list[dict], dict]:
+    """The set's prompts and loss examples rebuilt with each question's retrieved passages, and what was used."""
+    from . import prompts
+
+    if len(eval_set.examples) != len(eval_set.questions):
+        raise ValueError(f"evaluation set {set_name!r} holds no examples to rebuild its prompts with documents")
+    prompts_, encoded, sources, hits = [], [], [], []
+    for example, reference in zip(eval_set.examples, eval_set.references, strict=True):
+        passages = documents_for(example.question)
+        documents = [{"title": p["title"], "text": p["text"]} for p in passages]
+        # The documents go into the last user message through the chat template, as serving renders them.
+        prompts_.append(prompts.example_prompt(tokenizer, example, documents=documents))
+        encoded.append(prompts.encode_example(tokenizer, example, documents=documents))
+        sources.append([p["id"] for p in passages])
+        hits.append(gold_retrieved(reference, [p["text"] for p in passages]) if eval_set.gold_in_index else None)
+    retrieval = {
+        "k": max((len(ids) for ids in sources), default=0),
+        "recall_at_k": recall(hits),
+        "questions_with_gold": sum(hit is not None for hit in hits),
+        "sources": sources,
+        "gold_retrieved": hits,
+    }
+    return prompts_, encoded, retrieval

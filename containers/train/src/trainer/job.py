@@ -9,13 +9,13 @@ import platform
 import random
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import data as data_lib
 from . import prompts, report, tracking
 from .config import TrainConfig
-from .errors import DataError, TrainingInterrupted, UserError
+from .errors import ConfigError, DataError, TrainingInterrupted, UserError
 from .modeling import (
     BaseModel,
     load_for_prompt_format,
@@ -24,6 +24,7 @@ from .modeling import (
     resolve_base_model,
     stored_dtype,
 )
+from .retrieval import RETRIEVAL_DIR, LexicalIndex, Passage, passages_from_documents, passages_from_rows, raft_documents
 from .sagemaker import Job
 
 log = logging.getLogger(__name__)
@@ -51,6 +52,9 @@ class Datasets:
     train: list[data_lib.Example]
     validation: list[data_lib.Example]
     report: data_lib.DataReport
+    paraphrases: list[data_lib.Example] = field(default_factory=list)  # evaluated only, never trained on
+    documents: list[Passage] = field(default_factory=list)  # the documents channel's passages, for retrieval
+    has_documents_channel: bool = False
 
 
 def load_datasets(config: TrainConfig, job: Job) -> Datasets:
@@ -62,7 +66,18 @@ def load_datasets(config: TrainConfig, job: Job) -> Datasets:
         train, validation = data_lib.split(train, config.validation_fraction, config.seed)
     if not train:
         raise DataError("no training rows left after holding out the validation split; lower validation_fraction")
-    return Datasets(train, validation, data_report)
+    paraphrases = []
+    if job.paraphrases_dir is not None:
+        paraphrases, _ = data_lib.load_channel(job.paraphrases_dir, columns, config.csv_header, data_lib.DataReport())
+    documents = []
+    if job.documents_dir is not None:
+        if config.retrieval == "off":
+            raise ConfigError(
+                "hyperparameter 'retrieval': the documents channel is only used for retrieval, which is off; "
+                "set retrieval=on (or auto), or leave the channel out"
+            )
+        documents = passages_from_documents(job.documents_dir)
+    return Datasets(train, validation, data_report, paraphrases, documents, job.documents_dir is not None)
 
 
 @dataclass
@@ -75,22 +90,34 @@ class Prepared:
     setup: prompts.PromptSetup
     collator: prompts.CompletionCollator
     eval_sets: dict
+    index: LexicalIndex | None = None  # retrieval: built from the data when training, loaded from the artifact after
 
 
-def prepare(config: TrainConfig, job: Job, cache_dir: Path, rank: Rank) -> Prepared:
+def prepare(
+    config: TrainConfig, job: Job, cache_dir: Path, rank: Rank, artifact_manifest: dict | None = None
+) -> Prepared:
+    """Data, tokenizer, prompt format and evaluation sets. Retrieval is decided by the hyperparameters and the data
+    when training; by the finished artifact (`artifact_manifest`, its index loaded from model/) when evaluating it."""
     datasets = load_datasets(config, job)
     if rank.is_main:
         log.info(
-            "data: %s; %d training and %d validation examples",
+            "data: %s; %d training and %d validation examples%s",
             datasets.report.summary(),
             len(datasets.train),
             len(datasets.validation),
+            f", {len(datasets.paraphrases)} paraphrased questions (evaluated only)" if datasets.paraphrases else "",
         )
+    if artifact_manifest is None:
+        index = _build_index(config, datasets, rank) if _use_retrieval(config, datasets) else None
+    else:
+        index = _load_index(job.model_dir, artifact_manifest)
     base = resolve_base_model(config.model_id, job.model_channel_dir, cache_dir, config.revision)
     if base.revision and rank.is_main:
         log.info("base model %s at revision %s (commit %s)", base.name, base.revision, base.commit or "unresolved")
     tokenizer = load_tokenizer(base, config.trust_remote_code)
-    setup = prompts.prepare_tokenizer(tokenizer, prompts.choose_format(config.prompt_format, tokenizer, base.name))
+    setup = prompts.prepare_tokenizer(
+        tokenizer, prompts.choose_format(config.prompt_format, tokenizer, base.name), documents=index is not None
+    )
     log.info(
         "prompt format: %s; pad token %r (id %s), stop tokens %s",
         setup.format,
@@ -104,8 +131,64 @@ def prepare(config: TrainConfig, job: Job, cache_dir: Path, rank: Rank) -> Prepa
         tokenizer,
         setup,
         prompts.CompletionCollator(tokenizer.pad_token_id),
-        _eval_sets(tokenizer, datasets, config),
+        _eval_sets(tokenizer, datasets, config, retrieval=index is not None),
+        index,
     )
+
+
+def _use_retrieval(config: TrainConfig, datasets: Datasets) -> bool:
+    """`retrieval`: on, off, or (auto) on from RETRIEVAL_MIN_ROWS training rows or with a documents channel."""
+    return config.use_retrieval(len(datasets.train), documents=datasets.has_documents_channel)
+
+
+def _build_index(config: TrainConfig, datasets: Datasets, rank: Rank) -> LexicalIndex:
+    """The index over the training rows (ids 0..rows-1, in row order: example i's own passage is passage i) and
+    the documents channel's passages after them. Never the validation or paraphrased questions."""
+    index = LexicalIndex.build(passages_from_rows(datasets.train) + datasets.documents, k=config.retrieval_k)
+    if rank.is_main:
+        files = len({p.source.rsplit("#", 1)[0] for p in datasets.documents})
+        log.info(
+            "retrieval: indexed %d passages (%d training rows, %d from %d document file(s)); k=%d, gold fraction %.2f",
+            len(index),
+            len(datasets.train),
+            len(datasets.documents),
+            files,
+            config.retrieval_k,
+            config.retrieval_gold_fraction,
+        )
+    return index
+
+
+def _load_index(model_dir: Path, manifest: dict) -> LexicalIndex | None:
+    entry = manifest.get("retrieval")
+    if not entry:
+        return None
+    index = LexicalIndex.load(model_dir / entry.get("dir", RETRIEVAL_DIR))
+    log.info("retrieval: the artifact's index, %d passages, k=%d", len(index), index.k)
+    return index
+
+
+def _training_documents(config: TrainConfig, parts: Prepared, rank: Rank) -> list[list[dict]] | None:
+    """Each training example's documents (RAFT, trainer.retrieval.raft_documents), or None without retrieval."""
+    if parts.index is None:
+        return None
+    train = parts.datasets.train
+    chosen = raft_documents(
+        parts.index,
+        [e.question for e in train],
+        range(len(train)),
+        k=config.retrieval_k,
+        gold_fraction=config.retrieval_gold_fraction,
+        seed=config.seed,
+    )
+    if rank.is_main:
+        log.info(
+            "retrieval: %d of %d training examples have their own passage among their %d, the others distractors only",
+            sum(c.gold for c in chosen),
+            len(chosen),
+            config.retrieval_k,
+        )
+    return [c.documents() for c in chosen]
 
 
 def run(config: TrainConfig, job: Job, cache_dir: Path, stop_requested: threading.Event) -> None:
@@ -122,10 +205,22 @@ def run(config: TrainConfig, job: Job, cache_dir: Path, stop_requested: threadin
     parts = prepare(config, job, cache_dir, rank)
     if rank.is_main:
         report.write_json(job.output_data_dir / report.DATA_REPORT_FILE, parts.datasets.report.to_dict())
-    train_set = _encode(parts.tokenizer, parts.datasets.train, config.max_seq_length, "training")
+    train_set = _encode(
+        parts.tokenizer,
+        parts.datasets.train,
+        config.max_seq_length,
+        "training",
+        _training_documents(config, parts, rank),
+    )
     eval_rows = None
     if config.eval_steps:
-        eval_set = _encode(parts.tokenizer, parts.datasets.validation, config.max_seq_length, "validation")
+        # With retrieval, validation questions carry the passages retrieved for them, as they will when served.
+        validation_documents = (
+            [parts.index.documents_for(e.question) for e in parts.datasets.validation] if parts.index else None
+        )
+        eval_set = _encode(
+            parts.tokenizer, parts.datasets.validation, config.max_seq_length, "validation", validation_documents
+        )
         if not eval_set:
             raise DataError(
                 f"eval_steps={config.eval_steps} needs validation examples, and there are none: give a validation "
@@ -142,6 +237,7 @@ def run(config: TrainConfig, job: Job, cache_dir: Path, stop_requested: threadin
         when_stopped={
             "base": f"nothing was trained yet. {resume}",
             "tuned": f"the trained weights are in the last checkpoint. {resume}",
+            "tuned_retrieval": f"the trained weights are in the last checkpoint. {resume}",
         },
     )
     base_results: dict = {}
@@ -199,13 +295,20 @@ def run(config: TrainConfig, job: Job, cache_dir: Path, stop_requested: threadin
         return
     final_model = merge_for_serving(final_model)
     tuned_results = evaluate(final_model, "tuned") if evaluate_in_job else {}
-    table = report.comparison(base_results, tuned_results)
+    retrieval_results = _evaluate_with_retrieval(evaluate, final_model, parts) if evaluate_in_job else None
+    table = report.comparison(base_results, tuned_results, tuned_retrieval=retrieval_results)
     run_id = tracking.mlflow_run_id(trackers)
     save_dtype = _artifact_dtype(config, parts.base)
     manifest = _manifest(config, parts, outcome, table, started, save_dtype, _tracking_manifest(trackers, run_id))
     final_model = final_model.to("cpu", dtype=getattr(torch, save_dtype))
     save_artifact(
-        final_model, parts.tokenizer, parts.setup.stop_token_ids, job.model_dir, manifest, parts.setup.stop_strings
+        final_model,
+        parts.tokenizer,
+        parts.setup.stop_token_ids,
+        job.model_dir,
+        manifest,
+        parts.setup.stop_strings,
+        retrieval_index=parts.index,
     )
     log.info("artifact written to %s (%s)", job.model_dir, save_dtype)
     if trackers.trackers:
@@ -214,7 +317,7 @@ def run(config: TrainConfig, job: Job, cache_dir: Path, stop_requested: threadin
 
     out = job.output_data_dir
     if config.evaluation == "in_job":
-        _write_eval_reports(out, table, manifest, parts.eval_sets, base_results, tuned_results)
+        report.write_eval_reports(out, table, manifest, parts.eval_sets, base_results, tuned_results, retrieval_results)
     else:
         log.info("evaluation deferred: run the image's `evaluate` command on this job tree for the A/B report")
     report.plot_loss_curve(
@@ -238,21 +341,34 @@ def evaluate_artifact(config: TrainConfig, job: Job, cache_dir: Path, stop_reque
     if not manifest_path.exists():
         raise UserError(f"{job.model_dir} holds no finished artifact (no {MANIFEST}): run the training job first")
     manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-    parts = prepare(config, job, cache_dir, Rank())
+    parts = prepare(config, job, cache_dir, Rank(), artifact_manifest=manifest)
     if not parts.eval_sets:
         raise UserError("nothing to evaluate: eval_max_samples and eval_train_samples are both 0 or the sets are empty")
     again = "the artifact is complete; run `evaluate` again for the report."
-    evaluate = _evaluator(parts, config, stop_requested, when_stopped={"base": again, "tuned": again})
+    evaluate = _evaluator(
+        parts, config, stop_requested, when_stopped={"base": again, "tuned": again, "tuned_retrieval": again}
+    )
     base_results = evaluate(_load_for_prompt_format(parts, config), "base") if config.eval_base_model else {}
     tuned = load_model(BaseModel(str(job.model_dir), "the tuned artifact"), config.trust_remote_code)
     tuned_results = evaluate(tuned, "tuned")
-    table = report.comparison(base_results, tuned_results)
+    retrieval_results = _evaluate_with_retrieval(evaluate, tuned, parts)
+    table = report.comparison(base_results, tuned_results, tuned_retrieval=retrieval_results)
     trackers = tracking.check(config, job)
     if trackers.trackers:  # to the training's own run, which the manifest names
         run_id = (manifest.get("tracking") or {}).get("mlflow_run_id")
         _send_results(trackers, tracking.results_metrics(table), manifest["training"]["steps"], run_id)
-    _write_eval_reports(job.output_data_dir, table, manifest, parts.eval_sets, base_results, tuned_results)
+    report.write_eval_reports(
+        job.output_data_dir, table, manifest, parts.eval_sets, base_results, tuned_results, retrieval_results
+    )
     log.info("reports written to %s", job.output_data_dir)
+
+
+def _evaluate_with_retrieval(evaluate, model, parts: Prepared) -> dict | None:
+    """The tuned model again, each question's prompt carrying the passages the index retrieves for it (the
+    third column of the report); None without an index."""
+    if parts.index is None:
+        return None
+    return evaluate(model, "tuned_retrieval", documents_for=parts.index.documents_for)
 
 
 def _send_results(trackers: tracking.Tracking, metrics: dict, step: int, run_id: str | None) -> None:
@@ -327,7 +443,7 @@ def _evaluator(parts: Prepared, config: TrainConfig, stop_requested: threading.E
     rank = Rank.from_torchrun()
     device = torch.device(f"cuda:{rank.local_rank}") if torch.cuda.is_available() else torch.device("cpu")
 
-    def evaluate(model, label: str) -> dict:
+    def evaluate(model, label: str, documents_for=None) -> dict:
         model.to(device)
         try:
             return evaluation.evaluate_model(
@@ -341,6 +457,7 @@ def _evaluator(parts: Prepared, config: TrainConfig, stop_requested: threading.E
                 max_new_tokens=config.eval_max_new_tokens,
                 batch_size=config.eval_batch_size,
                 should_stop=stop_requested.is_set,
+                **({"documents_for": documents_for} if documents_for is not None else {}),
             )
         except evaluation.EvaluationStopped as e:
             raise TrainingInterrupted(
@@ -350,28 +467,11 @@ def _evaluator(parts: Prepared, config: TrainConfig, stop_requested: threading.E
     return evaluate
 
 
-def _write_eval_reports(
-    out: Path, table: dict, manifest: dict, eval_sets: dict, base_results: dict, tuned_results: dict
-) -> None:
-    report.log_comparison(table)
-    for line in report.metric_lines(table):
-        print(line, flush=True)
-    report.write_json(
-        out / report.REPORT_FILE,
-        {
-            "comparison": table,
-            "training": manifest["training"],
-            "base_model": manifest["base_model"],
-            "method": manifest["method"],
-        },
-    )
-    report.write_samples(out / report.SAMPLES_FILE, eval_sets, base_results, tuned_results)
-
-
-def _encode(tokenizer, examples, max_length: int, label: str) -> list[dict]:
+def _encode(tokenizer, examples, max_length: int, label: str, documents: list | None = None) -> list[dict]:
+    """The examples encoded (with `documents[i]` in example i's prompt, when given), too long ones skipped."""
     encoded, too_long = [], []
-    for example in examples:
-        item = prompts.encode_example(tokenizer, example)
+    for i, example in enumerate(examples):
+        item = prompts.encode_example(tokenizer, example, documents[i] if documents is not None else None)
         if len(item["input_ids"]) > max_length:
             too_long.append(example.source)
             continue
@@ -389,26 +489,21 @@ def _encode(tokenizer, examples, max_length: int, label: str) -> list[dict]:
     return encoded
 
 
-def _eval_sets(tokenizer, datasets: Datasets, config: TrainConfig) -> dict:
-    """Validation questions, and a seeded sample of training questions (what did the model learn?)."""
-    from .evaluation import EvalSet
+def _eval_sets(tokenizer, datasets: Datasets, config: TrainConfig, retrieval: bool = False) -> dict:
+    """Validation questions, a seeded sample of training questions (what did the model learn?), and the
+    paraphrased questions when given (rewordings of training questions: did it learn more than the wording?).
+    With retrieval, training and paraphrased questions have their answer's passage (gold) in the index."""
+    from .evaluation import eval_set
 
     rng = random.Random(config.seed)
     chosen = {
-        "validation": datasets.validation[: config.eval_max_samples],
-        "train_sample": rng.sample(datasets.train, min(config.eval_train_samples, len(datasets.train))),
+        "validation": (datasets.validation[: config.eval_max_samples], False),
+        "train_sample": (rng.sample(datasets.train, min(config.eval_train_samples, len(datasets.train))), retrieval),
+        "paraphrased": (datasets.paraphrases[: config.eval_max_samples], retrieval),
     }
-    sets = {}
-    for name, examples in chosen.items():
-        if not examples:
-            continue
-        sets[name] = EvalSet(
-            questions=[e.question for e in examples],
-            prompts=[prompts.example_prompt(tokenizer, e) for e in examples],
-            references=[e.answer for e in examples],
-            encoded=[prompts.encode_example(tokenizer, e) for e in examples],
-        )
-    return sets
+    return {
+        name: eval_set(tokenizer, examples, gold_in_index=gold) for name, (examples, gold) in chosen.items() if examples
+    }
 
 
 def _cached_base_eval(checkpoint_dir: Path, evaluate) -> dict:
@@ -484,9 +579,22 @@ def _manifest(config, parts: Prepared, outcome, table, started, dtype: str, trac
             "evaluations": outcome.evaluations,  # eval_steps: the validation answer loss during training
             "best": _best(outcome),
         },
+        "retrieval": _retrieval_manifest(parts),
         "tracking": tracked,
         "metrics": report.json_safe(table),
         "evaluation": config.evaluation,
         "versions": versions,
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+
+
+def _retrieval_manifest(parts: Prepared) -> dict | None:
+    """manifest.json's `retrieval`: where the index is in the artifact, its k and size; None without retrieval."""
+    if parts.index is None:
+        return None
+    return {
+        "dir": RETRIEVAL_DIR,
+        "k": parts.index.k,
+        "passages": len(parts.index),
+        "documents": len(parts.datasets.documents),
     }

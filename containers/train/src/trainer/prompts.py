@@ -7,6 +7,10 @@ side only calls `apply_chat_template(..., add_generation_prompt=True)` and needs
 - `dolly`: the instruction format databricks/dolly-v2 was trained with (`### Instruction:` / `### Response:` /
   `### End`), installed as a chat template for models that have none.
 
+With retrieval, the artifact's chat template starts with DOCUMENTS_PREAMBLE: given `documents` (a list of
+`{"title", "text"}`), it appends them to the last user message after `Input:`, as the context column is; without
+`documents` the template renders exactly as it did without the preamble.
+
 Loss is on the answer only: prompt and padding tokens get label IGNORE_INDEX, and `answer_token_loss` is the one
 loss on such labels, for training and evaluation alike. Every example ends with the EOS token, and pad is made
 distinct from EOS, so the model learns to stop (a classic failure when pad == eos masks every EOS).
@@ -15,6 +19,7 @@ distinct from EOS, so the model learns to stop (a classic failure when pad == eo
 from __future__ import annotations
 
 import itertools
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from .data import Example
@@ -34,6 +39,30 @@ DOLLY_CHAT_TEMPLATE = (
     "{% endif %}{% endfor %}"
     "{% if add_generation_prompt %}{{ '### Response:\\n' }}{% endif %}"
 )
+# Put before a chat template when retrieval is on. Given `documents` ([{"title", "text"}, ...], non-empty), it
+# rebinds `messages` so that the last user message reads `content + "\n\nInput:\n[1] title\ntext\n\n[2] ..."`
+# (the `Input:` of the context column), and hides `documents` from the template after it (a base template with
+# documents of its own would list them twice). It writes nothing itself: whitespace control strips the text between
+# its tags, and the newline it ends with is the one Transformers' trim_blocks removes after a block tag, so the
+# template after it starts on a line of its own and renders byte for byte as without it.
+DOCUMENTS_PREAMBLE = (
+    "{%- if documents is defined and documents -%}"
+    "{%- set ns = namespace(msgs=[], last=-1, block='') -%}"
+    "{%- for m in messages -%}{%- if m['role'] == 'user' -%}{%- set ns.last = loop.index0 -%}{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- for d in documents -%}"
+    "{%- set ns.block = ns.block + ('' if loop.first else '\\n\\n') + '[' + loop.index|string + '] ' + d['title']"
+    " + '\\n' + d['text'] -%}"
+    "{%- endfor -%}"
+    "{%- for m in messages -%}"
+    "{%- if loop.index0 == ns.last -%}"
+    "{%- set ns.msgs = ns.msgs + [{'role': m['role'], 'content': m['content'] + '\\n\\nInput:\\n' + ns.block}] -%}"
+    "{%- else -%}{%- set ns.msgs = ns.msgs + [m] -%}{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- set messages = ns.msgs -%}"
+    "{%- set documents = none -%}"
+    "{%- endif %}\n"
+)
 # A pad token the vocabulary already has, tried in order before one is added (which resizes the embeddings):
 # GPT-NeoX tokenizers (dolly-v2) carry `<|padding|>`.
 FALLBACK_PAD_TOKENS = ("<|padding|>", "<|endoftext|>", "<|pad|>", "<pad>", "[PAD]")
@@ -46,6 +75,7 @@ class PromptSetup:
     added_tokens: int  # > 0 means the model's embeddings must be resized
     # End markers that are several tokens in this vocabulary, so no stop token can stand for them.
     stop_strings: tuple[str, ...] = ()
+    documents: bool = False  # the chat template takes `documents` (DOCUMENTS_PREAMBLE)
 
 
 def choose_format(requested: str, tokenizer, model_id: str) -> str:
@@ -56,8 +86,9 @@ def choose_format(requested: str, tokenizer, model_id: str) -> str:
     return "chat_template"
 
 
-def prepare_tokenizer(tokenizer, prompt_format: str) -> PromptSetup:
-    """Install the prompt format and a pad token distinct from EOS, in place."""
+def prepare_tokenizer(tokenizer, prompt_format: str, *, documents: bool = False) -> PromptSetup:
+    """Install the prompt format and a pad token distinct from EOS, in place; with `documents` (retrieval), the
+    chat template also takes retrieved passages (DOCUMENTS_PREAMBLE)."""
     added = 0
     if tokenizer.eos_token is None:
         added += tokenizer.add_special_tokens({"eos_token": "<|endoftext|>"})
@@ -65,6 +96,8 @@ def prepare_tokenizer(tokenizer, prompt_format: str) -> PromptSetup:
         tokenizer.chat_template = DOLLY_CHAT_TEMPLATE
     elif not getattr(tokenizer, "chat_template", None):
         raise ValueError("prompt_format 'chat_template' needs a tokenizer with a chat template")
+    if documents:
+        tokenizer.chat_template = with_documents(tokenizer.chat_template)
     if tokenizer.pad_token is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
         vocab = tokenizer.get_vocab()
         candidate = next((t for t in FALLBACK_PAD_TOKENS if t in vocab and vocab[t] != tokenizer.eos_token_id), None)
@@ -80,7 +113,14 @@ def prepare_tokenizer(tokenizer, prompt_format: str) -> PromptSetup:
             stops.insert(0, end_ids[0])
         else:  # elsewhere it is text: the artifact carries it as a stop string (generation_config.json)
             stop_strings = (DOLLY_END,)
-    return PromptSetup(prompt_format, tuple(stops), added, stop_strings)
+    return PromptSetup(prompt_format, tuple(stops), added, stop_strings, documents)
+
+
+def with_documents(chat_template: str) -> str:
+    """The chat template with DOCUMENTS_PREAMBLE before it (once: a base model tuned with retrieval has it)."""
+    if not isinstance(chat_template, str):
+        raise ValueError("retrieval needs the tokenizer's chat template as one template (it has several, by name)")
+    return chat_template if chat_template.startswith(DOCUMENTS_PREAMBLE) else DOCUMENTS_PREAMBLE + chat_template
 
 
 def user_message(example: Example) -> dict[str, str]:
@@ -96,23 +136,36 @@ def conversation(example: Example) -> list[dict[str, str]]:
     return [user_message(example), {"role": "assistant", "content": example.answer}]
 
 
-def prompt_text(tokenizer, question: str, context: str = "") -> str:
-    """The text a model sees before answering: what serving renders from the artifact's chat template."""
-    return tokenizer.apply_chat_template(
-        [user_message(Example(question, "", context))], add_generation_prompt=True, tokenize=False
-    )
+Documents = Sequence[dict[str, str]]  # [{"title": ..., "text": ...}, ...], as the chat template takes them
 
 
-def example_prompt(tokenizer, example: Example) -> str:
-    """What a model sees before the example's last answer: the question, or the conversation up to its last turn."""
-    return tokenizer.apply_chat_template(conversation(example)[:-1], add_generation_prompt=True, tokenize=False)
+def _render(tokenizer, messages: list[dict[str, str]], documents: Documents | None, **kwargs) -> str:
+    """The chat template rendered as text; `documents` are passed only when there are some, so that a prompt
+    without them is rendered exactly as before retrieval existed."""
+    extra = {"documents": [dict(d) for d in documents]} if documents else {}
+    return tokenizer.apply_chat_template(messages, tokenize=False, **extra, **kwargs)
 
 
-def encode_example(tokenizer, example: Example) -> dict[str, list[int]]:
+def prompt_text(tokenizer, question: str, context: str = "", documents: Documents | None = None) -> str:
+    """The text a model sees before answering: what serving renders from the artifact's chat template, with the
+    retrieved `documents` when given."""
+    return _render(tokenizer, [user_message(Example(question, "", context))], documents, add_generation_prompt=True)
+
+
+def example_prompt(tokenizer, example: Example, documents: Documents | None = None) -> str:
+    """What a model sees before the example's last answer: the question, or the conversation up to its last turn;
+    with `documents` in its last user message when given."""
+    return _render(tokenizer, conversation(example)[:-1], documents, add_generation_prompt=True)
+
+
+def encode_example(tokenizer, example: Example, documents: Documents | None = None) -> dict[str, list[int]]:
     """Token ids and labels, with labels on the assistant turns only (every one of a conversation's), each
     ending on EOS. The text between assistant turns is tokenized apart from them, so each prompt matches what a
-    server renders for that point of the conversation."""
+    server renders for that point of the conversation. `documents` (retrieval) go into the last user message, the
+    one before the last answer, as serving puts them in the last user message of a request; the turns before are
+    rendered without them, as the earlier requests of that conversation were."""
     messages = conversation(example)
+    last_answer = len(messages) - 1
     eos = tokenizer.eos_token
     input_ids: list[int] = []
     labels: list[int] = []
@@ -120,8 +173,9 @@ def encode_example(tokenizer, example: Example) -> dict[str, list[int]]:
     for turn, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        prompt = tokenizer.apply_chat_template(messages[:turn], add_generation_prompt=True, tokenize=False)
-        full = tokenizer.apply_chat_template(messages[: turn + 1], tokenize=False)
+        turn_documents = documents if turn == last_answer else None
+        prompt = _render(tokenizer, messages[:turn], turn_documents, add_generation_prompt=True)
+        full = _render(tokenizer, messages[: turn + 1], turn_documents)
         if not full.startswith(prompt) or not prompt.startswith(consumed):
             raise ValueError("the chat template renders the prompt differently with and without the answer")
         completion = full[len(prompt) :]

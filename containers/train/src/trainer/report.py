@@ -10,9 +10,17 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 REPORT_FILE = "eval_report.json"
+REPORT_MARKDOWN_FILE = "eval_report.md"
 SAMPLES_FILE = "sample_answers.jsonl"
 LOSS_CURVE_FILE = "loss_curve.png"
 DATA_REPORT_FILE = "data_report.json"
+
+METRICS = ("loss", "perplexity", "rouge_l", "exact_match")
+# The report's columns: the base model, the tuned model without retrieval, and, when the artifact has a retrieval
+# index, the tuned model with the passages retrieved for each question in its prompt.
+RETRIEVAL = "tuned_retrieval"
+COLUMN_TITLES = {"base": "base", "tuned": "tuned", RETRIEVAL: "tuned + retrieval"}
+SET_TITLES = {"validation": "held-out", "train_sample": "training sample", "paraphrased": "paraphrased"}
 
 
 def write_json(path: Path, content) -> None:
@@ -20,39 +28,98 @@ def write_json(path: Path, content) -> None:
     path.write_text(json.dumps(json_safe(content), indent=2, sort_keys=True, default=str) + "\n", encoding="utf-8")
 
 
-def comparison(base: dict, tuned: dict) -> dict:
-    """Side-by-side metrics per evaluation set: base, tuned and the difference."""
+def comparison(base: dict, tuned: dict, tuned_retrieval: dict | None = None) -> dict:
+    """Side-by-side metrics per evaluation set: base, tuned and the difference (tuned - base).
+
+    With `tuned_retrieval` (the tuned model's results with retrieval, trainer.evaluation.evaluate_model with
+    `documents_for`), each metric also has `tuned_retrieval` and `delta_retrieval` (tuned_retrieval - base), and
+    each set a `retrieval` row: k passages per question, and recall@k where the set knows its gold passages.
+    Without it the table is the two-column one, with no empty third column.
+    """
+    with_retrieval = bool(tuned_retrieval)
     table = {}
-    for set_name in sorted(set(base) | set(tuned)):
+    for set_name in sorted(set(base) | set(tuned) | set(tuned_retrieval or {})):
         rows = {}
-        for metric in ("loss", "perplexity", "rouge_l", "exact_match"):
+        for metric in METRICS:
             b = base.get(set_name, {}).get(metric)
             t = tuned.get(set_name, {}).get(metric)
-            rows[metric] = {"base": b, "tuned": t, "delta": (t - b) if b is not None and t is not None else None}
-        rows["count"] = (tuned.get(set_name) or base.get(set_name) or {}).get("count", 0)
+            rows[metric] = {"base": b, "tuned": t, "delta": _delta(t, b)}
+            if with_retrieval:
+                r = tuned_retrieval.get(set_name, {}).get(metric)
+                rows[metric] |= {RETRIEVAL: r, "delta_retrieval": _delta(r, b)}
+        rows["count"] = (tuned.get(set_name) or base.get(set_name) or (tuned_retrieval or {}).get(set_name) or {}).get(
+            "count", 0
+        )
+        if with_retrieval:
+            used = tuned_retrieval.get(set_name, {}).get("retrieval") or {}
+            rows["retrieval"] = {
+                "k": used.get("k"),
+                "recall_at_k": used.get("recall_at_k"),
+                "questions_with_gold": used.get("questions_with_gold", 0),
+            }
         table[set_name] = rows
     return table
 
 
+def has_retrieval(table: dict) -> bool:
+    """Whether a comparison table has the third column (the tuned model with retrieval)."""
+    return any(RETRIEVAL in rows["rouge_l"] for rows in table.values())
+
+
+def columns(table: dict) -> tuple[str, ...]:
+    return ("base", "tuned", RETRIEVAL) if has_retrieval(table) else ("base", "tuned")
+
+
 def log_comparison(table: dict) -> None:
+    shown = columns(table)
     for set_name, rows in table.items():
         log.info("A/B on %s (%d questions):", set_name, rows["count"])
-        for metric in ("loss", "perplexity", "rouge_l", "exact_match"):
+        for metric in METRICS:
             r = rows[metric]
-            log.info("  %-12s base %s  tuned %s  delta %s", metric, _fmt(r["base"]), _fmt(r["tuned"]), _fmt(r["delta"]))
+            log.info(
+                "  %-12s %s  delta %s",
+                metric,
+                "  ".join(f"{COLUMN_TITLES[c]} {_fmt(r[c])}" for c in shown),
+                _fmt(r["delta"]),
+            )
+        if "retrieval" in rows:
+            log.info("  %-12s %s", f"recall@{rows['retrieval']['k']}", _fmt(rows["retrieval"]["recall_at_k"]))
 
 
 def before_after_text(eval_report: dict) -> str:
     """The comparison of an eval_report.json as a person reads it in a terminal."""
-    lines = ["Before / after fine-tuning:"]
-    for set_name, rows in eval_report["comparison"].items():
-        lines.append(f"  {set_name} ({rows['count']} questions)")
+    table = eval_report["comparison"]
+    shown = columns(table)
+    lines = ["Before / after fine-tuning:" if len(shown) == 2 else "Before / after fine-tuning, and with retrieval:"]
+    for set_name, rows in table.items():
+        lines.append(f"  {SET_TITLES.get(set_name, set_name)} ({rows['count']} questions)")
         for metric in ("loss", "rouge_l", "exact_match"):
             r = rows[metric]
-            if r["base"] is not None and r["tuned"] is not None:
-                lines.append(f"    {metric:12s} base {r['base']:.3f} -> tuned {r['tuned']:.3f}")
-            elif r["tuned"] is not None:
-                lines.append(f"    {metric:12s} tuned {r['tuned']:.3f}")
+            present = [(c, r[c]) for c in shown if r.get(c) is not None]
+            if present:
+                lines.append(f"    {metric:12s} " + " -> ".join(f"{COLUMN_TITLES[c]} {v:.3f}" for c, v in present))
+        recall_at_k = (rows.get("retrieval") or {}).get("recall_at_k")
+        if recall_at_k is not None:
+            lines.append(
+                f"    {'recall@' + str(rows['retrieval']['k']):12s} {recall_at_k:.3f} (gold passage retrieved)"
+            )
+    return "\n".join(lines)
+
+
+def markdown_table(table: dict) -> str:
+    """The comparison as a Markdown table: a row per question set and metric, a column per model."""
+    shown = columns(table)
+    header = ["questions", "metric", *(COLUMN_TITLES[c] for c in shown)]
+    lines = ["| " + " | ".join(header) + " |", "|---|---|" + "---:|" * len(shown)]
+    for set_name, rows in table.items():
+        title = f"{SET_TITLES.get(set_name, set_name)} ({rows['count']})"
+        for metric in ("rouge_l", "exact_match", "loss"):
+            cells = [_cell(rows[metric].get(c)) for c in shown]
+            lines.append(f"| {title} | {metric} | " + " | ".join(cells) + " |")
+        if "retrieval" in rows and rows["retrieval"]["recall_at_k"] is not None:
+            k = rows["retrieval"]["k"]
+            cells = [*[""] * (len(shown) - 1), _cell(rows["retrieval"]["recall_at_k"])]
+            lines.append(f"| {title} | recall@{k} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -62,34 +129,83 @@ def metric_lines(table: dict) -> list[str]:
     if not rows:
         return []
     parts = []
-    for prefix in ("base", "tuned"):
+    for prefix, side in (("base", "base"), ("tuned", "tuned"), ("retrieval", RETRIEVAL)):
         for metric, name in (("loss", "eval_loss"), ("rouge_l", "rouge_l"), ("exact_match", "exact_match")):
-            value = rows[metric][prefix]
+            value = rows[metric].get(side)
             if value is not None and not math.isnan(value):
                 parts.append(f"{prefix}_{name}={value:.4f}")
     return [f"metrics: {' '.join(parts)}"] if parts else []
 
 
-def write_samples(path: Path, sets: dict, base: dict, tuned: dict) -> None:
+def write_eval_reports(
+    out: Path,
+    table: dict,
+    manifest: dict,
+    eval_sets: dict,
+    base: dict,
+    tuned: dict,
+    tuned_retrieval: dict | None = None,
+) -> None:
+    """The A/B report of a job: logged, as CloudWatch metric lines, eval_report.json (the table, with what was
+    trained), eval_report.md (the table for people) and sample_answers.jsonl (every answer)."""
+    log_comparison(table)
+    for line in metric_lines(table):
+        print(line, flush=True)
+    write_json(
+        out / REPORT_FILE,
+        {
+            "comparison": table,
+            "training": manifest["training"],
+            "base_model": manifest["base_model"],
+            "method": manifest["method"],
+            "retrieval": manifest.get("retrieval"),
+        },
+    )
+    (out / REPORT_MARKDOWN_FILE).write_text(
+        f"# A/B evaluation: {manifest['base_model']}, {manifest['method']}\n\n{markdown_table(table)}\n",
+        encoding="utf-8",
+    )
+    write_samples(out / SAMPLES_FILE, eval_sets, base, tuned, tuned_retrieval)
+
+
+def write_samples(path: Path, sets: dict, base: dict, tuned: dict, tuned_retrieval: dict | None = None) -> None:
+    """One line per question: the reference and each model's answer; with retrieval, also that answer, the ids
+    of the passages it was given, and whether the gold passage was among them (null where unknown)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", encoding="utf-8") as f:
         for set_name, eval_set in sets.items():
             base_answers = base.get(set_name, {}).get("answers", [])
             tuned_answers = tuned.get(set_name, {}).get("answers", [])
+            with_retrieval = (tuned_retrieval or {}).get(set_name, {})
+            retrieval_answers = with_retrieval.get("answers", [])
+            used = with_retrieval.get("retrieval") or {}
             for i, (question, reference) in enumerate(zip(eval_set.questions, eval_set.references, strict=True)):
-                f.write(
-                    json.dumps(
-                        {
-                            "set": set_name,
-                            "question": question,
-                            "reference": reference,
-                            "base_answer": base_answers[i] if i < len(base_answers) else None,
-                            "tuned_answer": tuned_answers[i] if i < len(tuned_answers) else None,
-                        },
-                        ensure_ascii=False,
-                    )
-                    + "\n"
-                )
+                row = {
+                    "set": set_name,
+                    "question": question,
+                    "reference": reference,
+                    "base_answer": _at(base_answers, i),
+                    "tuned_answer": _at(tuned_answers, i),
+                }
+                if tuned_retrieval is not None:
+                    row |= {
+                        "tuned_retrieval_answer": _at(retrieval_answers, i),
+                        "sources": _at(used.get("sources", []), i),
+                        "gold_retrieved": _at(used.get("gold_retrieved", []), i),
+                    }
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+def _at(values: list, i: int):
+    return values[i] if i < len(values) else None
+
+
+def _delta(value, reference):
+    return (value - reference) if value is not None and reference is not None else None
+
+
+def _cell(value) -> str:
+    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.3f}"
 
 
 def plot_loss_curve(

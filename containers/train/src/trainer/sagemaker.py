@@ -4,7 +4,7 @@ SageMaker starts the container as `docker run IMAGE train` with this tree mounte
 image", and docs/docker.md, "How the images meet SageMaker's contract"):
 
     /opt/ml/input/config/{hyperparameters,inputdataconfig,resourceconfig,checkpointconfig}.json
-    /opt/ml/input/data/<channel>/      train (required), validation, model (optional)
+    /opt/ml/input/data/<channel>/      train (required); validation, paraphrases, documents, model (optional)
     /opt/ml/model/                     -> model.tar.gz
     /opt/ml/output/data/               -> output.tar.gz
     /opt/ml/output/failure             -> FailureReason (first 1024 characters)
@@ -31,6 +31,9 @@ from .errors import DataError, UserError
 DEFAULT_BASE_DIR = "/opt/ml"
 DEFAULT_MASTER_PORT = 7777  # what SageMaker's own torchrun launchers use
 TRAIN_CHANNEL, VALIDATION_CHANNEL, MODEL_CHANNEL = "train", "validation", "model"
+# Optional: plain-text / Markdown files for the retrieval index; questions only evaluated (rewordings of training
+# questions, in the validation channel's formats), never trained on.
+DOCUMENTS_CHANNEL, PARAPHRASES_CHANNEL = "documents", "paraphrases"
 FAILURE_REASON_LIMIT = 1024  # characters of output/failure that SageMaker shows as the job's FailureReason
 FAILURE_REASON_CUT = " [...]"  # ends a failure reason cut to that limit
 
@@ -95,6 +98,14 @@ class Job:
     @property
     def model_channel_dir(self) -> Path | None:
         return self.channels.get(MODEL_CHANNEL)
+
+    @property
+    def documents_dir(self) -> Path | None:
+        return self.channels.get(DOCUMENTS_CHANNEL)
+
+    @property
+    def paraphrases_dir(self) -> Path | None:
+        return self.channels.get(PARAPHRASES_CHANNEL)
 
 
 def base_dir(environ: dict[str, str] | None = None) -> Path:

@@ -1,0 +1,416 @@
+"""Retrieval: a lexical (BM25) index over the training rows and the `documents` channel, shipped in the artifact.
+
+A training row becomes one passage (title = its question, text = its answer); a documents file is split into
+passages at Markdown headings and paragraphs (`passages_from_documents`). `LexicalIndex` keeps two `bm25s`
+indexes, over the titles and over the texts, and fuses their scores (`search`). The serving image reads the same
+format with its own code (serve/retrieval.py), so the layout and the scoring below are a contract between the two:
+
+    model/retrieval/
+        passages.jsonl            one {"id", "title", "text", "source"} per line, ids 0..N-1 in order
+        bm25_title/, bm25_text/   bm25s.BM25() indexes (default parameters) over titles and texts, in id order
+        retrieval.json            format_version, library, bm25s_version, stopwords, stemmer, token_pattern,
+                                  field_weights, k, passages
+
+Scoring: the query's tokens (bm25s.tokenize with the stopwords, PyStemmer stemmer and token pattern above); per
+field, the BM25 scores divided by their maximum (0 when it is 0); a passage's score is the weighted sum; the top k
+by score, ties to the lower id; passages scoring 0 are never returned.
+
+`raft_documents` builds the training examples' documents as RAFT does (arXiv:2403.10131): the example's own
+passage (gold) among retrieved distractors in most examples, distractors only in the others.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import random
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import DataError
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+LIBRARY = "bm25s"
+STOPWORDS = "en"
+STEMMER = "english"  # PyStemmer's Snowball stemmer
+TOKEN_PATTERN = r"(?u)\b\w+\b"  # single-character tokens count too ("S3", "a 2-node cluster")
+FIELD_WEIGHTS = {"title": 1.0, "text": 1.0}
+INDEX_FILE = "retrieval.json"
+PASSAGES_FILE = "passages.jsonl"
+RETRIEVAL_DIR = "retrieval"  # under the model directory
+DEFAULT_K = 3
+RAFT_CANDIDATES = 5  # retrieved beyond k for each training example, to choose distractors from
+
+DOCUMENT_SUFFIXES = (".txt", ".md", ".markdown")
+MIN_PASSAGE_WORDS = 40  # a passage shorter than this is merged with its neighbour in the same section, where it fits
+MAX_PASSAGE_WORDS = 150  # a longer paragraph is split, at line ends where it has them, else between words
+
+_HEADING = re.compile(r"^ {0,3}(#{1,6})[ \t]+(.*?)(?:[ \t]+#+)?[ \t]*$")
+_FENCE = re.compile(r"^ {0,3}(```|~~~)")
+
+
+@dataclass(frozen=True)
+class Passage:
+    id: int  # its row in the index, 0..N-1
+    title: str
+    text: str
+    source: str  # "<file name>#<row>" for a training row, "<path in the channel>#p<n>" for a document's passage
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class ScoredPassage:
+    passage: Passage
+    score: float  # the fused score: 0 < score <= the sum of the field weights
+
+    def document(self) -> dict[str, str]:
+        """The passage as the chat template's `documents` take it."""
+        return {"title": self.passage.title, "text": self.passage.text}
+
+
+class LexicalIndex:
+    """Passages and a BM25 index per field (FIELD_WEIGHTS), searched with the fused score above."""
+
+    def __init__(self, passages: Sequence[Passage], indexes: dict, k: int = DEFAULT_K):
+        self.passages = list(passages)
+        self.indexes = indexes  # field -> bm25s.BM25
+        self.k = k
+
+    def __len__(self) -> int:
+        return len(self.passages)
+
+    @classmethod
+    def build(cls, passages: Iterable[Passage], k: int = DEFAULT_K) -> LexicalIndex:
+        """Index `passages` in the order given; their ids become their positions (0..N-1)."""
+        import bm25s
+
+        passages = [dataclasses.replace(p, id=i) for i, p in enumerate(passages)]
+        if not passages:
+            raise DataError("nothing to index for retrieval: no training rows and no documents")
+        indexes = {}
+        for field in FIELD_WEIGHTS:
+            corpus = _tokenize([getattr(p, field) for p in passages], return_ids=True)
+            index = bm25s.BM25()
+            index.index(corpus, show_progress=False)
+            indexes[field] = index
+        return cls(passages, indexes, k)
+
+    def save(self, directory: Path) -> Path:
+        """Write the contract's layout into `directory` (created; files of an earlier index there are replaced)."""
+        import bm25s
+
+        directory.mkdir(parents=True, exist_ok=True)
+        with (directory / PASSAGES_FILE).open("w", encoding="utf-8") as f:
+            for passage in self.passages:
+                f.write(json.dumps(passage.to_dict(), ensure_ascii=False) + "\n")
+        for field, index in self.indexes.items():
+            index.save(str(directory / f"bm25_{field}"), show_progress=False)
+        settings = {
+            "format_version": FORMAT_VERSION,
+            "library": LIBRARY,
+            "bm25s_version": bm25s.__version__,
+            "stopwords": STOPWORDS,
+            "stemmer": STEMMER,
+            "token_pattern": TOKEN_PATTERN,
+            "field_weights": dict(FIELD_WEIGHTS),
+            "k": self.k,
+            "passages": len(self.passages),
+        }
+        (directory / INDEX_FILE).write_text(json.dumps(settings, indent=2) + "\n", encoding="utf-8")
+        return directory
+
+    @classmethod
+    def load(cls, directory: Path) -> LexicalIndex:
+        """The index `save` wrote; DataError naming what is missing or not in this format."""
+        import bm25s
+
+        directory = Path(directory)
+        settings_path = directory / INDEX_FILE
+        try:
+            settings = json.loads(settings_path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise DataError(f"{directory}: no retrieval index ({INDEX_FILE} is missing)") from None
+        except ValueError as e:
+            raise DataError(f"{settings_path}: not valid JSON ({e})") from e
+        expected = {
+            "format_version": FORMAT_VERSION,
+            "library": LIBRARY,
+            "stopwords": STOPWORDS,
+            "stemmer": STEMMER,
+            "token_pattern": TOKEN_PATTERN,
+            "field_weights": FIELD_WEIGHTS,
+        }
+        different = [key for key, value in expected.items() if settings.get(key) != value]
+        if different:
+            raise DataError(
+                f"{settings_path}: an index this trainer does not read ({', '.join(different)} differ: "
+                f"{ {key: settings.get(key) for key in different} })"
+            )
+        passages = []
+        with (directory / PASSAGES_FILE).open(encoding="utf-8") as f:
+            for number, line in enumerate(f):
+                passage = Passage(**json.loads(line))
+                if passage.id != number:
+                    raise DataError(f"{directory / PASSAGES_FILE}: line {number + 1} has id {passage.id}")
+                passages.append(passage)
+        if len(passages) != settings.get("passages"):
+            raise DataError(
+                f"{directory}: {INDEX_FILE} counts {settings.get('passages')} passages, {PASSAGES_FILE} has "
+                f"{len(passages)}"
+            )
+        indexes = {
+            field: bm25s.BM25.load(str(directory / f"bm25_{field}"), show_progress=False) for field in FIELD_WEIGHTS
+        }
+        return cls(passages, indexes, int(settings.get("k", DEFAULT_K)))
+
+    def search(self, query: str, k: int) -> list[ScoredPassage]:
+        """The top `k` passages for `query`, best first; fewer when fewer score above 0."""
+        import numpy as np
+
+        tokens = _tokenize([query], return_ids=False)[0]
+        if not tokens or k <= 0:
+            return []
+        total = np.zeros(len(self.passages), dtype=np.float64)
+        for field, weight in FIELD_WEIGHTS.items():
+            scores = np.asarray(self.indexes[field].get_scores(tokens), dtype=np.float64)
+            top = float(scores.max(initial=0.0))
+            if top > 0:
+                total += weight * (scores / top)
+        order = np.argsort(-total, kind="stable")[:k]  # score descending; ties keep id order
+        return [ScoredPassage(self.passages[i], float(total[i])) for i in order if total[i] > 0]
+
+    def documents_for(self, question: str, k: int | None = None) -> list[dict]:
+        """What evaluation takes as a question's documents: the passages retrieved for it, as dicts."""
+        return [
+            {**hit.passage.to_dict(), "score": hit.score} for hit in self.search(question, self.k if k is None else k)
+        ]
+
+
+def _tokenize(texts: list[str], return_ids: bool):
+    import bm25s
+    import Stemmer
+
+    return bm25s.tokenize(
+        texts,
+        stopwords=STOPWORDS,
+        stemmer=Stemmer.Stemmer(STEMMER),
+        token_pattern=TOKEN_PATTERN,
+        return_ids=return_ids,
+        show_progress=False,
+    )
+
+
+# > Passages from the training rows and the documents channel
+
+
+def row_source(example_source: str) -> str:
+    """A training row's passage source, `<file name>#<row>`, from data.py's `<file name>:row <row>`."""
+    name, sep, row = example_source.rpartition(":row ")
+    return f"{name}#{row}" if sep else example_source
+
+
+def passages_from_rows(examples: Sequence) -> list[Passage]:
+    """One passage per training row (trainer.data.Example): title = its question, text = its answer (the context
+    column is not part of it); ids in row order."""
+    return [Passage(i, e.question, e.answer, row_source(e.source)) for i, e in enumerate(examples)]
+
+
+def passages_from_documents(channel_dir: Path) -> list[Passage]:
+    """Every .txt/.md file in the channel (sorted, recursive), split into passages (`split_document`).
+
+    DataError, naming the file, for a file that is not UTF-8, is empty, or is of another kind; and for a channel
+    without any document."""
+    channel_dir = Path(channel_dir)
+    files = sorted(p for p in channel_dir.rglob("*") if p.is_file() and not _hidden(p.relative_to(channel_dir)))
+    others = [p for p in files if p.suffix.lower() not in DOCUMENT_SUFFIXES]
+    if others:
+        raise DataError(
+            f"{others[0]}: the documents channel takes plain-text and Markdown files ({', '.join(DOCUMENT_SUFFIXES)}); "
+            "convert it to one of those or leave it out"
+        )
+    if not files:
+        raise DataError(f"no document in {channel_dir}: expected {', '.join(DOCUMENT_SUFFIXES)} files")
+    passages: list[Passage] = []
+    for path in files:
+        try:
+            text = path.read_bytes().decode("utf-8-sig")
+        except UnicodeDecodeError as e:
+            raise DataError(f"{path}: not UTF-8 text (byte {e.start}); save the document as UTF-8") from e
+        if not text.strip():
+            raise DataError(f"{path}: the document is empty")
+        relative = path.relative_to(channel_dir).as_posix()
+        markdown = path.suffix.lower() != ".txt"
+        pieces = split_document(text, markdown=markdown)
+        if not pieces:
+            raise DataError(f"{path}: the document holds no text outside its headings")
+        for n, (heading, body) in enumerate(pieces, start=1):
+            title = f"{path.name}: {heading}" if heading else path.name
+            passages.append(Passage(len(passages), title, body, f"{relative}#p{n}"))
+    return passages
+
+
+def split_document(text: str, markdown: bool = True) -> list[tuple[str, str]]:
+    """(heading path, text) passages of a document: sections at Markdown headings (heading path "A > B"; "" before
+    the first), paragraphs at blank lines, merged within a section up to MAX_PASSAGE_WORDS and split above it."""
+    passages = []
+    for heading, paragraphs in _sections(text, markdown):
+        units = [piece for paragraph in paragraphs for piece in _split_long(paragraph)]
+        passages.extend((heading, chunk) for chunk in _pack(units))
+    return passages
+
+
+def _sections(text: str, markdown: bool) -> list[tuple[str, list[str]]]:
+    lines = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
+    sections: list[tuple[str, list[str]]] = []
+    headings: list[tuple[int, str]] = []
+    paragraphs: list[str] = []
+    current: list[str] = []
+    fence = None
+
+    def end_paragraph() -> None:
+        if current:
+            paragraphs.append("\n".join(current).strip("\n"))
+            current.clear()
+
+    def end_section() -> None:
+        end_paragraph()
+        if paragraphs:
+            sections.append((" > ".join(title for _, title in headings), list(paragraphs)))
+            paragraphs.clear()
+
+    for line in lines:
+        if markdown and (opened := _FENCE.match(line)):
+            if fence is None:
+                end_paragraph()
+                fence = opened.group(1)
+            elif opened.group(1) == fence:
+                fence = None
+            current.append(line.rstrip())
+            continue
+        if fence is not None:  # inside a code block: blank lines and `#` lines are code
+            current.append(line.rstrip())
+            continue
+        heading = _HEADING.match(line) if markdown else None
+        if heading:
+            end_section()
+            level = len(heading.group(1))
+            headings = [(lvl, title) for lvl, title in headings if lvl < level]
+            if heading.group(2).strip():
+                headings.append((level, heading.group(2).strip()))
+        elif not line.strip():
+            end_paragraph()
+        else:
+            current.append(line.rstrip())
+    end_section()
+    return sections
+
+
+def _words(text: str) -> int:
+    return len(text.split())
+
+
+def _split_long(paragraph: str) -> list[str]:
+    """A paragraph of at most MAX_PASSAGE_WORDS words as is; a longer one in balanced pieces, cut at line ends
+    where it has several lines, else between words."""
+    words = _words(paragraph)
+    if words <= MAX_PASSAGE_WORDS:
+        return [paragraph]
+    lines = paragraph.split("\n")
+    if len(lines) > 1 and all(_words(line) <= MAX_PASSAGE_WORDS for line in lines):
+        return ["\n".join(chunk) for chunk in _balanced(lines)]
+    tokens = paragraph.split()
+    size = math.ceil(len(tokens) / math.ceil(len(tokens) / MAX_PASSAGE_WORDS))
+    return [" ".join(tokens[i : i + size]) for i in range(0, len(tokens), size)]
+
+
+def _balanced(units: list[str]) -> list[list[str]]:
+    """Consecutive units grouped into about equal groups of at most MAX_PASSAGE_WORDS words each."""
+    total = sum(_words(u) for u in units)
+    target = math.ceil(total / math.ceil(total / MAX_PASSAGE_WORDS))
+    groups: list[list[str]] = [[]]
+    size = 0
+    for unit in units:
+        n = _words(unit)
+        if groups[-1] and (size + n > MAX_PASSAGE_WORDS or size >= target):
+            groups.append([])
+            size = 0
+        groups[-1].append(unit)
+        size += n
+    return groups
+
+
+def _pack(units: list[str]) -> list[str]:
+    """A section's paragraphs merged into passages of about MIN..MAX words; a short last one joins the one before
+    it when both fit in MAX_PASSAGE_WORDS."""
+    if not units:
+        return []
+    chunks = ["\n\n".join(group) for group in _balanced(units)]
+    short_last = len(chunks) > 1 and _words(chunks[-1]) < MIN_PASSAGE_WORDS
+    if short_last and _words(chunks[-2]) + _words(chunks[-1]) <= MAX_PASSAGE_WORDS:
+        chunks[-2:] = [chunks[-2] + "\n\n" + chunks[-1]]
+    return chunks
+
+
+def _hidden(relative: Path) -> bool:
+    return any(part.startswith(".") for part in relative.parts)
+
+
+# > RAFT: the documents of each training example
+
+
+@dataclass(frozen=True)
+class RaftDocuments:
+    passages: tuple[Passage, ...]
+    gold: bool  # whether the example's own passage is among them
+
+    def documents(self) -> list[dict[str, str]]:
+        return [{"title": p.title, "text": p.text} for p in self.passages]
+
+
+def raft_documents(
+    index: LexicalIndex,
+    questions: Sequence[str],
+    gold_ids: Sequence[int],
+    *,
+    k: int,
+    gold_fraction: float,
+    seed: int,
+) -> list[RaftDocuments]:
+    """The documents of each training example (question i, whose own passage is `gold_ids[i]`).
+
+    Retrieval ranks k + RAFT_CANDIDATES passages for the question; the distractors are those other than the gold.
+    With probability `gold_fraction` (a draw seeded by `seed` and the example's position, so a rerun gives the same
+    documents): the gold passage and the top k - 1 distractors, the gold at the rank retrieval gave it, or at a
+    random position among the k when retrieval did not rank it in the top k. Otherwise: the top k distractors, so
+    the model also learns to answer from memory. Where retrieval finds too few distractors (no shared words), the
+    rest are drawn at random from the other passages: every example has distractors while the index has passages
+    enough.
+    """
+    if len(questions) != len(gold_ids):
+        raise ValueError(f"{len(questions)} questions for {len(gold_ids)} gold passages")
+    result = []
+    for i, (question, gold_id) in enumerate(zip(questions, gold_ids, strict=True)):
+        rng = random.Random(f"raft:{seed}:{i}")
+        with_gold = rng.random() < gold_fraction
+        ranked = [hit.passage for hit in index.search(question, k + RAFT_CANDIDATES)]
+        distractors = [p for p in ranked if p.id != gold_id]
+        wanted = k - 1 if with_gold else k
+        if len(distractors) < wanted:
+            taken = {p.id for p in distractors} | {gold_id}
+            others = [p for p in index.passages if p.id not in taken]
+            distractors += rng.sample(others, min(wanted - len(distractors), len(others)))
+        chosen = distractors[:wanted]
+        if with_gold:
+            rank = next((r for r, p in enumerate(ranked) if p.id == gold_id), None)
+            position = rank if rank is not None and rank < k else rng.randrange(k)
+            chosen.insert(min(position, len(chosen)), index.passages[gold_id])
+        result.append(RaftDocuments(tuple(chosen), with_gold))
+    return result
