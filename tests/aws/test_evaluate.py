@@ -117,5 +117,5 @@ def test_evaluate_reports_an_unknown_variant_as_errors_and_fails(run_cli, emulat
 def test_evaluate_scores_with_the_training_images_code(run_cli):
     # The script must not carry its own copy of the metrics: it imports trainer.evaluation.
     source = (REPO / "scripts" / "llmft_aws" / "evaluate.py").read_text()
-    assert "from trainer.evaluation import latency_summary, score_answers" in source
+    assert "from trainer.evaluation import latency_summary, recall, score_answers" in source
     assert "def rouge_l" not in source and "def exact_match" not in source

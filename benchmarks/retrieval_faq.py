@@ -1,0 +1,370 @@
+#!/usr/bin/env python3
+"""Does training with retrieval (RAFT) answer reworded questions? Today's default job against a retrieval job, one run.
+
+    .venv/bin/python benchmarks/retrieval_faq.py --faq data/Amazon_SageMaker_FAQs.csv   # about an hour, 2 cores
+    .venv/bin/python benchmarks/retrieval_faq.py --faq data/Amazon_SageMaker_FAQs.csv --recall-only   # seconds
+    .venv/bin/python benchmarks/retrieval_faq.py --faq PATH --max-steps 4 --train-samples 4 --no-write  # a smoke run
+
+`--faq PATH` names the FAQ CSV (scripts/fetch_faq_dataset.py downloads it; it is not in the repository).
+
+1. The split: held-out = a seeded 15% of the FAQ's questions, drawn only from the questions that
+   benchmarks/faq_paraphrases.jsonl does not reword, so that every reworded original is a training question. The
+   paraphrased set is each rewording, answered with its original's answer; no job trains on it.
+2. Recall@1/3/5 of the retrieval index (trainer.retrieval, the training image's own, built over the training rows
+   as a job builds it) on the paraphrased set: a hit is the passage of the reworded original (titled with it).
+3. Two jobs of the training image, one after the other, on the same rows with the same settings and evaluation:
+   A = today's default without retrieval (`retrieval=off`), B = `retrieval=on` (RAFT: each training example with
+   k retrieved passages, its own among them in most). Both answer every held-out question, every paraphrase and
+   the training questions (all of them unless --train-samples), greedily. A also evaluates the base model; B
+   evaluates its tuned model twice, without and with retrieval.
+4. One table: a row per question set, ROUGE-L of base / A / B without retrieval / B with retrieval, and B's
+   recall (the share of questions whose gold passage was among the k in the prompt); the training time of B over
+   A (the training phase, as each job records it in manifest.json, `training.runtime_s`); the targets of issue 22.
+   Written to the `retrieval-faq` section of docs/benchmarks.md unless --no-write.
+
+Jobs run in --jobs-dir (default runs/retrieval-faq); a job whose tree already holds a finished report for the
+same hyperparameters and data is not run again, so an interrupted run picks up where it stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from common import DOCS, REPO, write_section
+from train_vs_trl import TRAIN, add_faq_argument, check_faq, shown
+
+PARAPHRASES = REPO / "benchmarks" / "faq_paraphrases.jsonl"
+DOCS_SECTION = "retrieval-faq"
+HELD_OUT_FRACTION = 0.15  # as the image's validation_fraction
+SEED = 42  # as the image's seed
+RECALL_KS = (1, 3, 5)
+SETS = (("train_sample", "training"), ("validation", "held-out"), ("paraphrased", "paraphrased"))
+# Issue 22's targets.
+TARGET_PARAPHRASED = 0.60  # ROUGE-L on paraphrases, with retrieval
+TARGET_TRAINING = 0.60  # ROUGE-L on training questions (with retrieval, as served)
+TARGET_TIME_RATIO = 1.5  # training time, B over A
+TARGET_RECALL_AT_3 = 0.9  # of the index, on the paraphrases
+
+
+def _normal(text: str) -> str:
+    return " ".join(text.split())
+
+
+# > 1. The split
+
+
+@dataclass
+class Split:
+    train: list  # trainer.data.Example
+    held_out: list
+    paraphrased: list  # a rewording as question, its original's answer as answer
+    originals: list[str]  # per paraphrase, the training question it rewords
+
+
+def load_faq(faq: Path) -> list:
+    """The FAQ's rows as the training image reads them (cleaned, exact duplicates dropped)."""
+    from trainer.data import load_channel
+
+    with tempfile.TemporaryDirectory(prefix="faq-") as tmp:
+        shutil.copy(faq, Path(tmp) / faq.name)
+        examples, _ = load_channel(Path(tmp))
+    return examples
+
+
+def read_paraphrases(path: Path) -> list[tuple[str, str]]:
+    """(original question, rewording) pairs."""
+    pairs = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if line.strip():
+            record = json.loads(line)
+            if not record.get("question") or not record.get("paraphrase"):
+                sys.exit(f"{path}:{number}: needs a question and a paraphrase")
+            pairs.append((record["question"], record["paraphrase"]))
+    return pairs
+
+
+def split_faq(examples: list, paraphrases: list[tuple[str, str]], seed: int = SEED) -> Split:
+    """Held-out questions drawn (seeded, HELD_OUT_FRACTION of all questions) from those not reworded; the
+    rewordings answered with their original's answer (the first, for a question asked twice)."""
+    from trainer.data import Example
+
+    answer_of: dict[str, str] = {}
+    question_of: dict[str, str] = {}
+    for e in examples:
+        answer_of.setdefault(_normal(e.question), e.answer)
+        question_of.setdefault(_normal(e.question), e.question)
+    missing = [q for q, _ in paraphrases if _normal(q) not in answer_of]
+    if missing:
+        sys.exit(f"{len(missing)} reworded question(s) are not questions of the FAQ, e.g. {missing[0]!r}")
+    reworded = {_normal(q) for q, _ in paraphrases}
+    questions = sorted({e.question for e in examples})
+    candidates = [q for q in questions if _normal(q) not in reworded]
+    random.Random(seed).shuffle(candidates)
+    held = set(candidates[: max(1, round(HELD_OUT_FRACTION * len(questions)))])
+    paraphrased = [
+        Example(p, answer_of[_normal(q)], "", f"{PARAPHRASES.name}:row {i}") for i, (q, p) in enumerate(paraphrases, 1)
+    ]
+    return Split(
+        train=[e for e in examples if e.question not in held],
+        held_out=[e for e in examples if e.question in held],
+        paraphrased=paraphrased,
+        originals=[question_of[_normal(q)] for q, _ in paraphrases],
+    )
+
+
+# > 2. Recall of the index
+
+
+def index_recall(train: list, queries: list[str], gold_titles: list[str], ks=RECALL_KS) -> dict[int, float]:
+    """Recall@k of the image's index over the training rows: the share of queries whose gold passage (the one
+    titled `gold_titles[i]`) is among the top k."""
+    from trainer.retrieval import LexicalIndex, passages_from_rows
+
+    index = LexicalIndex.build(passages_from_rows(train))
+    ranks = []
+    for query, gold in zip(queries, gold_titles, strict=True):
+        titles = [_normal(hit.passage.title) for hit in index.search(query, max(ks))]
+        ranks.append(titles.index(_normal(gold)) + 1 if _normal(gold) in titles else None)
+    return {k: sum(r is not None and r <= k for r in ranks) / len(ranks) for k in ks}
+
+
+# > 3. The jobs
+
+
+def write_channel(path: Path, examples: list) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(
+        "".join(json.dumps({"question": e.question, "answer": e.answer}, ensure_ascii=False) + "\n" for e in examples),
+        encoding="utf-8",
+    )
+
+
+def job_hyperparameters(split: Split, args) -> dict[str, dict]:
+    """A and B: the same settings and evaluation but for retrieval (B's base model is A's: not evaluated again)."""
+    common = {
+        "epochs": args.epochs,
+        "seed": SEED,
+        "eval_max_samples": max(len(split.held_out), len(split.paraphrased)),  # caps held-out and paraphrased alike
+        "eval_train_samples": args.train_samples or len(split.train),
+    }
+    if args.model_id:
+        common["model_id"] = args.model_id
+    if args.max_steps > 0:
+        common["max_steps"] = args.max_steps
+    if args.max_new_tokens:
+        common["eval_max_new_tokens"] = args.max_new_tokens
+    common.update(args.hp)
+    return {"A": {**common, "retrieval": "off"}, "B": {**common, "retrieval": "on", "eval_base_model": False}}
+
+
+def lay_out_job(job: Path, hyperparameters: dict, split: Split) -> bool:
+    """The job's SageMaker tree; False when it already holds a finished report of these same inputs."""
+    channels = {"train": split.train, "validation": split.held_out, "paraphrases": split.paraphrased}
+    inputs = {
+        "hyperparameters": {k: str(v) for k, v in hyperparameters.items()},
+        "channels": {name: [[e.question, e.answer] for e in rows] for name, rows in channels.items()},
+    }
+    stamp = job / "benchmark_inputs.json"
+    finished = (job / "output" / "data" / "eval_report.json").exists() and (job / "model" / "manifest.json").exists()
+    if finished and stamp.exists() and json.loads(stamp.read_text(encoding="utf-8")) == inputs:
+        return False
+    if job.exists():
+        shutil.rmtree(job)  # an unfinished or different earlier run
+    for name, rows in channels.items():
+        write_channel(job / "input" / "data" / name / f"{name}.jsonl", rows)
+    (job / "input" / "config").mkdir(parents=True)
+    (job / "input" / "config" / "hyperparameters.json").write_text(json.dumps(inputs["hyperparameters"]))
+    stamp.write_text(json.dumps(inputs), encoding="utf-8")
+    return True
+
+
+def run_job(name: str, job: Path, timeout: float | None = None) -> None:
+    """The training image's entry point on the job tree, as SageMaker would start it; its log in job/log.txt."""
+    env = {**os.environ, "SAGEMAKER_BASE_DIR": str(job), "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env.pop("RANK", None)
+    env.pop("LOCAL_RANK", None)
+    print(f"job {name}: training in {job}, log {job / 'log.txt'} ...", flush=True)
+    started = time.monotonic()
+    with open(job / "log.txt", "w") as log:
+        code = subprocess.run(
+            [sys.executable, str(TRAIN)], env=env, stdout=log, stderr=subprocess.STDOUT, timeout=timeout
+        ).returncode
+    if code != 0:
+        tail = (job / "log.txt").read_text(errors="replace")[-4000:]
+        sys.exit(f"job {name} failed (exit {code}):\n{tail}")
+    print(f"job {name}: done after {time.monotonic() - started:.0f} s", flush=True)
+
+
+@dataclass
+class JobResult:
+    comparison: dict  # eval_report.json's comparison (trainer.report.comparison)
+    training: dict  # manifest.json's training: steps, runtime_s (the training phase), ...
+    retrieval: dict | None  # manifest.json's retrieval
+
+
+def read_job(job: Path) -> JobResult:
+    manifest = json.loads((job / "model" / "manifest.json").read_text(encoding="utf-8"))
+    report = json.loads((job / "output" / "data" / "eval_report.json").read_text(encoding="utf-8"))
+    return JobResult(report["comparison"], manifest["training"], manifest.get("retrieval"))
+
+
+# > 4. The table
+
+
+def _value(a: JobResult | None, set_name: str, column: str, metric: str = "rouge_l") -> float | None:
+    return (((a.comparison if a else {}).get(set_name) or {}).get(metric) or {}).get(column)
+
+
+def _cell(value: float | None, bold: bool = False) -> str:
+    if value is None:
+        return "-"
+    return f"**{value:.3f}**" if bold else f"{value:.3f}"
+
+
+def _verdict(ok: bool | None) -> str:
+    return "n/a" if ok is None else ("met" if ok else "**missed**")
+
+
+def table(a: JobResult, b: JobResult, recall: dict[int, float], split: Split, args) -> str:
+    k = (b.retrieval or {}).get("k", 3)
+    a_time, b_time = a.training["runtime_s"], b.training["runtime_s"]
+    ratio = b_time / a_time if a_time else float("nan")
+    options = "".join(
+        f" {flag} {value}"
+        for flag, value in (
+            ("--epochs", format(args.epochs, "g") if args.epochs != 3 else None),
+            ("--max-steps", args.max_steps or None),
+            ("--train-samples", args.train_samples or None),
+            ("--max-new-tokens", args.max_new_tokens or None),
+            *(("--hp", f"{k}={v}") for k, v in args.hp.items()),
+        )
+        if value is not None
+    )
+    model = f"the model {shown(Path(args.model_id))}" if args.model_id else "SmolLM2-135M-Instruct (embedded)"
+    lines = [
+        f"Measured {time.strftime('%Y-%m-%d')} on {os.cpu_count()} CPU cores ({platform.machine()}), "
+        f"`benchmarks/retrieval_faq.py --faq {shown(args.faq)}{options}`: two jobs of the training image, one after "
+        f"the other, {model}, "
+        f"the defaults (LoRA r16) for {format(args.epochs, 'g')} epochs on {len(split.train)} FAQ rows; "
+        f"{len(split.held_out)} questions held out (a seeded 15%, none of them reworded); the "
+        f"{len(split.paraphrased)} rewordings of training questions in {shown(args.paraphrases)}, answered "
+        "with their original's answer, never trained on. A = retrieval off (the default before issue 22); "
+        f"B = retrieval on (RAFT, k={k}). Greedy answers, ROUGE-L:",
+        "",
+        f"| questions | base | A tuned | B tuned, no retrieval | B tuned + retrieval | B recall@{k} |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for set_name, title in SETS:
+        count = ((b.comparison.get(set_name) or a.comparison.get(set_name)) or {}).get("count")
+        if count is None:
+            continue
+        recall_at_k = ((b.comparison.get(set_name) or {}).get("retrieval") or {}).get("recall_at_k")
+        lines.append(
+            f"| {title} ({count}) | {_cell(_value(a, set_name, 'base'))} | {_cell(_value(a, set_name, 'tuned'))} | "
+            f"{_cell(_value(b, set_name, 'tuned'))} | {_cell(_value(b, set_name, 'tuned_retrieval'), bold=True)} | "
+            f"{_cell(recall_at_k) if recall_at_k is not None else '-'} |"
+        )
+    recall_text = ", ".join(f"@{n} {value:.3f}" for n, value in recall.items())
+    lines += [
+        "",
+        f"Recall of the index (BM25 over the {len(split.train)} training rows' questions and answers, fused) on the "
+        f"paraphrases: {recall_text}. B recall: the share of questions whose own passage was among the {k} in the "
+        "prompt (held-out questions have none). Training time (the training phase, manifest.json): "
+        f"A {a_time:.0f} s ({a.training['steps']} steps), B {b_time:.0f} s ({b.training['steps']} steps): "
+        f"**{ratio:.2f}×**.",
+    ]
+    paraphrased = _value(b, "paraphrased", "tuned_retrieval")
+    training = _value(b, "train_sample", "tuned_retrieval")
+    held_b, held_a = _value(b, "validation", "tuned_retrieval"), _value(a, "validation", "tuned")
+    verdicts = [
+        f"ROUGE-L on paraphrases with retrieval >= {TARGET_PARAPHRASED}: "
+        + _verdict(None if paraphrased is None else paraphrased >= TARGET_PARAPHRASED),
+        f"on training questions >= {TARGET_TRAINING}: "
+        + _verdict(None if training is None else training >= TARGET_TRAINING),
+        "held-out not below A's: " + _verdict(None if held_b is None or held_a is None else held_b >= held_a),
+        f"training time <= {TARGET_TIME_RATIO}× A's: " + _verdict(ratio <= TARGET_TIME_RATIO),
+        f"index recall@3 on paraphrases >= {TARGET_RECALL_AT_3}: "
+        + _verdict(recall[3] >= TARGET_RECALL_AT_3 if 3 in recall else None),
+    ]
+    lines += ["", "Targets (issue 22; B with retrieval, as served): " + "; ".join(verdicts) + "."]
+    if args.note:
+        lines += ["", args.note]
+    return "\n".join(lines)
+
+
+def _key_value(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    return key, value
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_faq_argument(parser, default=None)
+    parser.add_argument("--paraphrases", type=Path, default=PARAPHRASES, help="rewordings of FAQ questions (JSONL)")
+    parser.add_argument("--epochs", type=float, default=3.0, help="epochs of both jobs (default 3)")
+    parser.add_argument("--jobs-dir", type=Path, default=REPO / "runs" / "retrieval-faq")
+    parser.add_argument(
+        "--train-samples",
+        type=int,
+        default=0,
+        help="training questions each model answers (default 0: all of them; a sample's mean moves by ±0.05)",
+    )
+    parser.add_argument("--recall-only", action="store_true", help="the split and the index's recall; no jobs")
+    parser.add_argument("--max-steps", type=int, default=0, help="stop each job after this many steps (a smoke run)")
+    parser.add_argument("--max-new-tokens", type=int, default=0, help="answer length cap (default: the image's)")
+    parser.add_argument("--model-id", default="", help="base model of both jobs (default: the image's, embedded)")
+    parser.add_argument(
+        "--hp",
+        action="append",
+        default=[],
+        type=_key_value,
+        metavar="KEY=VALUE",
+        help="another hyperparameter for both jobs (repeatable)",
+    )
+    parser.add_argument("--docs", type=Path, default=DOCS, help=argparse.SUPPRESS)  # tests write elsewhere
+    parser.add_argument("--note", default="", help="a line added under the table (e.g. machine load)")
+    parser.add_argument("--no-write", action="store_true", help="print only; leave docs/benchmarks.md alone")
+    args = parser.parse_args(argv)
+    args.hp = dict(args.hp)
+    if args.faq is None:
+        parser.error("--faq PATH is required (scripts/fetch_faq_dataset.py downloads the FAQ CSV)")
+    check_faq(args.faq)
+
+    split = split_faq(load_faq(args.faq), read_paraphrases(args.paraphrases))
+    train, held_out, paraphrased = len(split.train), len(split.held_out), len(split.paraphrased)
+    print(f"split: {train} training rows, {held_out} held out, {paraphrased} paraphrased", flush=True)
+    recall = index_recall(split.train, [e.question for e in split.paraphrased], split.originals)
+    print("index recall on the paraphrases: " + ", ".join(f"@{k} {v:.3f}" for k, v in recall.items()), flush=True)
+    if args.recall_only:
+        return 0
+
+    results = {}
+    for name, hyperparameters in job_hyperparameters(split, args).items():
+        job = (args.jobs_dir / name).resolve()
+        if lay_out_job(job, hyperparameters, split):
+            run_job(name, job)
+        else:
+            print(f"job {name}: finished earlier in {job}, reused", flush=True)
+        results[name] = read_job(job)
+    markdown = table(results["A"], results["B"], recall, split, args)
+    print("\n" + markdown)
+    if not args.no_write:
+        write_section(DOCS_SECTION, markdown, args.docs)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,115 @@
+"""A short version of benchmarks/retrieval_faq.py: the generated FAQ (tests/fixtures/faq_csv.py) and rewordings of
+some of its questions, the tiny model, two steps per job. The real run (the FAQ, 3 epochs) is the script's job; its
+result is in docs/benchmarks.md."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from fixtures.faq_csv import DUPLICATED_QUESTION, faq_pairs, write_faq_csv
+
+
+@pytest.fixture(scope="module")
+def bench():
+    import retrieval_faq  # benchmarks/retrieval_faq.py; benchmarks/ is on the test path (pyproject.toml)
+
+    return retrieval_faq
+
+
+def reworded(question: str) -> str:
+    return "Please tell me: " + question.strip().lower().replace("amazon sagemaker", "SageMaker")
+
+
+@pytest.fixture
+def data(tmp_path):
+    """The generated FAQ, and rewordings of 8 of its questions (one of them the question asked twice)."""
+    faq = write_faq_csv(tmp_path / "faq")
+    questions = list(dict.fromkeys(" ".join(q.split()) for q, _ in faq_pairs()))
+    originals = [*questions[:7], DUPLICATED_QUESTION]
+    paraphrases = tmp_path / "paraphrases.jsonl"
+    paraphrases.write_text("".join(json.dumps({"question": q, "paraphrase": reworded(q)}) + "\n" for q in originals))
+    return faq, paraphrases, originals
+
+
+def test_the_split_keeps_every_reworded_question_in_training(bench, data):
+    faq, paraphrases, originals = data
+    examples = bench.load_faq(faq)
+    split = bench.split_faq(examples, bench.read_paraphrases(paraphrases))
+
+    questions = {e.question for e in examples}
+    assert len({e.question for e in split.held_out}) == round(0.15 * len(questions))
+    assert not {e.question for e in split.held_out} & set(originals)
+    assert len(split.train) + len(split.held_out) == len(examples)
+    assert split.originals == originals
+    first_answer = {e.question: e.answer for e in reversed(examples)}  # of a question asked twice: the first
+    assert [e.answer for e in split.paraphrased] == [first_answer[q] for q in originals]
+    assert [e.question for e in split.paraphrased] == [reworded(q) for q in originals]
+    again = bench.split_faq(examples, bench.read_paraphrases(paraphrases))
+    assert [e.question for e in again.held_out] == [e.question for e in split.held_out]  # seeded
+
+    recall = bench.index_recall(split.train, [e.question for e in split.paraphrased], split.originals)
+    assert list(recall) == [1, 3, 5] and recall[1] <= recall[3] <= recall[5]
+    assert recall[5] >= 0.75  # the rewordings keep most of their original's words
+    exact = bench.index_recall(split.train, split.originals, split.originals)
+    assert exact[3] == 1.0  # a training question finds its own passage
+
+
+def test_a_rewording_of_a_question_the_faq_lacks_is_refused(bench, data, tmp_path):
+    faq, _, _ = data
+    paraphrases = tmp_path / "other.jsonl"
+    paraphrases.write_text(json.dumps({"question": "Is this in the FAQ?", "paraphrase": "Is it?"}) + "\n")
+    with pytest.raises(SystemExit, match="not questions of the FAQ"):
+        bench.split_faq(bench.load_faq(faq), bench.read_paraphrases(paraphrases))
+
+
+@pytest.mark.slow
+def test_the_short_run_trains_both_jobs_and_tabulates_them(bench, data, tmp_path, tiny_model_dir, capsys):
+    faq, paraphrases, originals = data
+    jobs = tmp_path / "jobs"
+    args = [
+        "--faq",
+        str(faq),
+        "--paraphrases",
+        str(paraphrases),
+        "--model-id",
+        str(tiny_model_dir),
+        "--jobs-dir",
+        str(jobs),
+        "--max-steps",
+        "2",
+        "--train-samples",
+        "4",
+        "--max-new-tokens",
+        "4",
+        "--hp",
+        "max_seq_length=2048",
+        "--hp",
+        "per_device_batch_size=4",
+    ]
+    assert bench.main([*args, "--no-write"]) == 0
+    out = capsys.readouterr().out
+
+    a = json.loads((jobs / "A" / "input" / "config" / "hyperparameters.json").read_text())
+    b = json.loads((jobs / "B" / "input" / "config" / "hyperparameters.json").read_text())
+    assert a["retrieval"] == "off" and b["retrieval"] == "on" and b["eval_base_model"] == "False"
+    assert {k: v for k, v in a.items() if k not in ("retrieval",)} == {
+        k: v for k, v in b.items() if k not in ("retrieval", "eval_base_model")
+    }
+    assert json.loads((jobs / "B" / "model" / "manifest.json").read_text())["retrieval"]["k"] == 3
+    assert "| questions | base | A tuned | B tuned, no retrieval | B tuned + retrieval | B recall@3 |" in out
+    rows = {line.split(" | ")[0]: line for line in out.splitlines() if line.startswith("| ")}
+    assert set(rows) >= {"| training (4)", "| held-out (6)", f"| paraphrased ({len(originals)})"}
+    # Held-out questions have no passage of their own, so no recall; paraphrased ones do.
+    assert rows["| held-out (6)"].endswith("| - |")
+    assert not rows[f"| paraphrased ({len(originals)})"].endswith("| - |")
+    assert "Training time (the training phase, manifest.json): A " in out and "×**." in out
+    assert "Targets (issue 22; B with retrieval, as served): ROUGE-L on paraphrases with retrieval >= 0.6: " in out
+
+    # Run again: both jobs are reused, and the section goes into the docs file given.
+    docs = tmp_path / "benchmarks.md"
+    docs.write_text("# B\n\n<!-- BEGIN retrieval-faq -->\nold\n<!-- END retrieval-faq -->\n")
+    assert bench.main([*args, "--docs", str(docs)]) == 0
+    assert capsys.readouterr().out.count("finished earlier") == 2
+    written = docs.read_text()
+    assert "old" not in written and "| questions | base | A tuned |" in written
