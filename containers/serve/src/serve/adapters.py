@@ -5,7 +5,12 @@ back as one reply (`reply`) or as server-sent events (`stream`).
   per token whose last carries the whole text and details.
 - OpenAI chat, `{"messages", ...}`: `chat.completion`, or `chat.completion.chunk` frames ending in
   `data: [DONE]`; with `n`, several choices (also on POST /v1/chat/completions, see openai_routes).
-- OpenAI completions, `{"prompt", ...}` (POST /v1/completions only): `text_completion`, or its chunks.
+- OpenAI completions, `{"prompt", ...}` (POST /v1/completions only): `text_completion`, or its chunks; raw
+  text, never retrieval.
+
+When the model ships a retrieval index, TGI and chat requests retrieve (unless they say `retrieval: false`):
+the reply carries `sources`, the passages in the prompt: on each TGI item and its stream's last frame, on the
+chat completion and on each choice's finishing chunk.
 - JSON Lines (batch transform): one of the above per line in, the same JSON a single request would get
   per line out, in order; no streaming.
 
@@ -49,6 +54,7 @@ class Job:
     model: str = ""  # OpenAI: the model the reply names (the one this server hosts)
     token_text: Callable[[int], str] | None = None  # OpenAI, when logprobs are asked: a token id's own text
     line: int = 0  # JSON Lines: the line this job answers
+    sources: list[dict] | None = None  # the retrieved passages in the prompt (None: retrieval did not apply)
 
 
 class Adapter(Protocol):
@@ -97,15 +103,27 @@ class TgiGenerate:
     def plan(self, request: GenerateRequest, predictor: Predictor) -> list[Job]:
         params = request.parameters
         jobs = []
+        try:
+            retrieve = params.apply_chat_template and predictor.wants_retrieval(
+                params.retrieval, field="parameters.retrieval"
+            )
+        except PromptError as e:
+            raise ValidationError(str(e)) from None
         for i, text in enumerate(request.texts):
             field = "inputs" if isinstance(request.inputs, str) else f"inputs.{i}"
             try:
-                ids = predictor.encode_question(text, apply_chat_template=params.apply_chat_template)
-                ids = predictor.fit_context(ids, truncate=params.truncate, field=field)
+                if retrieve:  # each input is its own question, with its own passages
+                    prompt = predictor.prepare_chat(
+                        [{"role": "user", "content": text}], field=field, retrieve=True, truncate=params.truncate
+                    )
+                    ids, sources = prompt.ids, prompt.sources
+                else:
+                    ids = predictor.encode_question(text, apply_chat_template=params.apply_chat_template)
+                    ids, sources = predictor.fit_context(ids, truncate=params.truncate, field=field), None
             except PromptError as e:
                 raise ValidationError(str(e)) from None
             prefix = text if params.return_full_text else ""
-            jobs.append(Job(ids, request.sampling(), prefix=prefix, details=params.wants_details))
+            jobs.append(Job(ids, request.sampling(), prefix=prefix, details=params.wants_details, sources=sources))
         return jobs
 
     def reply(self, request: GenerateRequest, jobs: list[Job], results: list[Finished]) -> str:
@@ -120,7 +138,10 @@ class TgiGenerate:
                 yield sse(_tgi_frame(index, event, top_n, None, None))
                 continue
             details = {**_tgi_details(event), "input_length": event.prompt_tokens}
-            yield sse(_tgi_frame(index, event.last_token, top_n, jobs[0].prefix + event.text, details))
+            frame = _tgi_frame(index, event.last_token, top_n, jobs[0].prefix + event.text, details)
+            if jobs[0].sources is not None:
+                frame["sources"] = jobs[0].sources
+            yield sse(frame)
 
     @staticmethod
     def _item(job: Job, result: Finished) -> dict:
@@ -135,6 +156,8 @@ class TgiGenerate:
                 details["top_tokens"] = [[_tgi_token(t) for t in token.top_tokens] for token in result.tokens]
             details["input_length"] = result.prompt_tokens  # ours, beyond TGI's Details: callers read it
             item["details"] = details
+        if job.sources is not None:  # ours: TGI's clients ignore (text_generation) or keep (huggingface_hub) it
+            item["sources"] = job.sources
         return item
 
 
@@ -203,16 +226,17 @@ class OpenAIAdapter:
             }
             for i, (job, result) in enumerate(zip(jobs, results, strict=True))
         ]
-        return _json(
-            {
-                "id": f"{self.id_prefix}-{uuid.uuid4().hex}",
-                "object": self.reply_object,
-                "created": int(time.time()),
-                "model": jobs[0].model,
-                "choices": choices,
-                "usage": _usage_of(request, results),
-            }
-        )
+        reply = {
+            "id": f"{self.id_prefix}-{uuid.uuid4().hex}",
+            "object": self.reply_object,
+            "created": int(time.time()),
+            "model": jobs[0].model,
+            "choices": choices,
+            "usage": _usage_of(request, results),
+        }
+        if jobs[0].sources is not None:  # one prompt, so one list for all n choices
+            reply["sources"] = jobs[0].sources
+        return _json(reply)
 
     def stream(self, request: Any, jobs: list[Job], events: Iterator[Token | Finished]) -> Iterator[str]:
         """/invocations: the one choice's events."""
@@ -241,7 +265,10 @@ class OpenAIAdapter:
     ) -> Iterator[str]:
         def chunk(text: str | None, tokens: list[Token], finish_reason: str | None = None) -> str:
             delta = self._delta(request, job, text, tokens, len(sent) - len(text or ""))
-            return sse({**base, "choices": [{"index": index, **delta, "finish_reason": finish_reason}]})
+            frame = {**base, "choices": [{"index": index, **delta, "finish_reason": finish_reason}]}
+            if finish_reason is not None and job.sources is not None:
+                frame["sources"] = job.sources
+            return sse(frame)
 
         sent, pending = job.prefix, []  # text already streamed; tokens whose logprobs are not yet sent
         if (opening := self._opening(job)) is not None:
@@ -282,13 +309,19 @@ class OpenAIChat(OpenAIAdapter):
 
     def jobs(self, request: ChatRequest, predictor: Predictor) -> list[Job]:
         try:
-            ids = predictor.encode_chat(request.conversation(), field="messages")
-            ids = predictor.fit_context(ids, truncate=None, field="messages")
+            retrieve = predictor.wants_retrieval(request.retrieval, field="retrieval")
+            prompt = predictor.prepare_chat(request.conversation(), field="messages", retrieve=retrieve)
         except PromptError as e:
             raise ValidationError(str(e)) from None
         token_text = _token_text(predictor) if request.logprobs else None
         return [
-            Job(ids, request.sampling(choice), model=predictor.model_name, token_text=token_text)
+            Job(
+                prompt.ids,
+                request.sampling(choice),
+                model=predictor.model_name,
+                token_text=token_text,
+                sources=prompt.sources,
+            )
             for choice in range(request.n)
         ]
 

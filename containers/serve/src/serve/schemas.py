@@ -127,6 +127,20 @@ class GenerateParameters(_Strict):
     # By default `inputs` is the user's question, wrapped in the artifact's prompt format (chat template).
     # false sends `inputs` to the model as raw text.
     apply_chat_template: bool = True
+    # Ours, beyond TGI's: when the model ships a retrieval index, passages retrieved for `inputs` go into the
+    # prompt and the reply lists them (`sources`). null: on when there is an index; false: off; true: on, and a
+    # 422 if the model has none. Raw text (apply_chat_template false) never retrieves.
+    retrieval: bool | None = None
+
+    @field_validator("retrieval")
+    @classmethod
+    def _retrieval_needs_template(cls, value: bool | None, info: ValidationInfo) -> bool | None:
+        if value and info.data.get("apply_chat_template") is False:
+            raise ValueError(
+                "true needs apply_chat_template true (passages go into the prompt through the chat template; "
+                "raw text is sent as it is)"
+            )
+        return value
 
     @field_validator("max_new_tokens")
     @classmethod
@@ -329,6 +343,8 @@ class ChatRequest(_OpenAIRequest):
     tool_choice: str | dict[str, Any] | None = None
     response_format: dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None
+    # Ours: passages retrieved for the last user message go into the prompt (see GenerateParameters.retrieval).
+    retrieval: bool | None = None
 
     @model_validator(mode="after")
     def _top_logprobs_need_logprobs(self) -> ChatRequest:
