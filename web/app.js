@@ -1,6 +1,8 @@
-// Chat page: POST {question} to `${apiBaseUrl}/ask` and show the answer, the variant that answered, the
-// latency, and errors in plain words. The API path is buffered (API Gateway + Python Lambda cannot stream),
-// so the page shows a pending state with an elapsed-time counter instead of streaming text.
+// Chat page: POST {question} to `${apiBaseUrl}/ask` and show the answer, the passages the model was shown
+// (`sources`, collapsed under the answer), the variant that answered, the latency, and errors in plain words.
+// The API path is buffered (API Gateway + Python Lambda cannot stream), so the page shows a pending state with
+// an elapsed-time counter instead of streaming text. Everything the API sends is put on the page as text
+// (textContent, text nodes), never as markup.
 //
 // Where the API key may go: the page's API is apiBaseUrl from config.js (set by whoever deploys the page), or
 // `?api=` in the page address, which is accepted only when it names an API on this computer (a loopback host:
@@ -11,6 +13,9 @@
 
 (function () {
   const CLIENT_TIMEOUT_MS = 35000; // a little over API Gateway's 29 s integration timeout
+  // The function already caps sources (10, 200 characters each); the page does not rely on it.
+  const MAX_SOURCES = 10;
+  const MAX_SOURCE_CHARS = 300;
   const KEY_STORAGE = "qa-chat.api-key"; // sessionStorage: {"origin": API origin it was entered for, "key"}
 
   const form = document.getElementById("ask-form");
@@ -23,6 +28,7 @@
   const emptyNote = document.getElementById("empty-note");
   const apiKeyInput = document.getElementById("api-key");
   const variantInput = document.getElementById("variant");
+  const retrievalInput = document.getElementById("retrieval");
 
   const { apiBase, refusedQuery } = resolveApiBase();
   const apiOrigin = apiBase ? new URL(apiBase).origin : "";
@@ -146,6 +152,7 @@
     const body = { question: text };
     const variant = variantInput.value.trim();
     if (variant) body.target_variant = variant;
+    if (!retrievalInput.checked) body.retrieval = false;
     const headers = { "Content-Type": "application/json" };
     if (apiKeyInput.value) headers["x-api-key"] = apiKeyInput.value;
 
@@ -260,8 +267,43 @@
     if (typeof payload.latency_ms === "number") parts.push(`model ${formatMs(payload.latency_ms)}`);
     parts.push(`round trip ${formatMs(roundTripMs)}`);
     meta.textContent = parts.join(" · ");
-    item.append(answer, meta);
+    item.append(answer);
+    const sources = sourceList(payload.sources);
+    if (sources) item.append(sources);
+    item.append(meta);
     item.scrollIntoView({ block: "end" });
+  }
+
+  // <details class="sources"> (closed) with "Sources (N)" and one list item per well-formed source, or null
+  // when there are none. Title and source are set as text: they come from the model's index, not from us.
+  function sourceList(raw) {
+    if (!Array.isArray(raw)) return null;
+    const entries = raw
+      .filter((s) => s && typeof s.title === "string" && typeof s.source === "string" && s.title && s.source)
+      .slice(0, MAX_SOURCES);
+    if (entries.length === 0) return null;
+    const details = document.createElement("details");
+    details.className = "sources";
+    const summary = document.createElement("summary");
+    summary.textContent = `Sources (${entries.length})`;
+    const list = document.createElement("ol");
+    for (const entry of entries) {
+      const li = document.createElement("li");
+      const title = document.createElement("span");
+      title.className = "source-title";
+      title.textContent = clip(entry.title);
+      const ref = document.createElement("span");
+      ref.className = "source-ref";
+      ref.textContent = clip(entry.source);
+      li.append(title, ref);
+      list.append(li);
+    }
+    details.append(summary, list);
+    return details;
+  }
+
+  function clip(text) {
+    return text.length <= MAX_SOURCE_CHARS ? text : text.slice(0, MAX_SOURCE_CHARS - 1) + "…";
   }
 
   function showError(item, message) {

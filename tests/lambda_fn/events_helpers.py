@@ -36,12 +36,15 @@ def load_event(name: str) -> dict:
     return json.loads((EVENTS_DIR / name).read_text())
 
 
-def model_output(text: str = ANSWER, finish_reason: str | None = None) -> bytes:
+def model_output(text: str = ANSWER, finish_reason: str | None = None, sources=None) -> bytes:
     """What the serving container's TGI-style /invocations returns (with `details` when a finish reason
-    is given, as it does when asked for details)."""
+    is given, as it does when asked for details; with `sources` when given, as a model with a retrieval
+    index answers)."""
     item: dict = {"generated_text": text}
     if finish_reason is not None:
         item["details"] = {"finish_reason": finish_reason, "generated_tokens": 3, "input_length": 7, "seed": None}
+    if sources is not None:
+        item["sources"] = sources
     return json.dumps([item]).encode()
 
 

@@ -6,8 +6,9 @@ POST /endpoints/<name>/invocations with {"inputs": ..., "parameters": ...} answe
 [{"generated_text": ...}] (with "details" when parameters.details is true) and
 x-Amzn-Invoked-Production-Variant. Markers in the question steer it: "[model-error]" -> 424 ModelError,
 "[sleep=N]" -> answer after N seconds, "[finish=REASON]" -> an empty answer whose details.finish_reason is
-REASON (the model server's "timeout" for a request that expired in its queue). An unknown endpoint name
-gets 400 ValidationError, like the real service.
+REASON (the model server's "timeout" for a request that expired in its queue), "[sources]" -> the reply
+carries "sources" like a model with a retrieval index (none when parameters.retrieval is false). An unknown
+endpoint name gets 400 ValidationError, like the real service.
 """
 
 from __future__ import annotations
@@ -19,6 +20,10 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 ANSWER = "SageMaker is a fully managed service to build, train and deploy machine learning models."
+SOURCES = [
+    {"id": 0, "title": "What is Amazon SageMaker?", "source": "faq.csv#1", "score": 1.8},
+    {"id": 7, "title": "faq.md: Getting started", "source": "faq.md#p2", "score": 0.9},
+]
 
 
 def make_handler(endpoint: str, variant: str):
@@ -68,9 +73,12 @@ def make_handler(endpoint: str, variant: str):
             chosen = self.headers.get("X-Amzn-SageMaker-Target-Variant") or variant
             finish = re.search(r"\[finish=([a-z_]+)\]", question)
             item = {"generated_text": "" if finish else ANSWER}
-            if (request.get("parameters") or {}).get("details"):
+            parameters = request.get("parameters") or {}
+            if parameters.get("details"):
                 reason = finish.group(1) if finish else "eos_token"
                 item["details"] = {"finish_reason": reason, "generated_tokens": 0 if finish else 16}
+            if "[sources]" in question and parameters.get("retrieval", True) is not False:
+                item["sources"] = SOURCES
             self._send(200, [item], {"x-Amzn-Invoked-Production-Variant": chosen})
 
     return Handler

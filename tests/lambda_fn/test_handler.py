@@ -20,8 +20,8 @@ from lambda_fn.events_helpers import ANSWER, PAGE_ORIGIN, QUESTION, ask_event, l
 REPO = Path(__file__).resolve().parents[2]
 
 
-def stub_answer(stubber, text=ANSWER, variant="AllTraffic", expected_body=None, target_variant=None):
-    body = model_output(text)
+def stub_answer(stubber, text=ANSWER, variant="AllTraffic", expected_body=None, target_variant=None, sources=None):
+    body = model_output(text, sources=sources)
     expected = {
         "EndpointName": "qa-endpoint",
         "Body": expected_body if expected_body is not None else _any(),
@@ -108,6 +108,141 @@ def test_single_object_model_output_is_accepted(stubbed, context):
     response = handler.handler(ask_event({"question": QUESTION}), context)
     assert body_of(response)["answer"] == "forty-two"
     assert body_of(response)["variant"] is None
+
+
+# --- sources (the model's retrieval index) ---------------------------------------------------------------
+
+SOURCES = [
+    {"id": 4, "title": "What is Amazon SageMaker?", "source": "faq.csv#5", "score": 1.93},
+    {"id": 17, "title": "guide.md: Endpoints > Scaling", "source": "docs/guide.md#p3", "score": 0.41},
+]
+
+
+def test_sources_are_passed_through_without_id_and_score(stubbed, context):
+    handler, stubber = stubbed
+    stub_answer(stubber, sources=SOURCES)
+    response = handler.handler(ask_event({"question": QUESTION}), context)
+    assert response["statusCode"] == 200, response
+    assert body_of(response)["sources"] == [
+        {"title": "What is Amazon SageMaker?", "source": "faq.csv#5"},
+        {"title": "guide.md: Endpoints > Scaling", "source": "docs/guide.md#p3"},
+    ]
+
+
+def test_no_sources_key_when_the_model_gives_none(stubbed, context):
+    handler, stubber = stubbed
+    stub_answer(stubber)  # a model without a retrieval index: no `sources` in its reply
+    body = body_of(handler.handler(ask_event({"question": QUESTION}), context))
+    assert body["answer"] == ANSWER
+    assert "sources" not in body
+
+
+def test_an_empty_source_list_stays_empty(stubbed, context):
+    """Retrieval ran and found nothing: said as [], not confused with a model that has no index."""
+    handler, stubber = stubbed
+    stub_answer(stubber, sources=[])
+    assert body_of(handler.handler(ask_event({"question": QUESTION}), context))["sources"] == []
+
+
+def test_retrieval_false_is_forwarded_to_the_endpoint(stubbed, context, capsys):
+    handler, stubber = stubbed
+    expected_body = json.dumps(
+        {"inputs": QUESTION, "parameters": {"max_new_tokens": 192, "details": True, "retrieval": False}}
+    ).encode()
+    stub_answer(stubber, expected_body=expected_body)
+    response = handler.handler(ask_event({"question": QUESTION, "retrieval": False}), context)
+    assert response["statusCode"] == 200, response
+    assert "sources" not in body_of(response)
+    logged = [json.loads(line) for line in capsys.readouterr().out.splitlines() if '"event": "request"' in line]
+    assert logged[-1]["retrieval"] is False and logged[-1]["sources"] is None
+
+
+def test_retrieval_true_sends_nothing_new(stubbed, context):
+    """On is the server's default; an older server without retrieval refuses parameters it does not know."""
+    handler, stubber = stubbed
+    expected_body = json.dumps({"inputs": QUESTION, "parameters": {"max_new_tokens": 192, "details": True}}).encode()
+    stub_answer(stubber, expected_body=expected_body, sources=SOURCES)
+    response = handler.handler(ask_event({"question": QUESTION, "retrieval": True}), context)
+    assert len(body_of(response)["sources"]) == 2
+
+
+def test_retrieval_in_parameters_is_refused_with_a_hint(stubbed, context):
+    handler, _ = stubbed
+    response = handler.handler(ask_event({"question": QUESTION, "parameters": {"retrieval": False}}), context)
+    assert response["statusCode"] == 400
+    assert '"retrieval" goes at the top level' in body_of(response)["error"]
+
+
+MALFORMED_SOURCES = [
+    "faq.csv#1",  # not an object
+    None,
+    ["What?", "faq.csv#1"],
+    {"title": "No source"},
+    {"source": "faq.csv#2"},
+    {"title": 42, "source": "faq.csv#3"},
+    {"title": "Source not a string", "source": {"file": "faq.csv"}},
+    {"title": "", "source": "faq.csv#4"},
+    {"title": " \n\t ", "source": "faq.csv#5"},  # nothing printable left
+    {"title": "\u202e\u200b", "source": "faq.csv#6"},  # only format characters
+]
+
+
+def test_malformed_sources_are_dropped_and_the_answer_kept(stubbed, context, capsys):
+    handler, stubber = stubbed
+    good = {"id": 1, "title": "Kept", "source": "faq.csv#7", "score": "not a number: ignored"}
+    stub_answer(stubber, sources=[*MALFORMED_SOURCES[:5], good, *MALFORMED_SOURCES[5:]])
+    response = handler.handler(ask_event({"question": QUESTION}), context)
+    assert response["statusCode"] == 200, response
+    body = body_of(response)
+    assert body["answer"] == ANSWER
+    assert body["sources"] == [{"title": "Kept", "source": "faq.csv#7"}]
+    logged = [json.loads(line) for line in capsys.readouterr().out.splitlines() if '"event": "request"' in line]
+    assert logged[-1]["sources"] == 1
+    assert logged[-1]["sources_dropped"] == len(MALFORMED_SOURCES)
+
+
+@pytest.mark.parametrize("raw", ["faq.csv#1", {"title": "t", "source": "s"}, 3, None])
+def test_sources_that_are_not_a_list_are_ignored(stubbed, context, raw):
+    handler, stubber = stubbed
+    body = json.dumps([{"generated_text": ANSWER, "sources": raw}]).encode()
+    stubber.add_response("invoke_endpoint", {"Body": StreamingBody(io.BytesIO(body), len(body))})
+    response = handler.handler(ask_event({"question": QUESTION}), context)
+    assert response["statusCode"] == 200
+    assert "sources" not in body_of(response)
+
+
+def test_sources_are_capped_in_number_and_length(stubbed, context):
+    from qa_function.logic import MAX_SOURCE_REF_CHARS, MAX_SOURCE_TITLE_CHARS, MAX_SOURCES
+
+    handler, stubber = stubbed
+    huge = "A" * 2_000_000
+    many = [{"id": i, "title": f"Question {i}", "source": f"faq.csv#{i}", "score": 1.0} for i in range(50)]
+    stub_answer(stubber, sources=[{"id": 0, "title": huge, "source": "x" * 5000, "score": 1.0}, *many])
+    response = handler.handler(ask_event({"question": QUESTION}), context)
+    sources = body_of(response)["sources"]
+    assert len(sources) == MAX_SOURCES
+    assert len(sources[0]["title"]) == MAX_SOURCE_TITLE_CHARS and sources[0]["title"].endswith("…")
+    assert len(sources[0]["source"]) == MAX_SOURCE_REF_CHARS
+    assert sources[1] == {"title": "Question 0", "source": "faq.csv#0"}
+    assert len(response["body"]) < 10_000  # the 2 MB title is not echoed
+
+
+def test_source_text_is_one_clean_line_and_markup_is_left_as_text():
+    """The page renders sources with textContent; the function keeps markup as text, one line, printable."""
+    from qa_function.logic import Source, parse_sources
+
+    raw = [
+        {"title": "  Line one\n\n  line\ttwo \u202egnp.exe", "source": "faq.csv#1"},
+        {"title": "<img src=x onerror=alert(1)>", "source": "javascript:alert(1)"},
+        {"title": "lone \ud800 surrogate", "source": "faq.csv#2"},
+    ]
+    sources, dropped = parse_sources(raw)
+    assert dropped == 0
+    assert sources == (
+        Source("Line one line two gnp.exe", "faq.csv#1"),
+        Source("<img src=x onerror=alert(1)>", "javascript:alert(1)"),
+        Source("lone surrogate", "faq.csv#2"),
+    )
 
 
 # --- CORS -----------------------------------------------------------------------------------------------
@@ -200,6 +335,9 @@ BAD_INPUTS = [
     ("bad parameter value", b'{"question": "q", "parameters": {"temperature": 9}}', 400, "BadRequest"),
     ("parameters not an object", b'{"question": "q", "parameters": [1]}', 400, "BadRequest"),
     ("bad variant name", b'{"question": "q", "target_variant": "no spaces"}', 400, "BadRequest"),
+    ("retrieval not a boolean", b'{"question": "q", "retrieval": "no"}', 400, "BadRequest"),
+    ("retrieval null", b'{"question": "q", "retrieval": null}', 400, "BadRequest"),
+    ("retrieval as a parameter", b'{"question": "q", "parameters": {"retrieval": false}}', 400, "BadRequest"),
     ("not utf-8", b'{"question": "\xff\xfe"}', 400, "InvalidJSON"),
 ]
 

@@ -364,3 +364,122 @@ def test_only_a_loopback_api_is_taken_from_the_page_address(open_site, browser, 
     assert shown == (accepted or "http://127.0.0.1:9/prod")
     refused = "not on this computer" in browser.find_element(By.ID, "form-error").text
     assert refused is (accepted is None)
+
+
+# --- sources under an answer ----------------------------------------------------------------------------
+
+
+@dataclass
+class FakeApi:
+    """The public API as the page sees it: answers every POST with `reply` and records the JSON bodies."""
+
+    port: int
+    reply: dict = field(default_factory=dict)
+    bodies: list[dict] = field(default_factory=list)
+
+
+@pytest.fixture(scope="module")
+def fake_api():
+    api = FakeApi(port=0)
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def _cors(self):
+            self.send_header("Access-Control-Allow-Origin", "*")
+            self.send_header("Access-Control-Allow-Headers", "content-type, x-api-key")
+            self.send_header("Access-Control-Allow-Methods", "POST, OPTIONS")
+
+        def do_OPTIONS(self):
+            self.send_response(204)
+            self._cors()
+            self.end_headers()
+
+        def do_POST(self):
+            api.bodies.append(json.loads(self.rfile.read(int(self.headers.get("Content-Length", "0")))))
+            body = json.dumps(api.reply).encode()
+            self.send_response(200)
+            self._cors()
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    api.port = server.server_port
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield api
+    server.shutdown()
+    server.server_close()
+
+
+MARKUP_TITLE = '<img src=x onerror="window.__xss = 1">What is <b>SageMaker</b>?'
+MARKUP_SOURCE = "<script>window.__xss = 2</script>faq.csv#3"
+
+
+def test_sources_are_listed_collapsed_under_the_answer_as_text(open_site, fake_api, browser):
+    from selenium.webdriver.common.by import By
+
+    fake_api.reply = {
+        "answer": "A fully managed machine learning service.",
+        "variant": "tuned",
+        "latency_ms": 12.5,
+        "sources": [
+            {"title": "What is Amazon SageMaker?", "source": "faq.csv#1"},
+            {"title": MARKUP_TITLE, "source": MARKUP_SOURCE},
+            {"title": 42, "source": "not shown: the title is not text"},
+            "not shown: not an object",
+        ],
+    }
+    browser.get(open_site.url + f"?api=http://127.0.0.1:{fake_api.port}/prod")
+    entry = ask(browser, "What is SageMaker?")
+
+    # Under the answer, above the variant/latency line, closed.
+    parts = [e.get_attribute("class") for e in entry.find_elements(By.XPATH, "./*")]
+    assert parts == ["question", "answer", "sources", "meta"]
+    details = entry.find_element(By.CSS_SELECTOR, "details.sources")
+    assert details.get_attribute("open") is None
+    summary = details.find_element(By.TAG_NAME, "summary")
+    assert summary.text == "Sources (2)"
+    items = details.find_elements(By.TAG_NAME, "li")
+    assert len(items) == 2 and not items[0].is_displayed()
+
+    # The model's strings are text: nothing of them became an element, no handler ran.
+    text = [
+        (li.find_element(By.CLASS_NAME, "source-title").get_attribute("textContent"),
+         li.find_element(By.CLASS_NAME, "source-ref").get_attribute("textContent"))
+        for li in items
+    ]  # fmt: skip
+    assert text == [("What is Amazon SageMaker?", "faq.csv#1"), (MARKUP_TITLE, MARKUP_SOURCE)]
+    assert entry.find_elements(By.CSS_SELECTOR, "img, script, b") == []
+    assert browser.execute_script("return window.__xss") is None
+
+    summary.click()  # opens with a click (or Enter / Space on the focused summary)
+    assert details.get_attribute("open") is not None and items[1].is_displayed()
+    assert MARKUP_TITLE in items[1].text
+    screenshot(browser, "web-chat-sources.png")
+    assert browser.execute_script("return window.__xss") is None
+
+
+def test_no_sources_no_details_and_retrieval_can_be_turned_off(open_site, fake_api, browser):
+    from selenium.webdriver.common.by import By
+
+    browser.get(open_site.url + f"?api=http://127.0.0.1:{fake_api.port}/prod")
+    fake_api.bodies.clear()
+    for reply_sources in ([], None):  # retrieval found nothing; a model without an index
+        fake_api.reply = {"answer": "From memory.", "variant": "tuned", "latency_ms": 3}
+        if reply_sources is not None:
+            fake_api.reply["sources"] = reply_sources
+        entry = ask(browser, "Anything?")
+        assert entry.find_element(By.CSS_SELECTOR, ".answer").text.endswith("From memory.")
+        assert entry.find_elements(By.CSS_SELECTOR, "details") == []
+    assert fake_api.bodies == [{"question": "Anything?"}] * 2  # retrieval is the API's default: not sent
+
+    browser.find_element(By.CSS_SELECTOR, "#settings summary").click()
+    checkbox = browser.find_element(By.ID, "retrieval")
+    assert checkbox.is_selected()
+    checkbox.click()
+    browser.find_element(By.ID, "question").click()
+    ask(browser, "Without sources?")
+    assert fake_api.bodies[-1] == {"question": "Without sources?", "retrieval": False}

@@ -1,8 +1,8 @@
 """Lambda entry point `qa_function.handler.handler`: the only module that knows API Gateway's event shape.
 
 Routes (any stage prefix is ignored, so /prod/ask and /ask both work):
-    POST    /ask   {"question": str, "parameters": {...}?, "target_variant": str?}
-            -> 200 {"answer", "variant", "latency_ms"} | 4xx/5xx {"error", "error_type", "request_id"}
+    POST    /ask   {"question": str, "parameters": {...}?, "target_variant": str?, "retrieval": bool?}
+            -> 200 {"answer", "variant", "latency_ms", "sources"?} | 4xx/5xx {"error", "error_type", "request_id"}
     OPTIONS *      CORS preflight, answered from CORS_ALLOW_ORIGINS
 Both REST API (payload v1) and HTTP API (payload v2) proxy events are accepted.
 
@@ -117,12 +117,14 @@ def handler(event: dict[str, Any], context: Any) -> dict[str, Any]:
             if request.method != "POST":
                 raise RequestError(405, "MethodNotAllowed", f"{request.method} is not allowed on {ASK_PATH}; use POST")
             ask = parse_ask_request(request.body, config)
-            fields.update(question_chars=len(ask.question), parameters=sorted(ask.parameters))
+            fields.update(question_chars=len(ask.question), parameters=sorted(ask.parameters), retrieval=ask.retrieval)
             answer = sagemaker.invoke(runtime.client, config, ask)
             fields.update(
                 variant=answer.variant,
                 model_latency_ms=round(answer.latency_ms, 1),
                 finish_reason=answer.finish_reason,
+                sources=None if answer.sources is None else len(answer.sources),
+                sources_dropped=answer.sources_dropped,
             )
             response = _json_response(200, success_body(answer), cors_headers(origin, config))
         else:

@@ -60,7 +60,16 @@ PARAMETER_RULES: dict[str, tuple[Any, str]] = {
     "seed": _int_in(0, 2**32 - 1),
     "stop": (_stop_list, "a list of at most 4 non-empty strings"),
 }
-REQUEST_KEYS = ("question", "parameters", "target_variant")
+REQUEST_KEYS = ("question", "parameters", "target_variant", "retrieval")
+
+# The model server answers with the passages its retrieval index put in the prompt, when its artifact has one:
+# `"sources": [{"id", "title", "source", "score"}]` beside `generated_text`. They cross a trust boundary (the
+# endpoint may run any image, the index may hold any text), so the function keeps at most MAX_SOURCES
+# well-formed entries, collapses whitespace, cuts strings to these lengths, and drops malformed entries
+# instead of failing an answer over them.
+MAX_SOURCES = 10
+MAX_SOURCE_TITLE_CHARS = 200
+MAX_SOURCE_REF_CHARS = 200
 
 # The serving container reports why generation ended in TGI's `details.finish_reason` ("length",
 # "eos_token", "stop_sequence"), plus its own reasons for a request it gave up on: "timeout" (it waited in
@@ -98,12 +107,24 @@ class AskRequest:
     question: str
     parameters: Mapping[str, Any] = field(default_factory=dict)
     target_variant: str | None = None
+    retrieval: bool = True
+    """False: the endpoint answers without looking up passages (`parameters.retrieval: false`)."""
+
+
+@dataclass(frozen=True)
+class Source:
+    """A passage the model was shown, as the caller sees it: what it is called and where it comes from."""
+
+    title: str
+    source: str
 
 
 @dataclass(frozen=True)
 class ModelOutput:
     text: str
     finish_reason: str | None  # None when the server sent no details
+    sources: tuple[Source, ...] | None = None  # None when the server sent no `sources` (no index, retrieval off)
+    sources_dropped: int = 0  # entries of the server's `sources` that were malformed or over MAX_SOURCES
 
 
 @dataclass(frozen=True)
@@ -112,10 +133,13 @@ class Answer:
     variant: str | None
     latency_ms: float
     finish_reason: str | None = None
+    sources: tuple[Source, ...] | None = None
+    sources_dropped: int = 0
 
 
 def parse_ask_request(body: bytes, config: FunctionConfig) -> AskRequest:
-    """Validate a POST /ask body: {"question": str, "parameters": {...}?, "target_variant": str?}."""
+    """Validate a POST /ask body:
+    {"question": str, "parameters": {...}?, "target_variant": str?, "retrieval": bool?}."""
     if len(body) > config.max_body_bytes:
         raise RequestError(
             413, "PayloadTooLarge", f"Request body is {len(body)} bytes; the limit is {config.max_body_bytes}"
@@ -153,7 +177,10 @@ def parse_ask_request(body: bytes, config: FunctionConfig) -> AskRequest:
 
     parameters = _validate_parameters(payload.get("parameters"))
     target_variant = _validate_target_variant(payload.get("target_variant"), config)
-    return AskRequest(question=question, parameters=parameters, target_variant=target_variant)
+    retrieval = payload.get("retrieval", True)
+    if not isinstance(retrieval, bool):  # null too: the schema says boolean, as for the parameters
+        raise RequestError(400, "BadRequest", 'Field "retrieval" must be true or false')
+    return AskRequest(question=question, parameters=parameters, target_variant=target_variant, retrieval=retrieval)
 
 
 def _is_unicode_text(text: str) -> bool:
@@ -172,7 +199,10 @@ def _validate_parameters(raw: Any) -> dict[str, Any]:
         raise RequestError(400, "BadRequest", 'Field "parameters" must be a JSON object')
     unknown = sorted(set(raw) - set(PARAMETER_RULES))
     if unknown:
-        raise RequestError(400, "BadRequest", f"Unknown parameter(s) {unknown}; allowed: {sorted(PARAMETER_RULES)}")
+        hint = '; "retrieval" goes at the top level, beside "question"' if "retrieval" in unknown else ""
+        raise RequestError(
+            400, "BadRequest", f"Unknown parameter(s) {unknown}; allowed: {sorted(PARAMETER_RULES)}{hint}"
+        )
     for name, value in raw.items():
         check, expected = PARAMETER_RULES[name]
         if not check(value):
@@ -192,8 +222,12 @@ def _validate_target_variant(raw: Any, config: FunctionConfig) -> str | None:
 
 def invoke_body(request: AskRequest, config: FunctionConfig) -> bytes:
     """The serving container's TGI-style request: {"inputs": question, "parameters": {...}}, with
-    `details` asked for so that the reply says why generation ended (see parse_model_output)."""
+    `details` asked for so that the reply says why generation ended (see parse_model_output).
+    `retrieval: false` is sent only when the caller turned retrieval off: on is the server's default, and
+    a server without retrieval support (an older image) refuses parameters it does not know."""
     parameters = {"max_new_tokens": config.default_max_new_tokens, **request.parameters, "details": True}
+    if not request.retrieval:
+        parameters["retrieval"] = False
     return json.dumps({"inputs": request.question, "parameters": parameters}).encode()
 
 
@@ -214,11 +248,53 @@ def parse_model_output(body: bytes) -> ModelOutput:
     reason = reason if isinstance(reason, str) else None
     if reason in UNFINISHED_REASONS:
         raise UpstreamError(*UNFINISHED_REASONS[reason])
-    return ModelOutput(text=payload["generated_text"].strip(), finish_reason=reason)
+    sources, dropped = parse_sources(payload.get("sources"))
+    return ModelOutput(
+        text=payload["generated_text"].strip(), finish_reason=reason, sources=sources, sources_dropped=dropped
+    )
+
+
+def parse_sources(raw: Any) -> tuple[tuple[Source, ...] | None, int]:
+    """The model server's `sources` -> (at most MAX_SOURCES Sources, how many entries were dropped).
+
+    None (no `sources` key, or not a list) means the server did not retrieve. An entry counts when it is an
+    object whose `title` and `source` are strings with something printable in them; anything else is
+    dropped, not an error: the answer is still good. See _display_text for what is kept of the strings."""
+    if not isinstance(raw, list):
+        return None, 0
+    kept: list[Source] = []
+    for entry in raw:
+        if len(kept) == MAX_SOURCES:
+            break
+        if not isinstance(entry, dict):
+            continue
+        title = _display_text(entry.get("title"), MAX_SOURCE_TITLE_CHARS)
+        source = _display_text(entry.get("source"), MAX_SOURCE_REF_CHARS)
+        if title and source:
+            kept.append(Source(title=title, source=source))
+    return tuple(kept), len(raw) - len(kept)
+
+
+def _display_text(value: Any, limit: int) -> str:
+    """One line of at most `limit` printable characters ("" for a non-string): whitespace runs become one
+    space; control and format characters (bidi overrides, zero-width marks) and lone surrogates are removed;
+    a longer string is cut and ends with "…"."""
+    if not isinstance(value, str):
+        return ""
+    # Cut before cleaning, so that a multi-megabyte string costs no more than a short one.
+    text = " ".join("".join(ch for ch in value[: limit * 4] if ch.isprintable() or ch.isspace()).split())
+    return text if len(text) <= limit else text[: limit - 1].rstrip() + "…"
 
 
 def success_body(answer: Answer) -> dict[str, Any]:
-    return {"answer": answer.text, "variant": answer.variant, "latency_ms": round(answer.latency_ms, 1)}
+    body: dict[str, Any] = {
+        "answer": answer.text,
+        "variant": answer.variant,
+        "latency_ms": round(answer.latency_ms, 1),
+    }
+    if answer.sources is not None:
+        body["sources"] = [{"title": s.title, "source": s.source} for s in answer.sources]
+    return body
 
 
 def error_body(error_type: str, message: str, request_id: str | None = None) -> dict[str, Any]:

@@ -79,6 +79,8 @@ def invoke(client: Any, config: FunctionConfig, request: AskRequest) -> Answer:
         variant=response.get("InvokedProductionVariant"),
         latency_ms=latency_ms,
         finish_reason=output.finish_reason,
+        sources=output.sources,
+        sources_dropped=output.sources_dropped,
     )
 
 
