@@ -72,6 +72,14 @@ def test_results_metrics_flatten_the_comparison():
     assert metrics["ab/validation_loss_tuned"] == 1.5 and metrics["ab/validation_loss_delta"] == -0.5
     assert "ab/validation_rouge_l_tuned" not in metrics and "ab/validation_perplexity_base" not in metrics
     assert metrics["best/step"] == 4.0 and metrics["best/eval_loss"] == 1.4
+    # With retrieval: the third column and the index's recall.
+    rows = table["validation"]
+    rows["rouge_l"] |= {"tuned_retrieval": 0.7, "delta_retrieval": 0.6}
+    rows["retrieval"] = {"k": 3, "recall_at_k": 0.875, "questions_with_gold": 4}
+    metrics = tracking.results_metrics(table)
+    assert metrics["ab/validation_rouge_l_tuned_retrieval"] == 0.7
+    assert metrics["ab/validation_rouge_l_delta_retrieval"] == 0.6
+    assert metrics["ab/validation_retrieval_recall_at_k"] == 0.875
 
 
 def _scalars(tensorboard_dir: Path) -> dict[str, list[tuple[int, float]]]:

@@ -120,10 +120,13 @@ def results_metrics(table: dict, best: dict | None = None) -> dict[str, float]:
     metrics = {}
     for set_name, rows in table.items():
         for metric in ("loss", "perplexity", "rouge_l", "exact_match"):
-            for side in ("base", "tuned", "delta"):
-                value = rows[metric][side]
+            # With retrieval, the table's third column too (tuned_retrieval, delta_retrieval).
+            for side, value in rows[metric].items():
                 if value is not None and value == value:  # not missing, not NaN
                     metrics[f"{RESULTS_PREFIX}{set_name}_{metric}_{side}"] = float(value)
+        recall = (rows.get("retrieval") or {}).get("recall_at_k")
+        if recall is not None:
+            metrics[f"{RESULTS_PREFIX}{set_name}_retrieval_recall_at_k"] = float(recall)
     if best:
         metrics["best/eval_loss"] = float(best["eval_loss"])
         metrics["best/step"] = float(best["step"])
