@@ -173,6 +173,17 @@ def test_invocations_streams_one_choice_only(client):
     assert response.get_json()["error"].startswith("n: ")
 
 
+def test_invocations_takes_the_completions_shape_as_v1_does(client):
+    """SageMaker forwards only /invocations: a `prompt` body there is OpenAI's completions request."""
+    fields = {"max_tokens": 6, "temperature": 0}
+    expected = complete(client, **fields)["choices"]
+    assert client.post("/invocations", json={"prompt": Q, **fields}).get_json()["choices"] == expected
+    chunks = sse_frames(client.post("/invocations", json={"prompt": Q, **fields, "stream": True}))
+    assert streamed_texts(chunks, lambda choice: choice["text"]) == {0: expected[0]["text"]}
+    response = client.post("/invocations", json={"prompt": [Q, Q], **fields, "stream": True})
+    assert response.status_code == 422 and response.get_json()["error"].startswith("prompt: ")
+
+
 def test_completion_logprobs_tokens_offsets_and_top(client):
     body = complete(client, max_tokens=6, temperature=0, logprobs=2)
     [choice] = body["choices"]

@@ -40,7 +40,9 @@ if TYPE_CHECKING:
 
 JSON = "application/json"
 JSONLINES = "application/jsonlines"
-_SHAPES = "body: expected a JSON object with `inputs` (TGI style) or `messages` (OpenAI chat)"
+_SHAPES = (
+    "body: expected a JSON object with `inputs` (TGI style), `messages` (OpenAI chat) or `prompt` (OpenAI completions)"
+)
 
 
 @dataclass(frozen=True)
@@ -70,18 +72,24 @@ class Adapter(Protocol):
         """SSE frames from the one job's events (requests with `stream` true only)."""
 
 
-def parse_json(body: bytes, limits: GenerationLimits) -> tuple[Adapter, GenerateRequest | ChatRequest]:
+def parse_json(
+    body: bytes, limits: GenerationLimits
+) -> tuple[Adapter, GenerateRequest | ChatRequest | CompletionRequest]:
     """A JSON body: its adapter, chosen by its keys, and the validated request."""
     return parse_value(load_json(decode_utf8(body), where="body"), limits)
 
 
-def parse_value(value: object, limits: GenerationLimits) -> tuple[Adapter, GenerateRequest | ChatRequest]:
+def parse_value(
+    value: object, limits: GenerationLimits
+) -> tuple[Adapter, GenerateRequest | ChatRequest | CompletionRequest]:
     if not isinstance(value, dict):
         raise ValidationError(_SHAPES)
     if "messages" in value:
         return OPENAI_CHAT, validate(ChatRequest, value, limits)
     if "inputs" in value:
         return TGI_GENERATE, validate(GenerateRequest, value, limits)
+    if "prompt" in value:  # SageMaker forwards only /invocations: OpenAI's completions shape comes in here too
+        return OPENAI_COMPLETION, validate(CompletionRequest, value, limits)
     raise ValidationError(_SHAPES)
 
 
@@ -215,7 +223,10 @@ class OpenAIAdapter:
         # /invocations streams one generation's events (routes._stream); /v1 streams all n (openai_routes).
         if request.stream and request.n > 1:
             raise ValidationError("n: a stream on /invocations carries one choice; POST /v1/... streams n > 1")
-        return self.jobs(request, predictor)
+        jobs = self.jobs(request, predictor)
+        if request.stream and len(jobs) > 1:  # a completions request's list of prompts
+            raise ValidationError("prompt: a stream on /invocations carries one prompt; send a string")
+        return jobs
 
     def reply(self, request: Any, jobs: list[Job], results: list[Finished]) -> str:
         choices = [

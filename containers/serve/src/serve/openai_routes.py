@@ -3,7 +3,7 @@ POST /v1/chat/completions, POST /v1/completions, GET /v1/models (and /v1/models/
 
 The same engine, adapters, limits and ready check as /invocations (serve.routes); errors in OpenAI's shape
 (serve.errors.openai_error_body), 400 for a bad field as OpenAI and vLLM answer. SageMaker forwards only
-/ping and /invocations, so on an endpoint these are reached through /invocations (chat) only; they serve
+/ping and /invocations, so on an endpoint these shapes are sent to /invocations (serve.adapters); they serve
 local runs, ECS/EKS and anything else that reaches the container's port directly.
 
 `model` in a request is accepted whatever it says, as TGI does (huggingface_hub sends "dummy" or the URL);
