@@ -292,7 +292,16 @@ def test_stream_frames_follow_tgi_and_end_with_the_whole_text(client):
         assert frame["generated_text"] is None and frame["details"] is None
         assert {"id", "text", "logprob", "special"} <= set(frame["token"])
     assert frames[-1]["generated_text"] == expected
-    assert frames[-1]["details"]["finish_reason"] == "length"
+    assert frames[-1]["details"] is None  # TGI's StreamDetails come only with `details: true`
+    detailed = sse_frames(
+        client.post(
+            "/invocations",
+            json={"inputs": Q, "stream": True, "parameters": {"max_new_tokens": 10, "details": True}},
+            buffered=False,
+        )
+    )
+    assert detailed[-1]["details"]["finish_reason"] == "length"
+    assert set(detailed[-1]["details"]) == {"finish_reason", "generated_tokens", "seed", "input_length"}
 
 
 def test_stream_deltas_hold_back_stop_strings(client):

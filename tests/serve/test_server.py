@@ -156,7 +156,7 @@ def test_a_client_that_sends_the_whole_7_mb_body_first_still_reads_the_413(serve
 
 def test_stream_is_chunked_one_frame_per_chunk_over_a_socket(server):
     expected = server.generate(Q, max_new_tokens=20)["generated_text"]
-    body = json.dumps({"inputs": Q, "stream": True, "parameters": {"max_new_tokens": 20}}).encode()
+    body = json.dumps({"inputs": Q, "stream": True, "parameters": {"max_new_tokens": 20, "details": True}}).encode()
     head = (
         b"POST /invocations HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
         b"Accept: text/event-stream\r\nContent-Length: %d\r\nConnection: close\r\n\r\n" % len(body)

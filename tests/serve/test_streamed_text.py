@@ -241,7 +241,8 @@ def test_tgi_stream_token_texts_join_to_the_generated_text(scripted_client, stop
     expected = TEXT[: TEXT.find(stop)] if stop else TEXT
     reply = client.post("/invocations", json={"inputs": PROMPT, "parameters": parameters}).get_json()
     assert reply[0]["generated_text"] == expected
-    frames = _sse(client.post("/invocations", json={"inputs": PROMPT, "parameters": parameters, "stream": True}))
+    streamed = {"inputs": PROMPT, "parameters": {**parameters, "details": True}, "stream": True}
+    frames = _sse(client.post("/invocations", json=streamed))
     texts = [frame["token"]["text"] for frame in frames if not frame["token"]["special"]]
     assert not any("\ufffd" in text for text in texts)
     assert "".join(texts) == frames[-1]["generated_text"] == expected

@@ -260,7 +260,7 @@ def test_a_scored_prompt_is_prefilled_alone_and_only_it_pays_for_every_position(
 
 
 def test_stream_frames_have_tgi_fields_in_tgi_order(client):
-    response = post(client, {"max_new_tokens": 5, "top_n_tokens": 2}, stream=True)
+    response = post(client, {"max_new_tokens": 5, "top_n_tokens": 2, "details": True}, stream=True)
     assert response.status_code == 200
     frames = sse_frames(response)
     assert [frame["index"] for frame in frames] == [1, 2, 3, 4, 5]
@@ -274,6 +274,7 @@ def test_stream_frames_have_tgi_fields_in_tgi_order(client):
     assert set(last["details"]) == {"finish_reason", "generated_tokens", "seed", "input_length"}
     plain = sse_frames(post(client, {"max_new_tokens": 2}, stream=True))
     assert all(list(frame) == ["index", "token", "generated_text", "details"] for frame in plain)
+    assert plain[-1]["details"] is None  # StreamDetails only when asked for, as TGI
 
 
 def test_non_stream_details_have_tgi_fields(client):

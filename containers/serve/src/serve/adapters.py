@@ -139,13 +139,16 @@ class TgiGenerate:
 
     def stream(self, request: GenerateRequest, jobs: list[Job], events: Iterator[Token | Finished]) -> Iterator[str]:
         """One SSE frame per token, TGI's StreamResponse: `index`, `token`, `top_tokens` (when asked for),
-        `generated_text` and `details` (null but on the last frame, which carries the whole text)."""
+        `generated_text` and `details` (null but on the last frame, which carries the whole text; there, TGI's
+        StreamDetails when `details` is asked for, null otherwise, as TGI sends them)."""
         top_n = jobs[0].sampling.top_n_tokens
         for index, event in enumerate(events, start=1):
             if isinstance(event, Token):
                 yield sse(_tgi_frame(index, event, top_n, None, None))
                 continue
-            details = {**_tgi_details(event), "input_length": event.prompt_tokens}
+            details = None
+            if request.parameters.details:
+                details = {**_tgi_details(event), "input_length": event.prompt_tokens}
             frame = _tgi_frame(index, event.last_token, top_n, jobs[0].prefix + event.text, details)
             if jobs[0].sources is not None:
                 frame["sources"] = jobs[0].sources
