@@ -82,6 +82,10 @@ class Demo:
     def kill(self) -> None:
         """Whatever went wrong, leave nothing behind for the next test."""
         if self.process.poll() is None:
+            # Services run in sessions of their own, out of reach of killpg: a stack that never came up has no
+            # remembered processes yet, so take them now.
+            with contextlib.suppress(psutil.NoSuchProcess):
+                self.descendants += psutil.Process(self.process.pid).children(recursive=True)
             os.killpg(self.process.pid, signal.SIGKILL)
             self.process.wait()
         for p in self.descendants:
