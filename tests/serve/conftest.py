@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import logging
@@ -11,6 +12,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -82,6 +84,17 @@ class Server:
     def output(self) -> str:
         self.log.flush()
         return self.log_path.read_text(errors="replace")
+
+    @classmethod
+    @contextlib.contextmanager
+    def ready(cls, model_dir: Path, tmp_path: Path, **env: str) -> Iterator[Server]:
+        """A server that answers /ping 200 for the `with` block, stopped after it, whatever happened."""
+        server = cls(model_dir, tmp_path, **env)
+        try:
+            server.wait_ready()
+            yield server
+        finally:
+            server.stop()
 
     def stop(self) -> None:
         if self.proc.poll() is None:

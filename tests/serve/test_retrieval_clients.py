@@ -18,12 +18,8 @@ JUMPSTART = PASSAGES[4]["title"]
 @pytest.fixture(scope="module")
 def server(tiny_model_dir, tmp_path_factory, serve_process):
     model_dir = copy_with_retrieval(tiny_model_dir, tmp_path_factory.mktemp("rag-clients-model") / "model")
-    server = serve_process(model_dir, tmp_path_factory.mktemp("rag-clients"), SERVE_MAX_NEW_TOKENS="64")
-    try:
-        server.wait_ready()
+    with serve_process.ready(model_dir, tmp_path_factory.mktemp("rag-clients"), SERVE_MAX_NEW_TOKENS="64") as server:
         yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture(scope="module")

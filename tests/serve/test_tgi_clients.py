@@ -16,12 +16,10 @@ Q = "What solutions come pre-built with Amazon SageMaker JumpStart?"
 
 @pytest.fixture(scope="module")
 def server(tiny_model_dir, tmp_path_factory, serve_process):
-    server = serve_process(tiny_model_dir, tmp_path_factory.mktemp("tgi-clients"), SERVE_MAX_NEW_TOKENS="64")
-    try:
-        server.wait_ready()
+    with serve_process.ready(
+        tiny_model_dir, tmp_path_factory.mktemp("tgi-clients"), SERVE_MAX_NEW_TOKENS="64"
+    ) as server:
         yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture(scope="module")
