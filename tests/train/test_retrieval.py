@@ -358,6 +358,7 @@ def test_labels_of_a_conversation_with_documents_cover_every_answer_only():
 def test_retrieval_auto_turns_on_from_forty_training_rows_or_with_documents():
     config = TrainConfig.from_hyperparameters({})
     assert (config.retrieval, config.retrieval_k, config.retrieval_gold_fraction) == ("auto", 3, 0.8)
+    assert config.retrieval_train_fraction == 0.25
     assert RETRIEVAL_MIN_ROWS == 40
     assert not config.use_retrieval(39) and config.use_retrieval(40) and config.use_retrieval(1, documents=True)
     assert TrainConfig.from_hyperparameters({"retrieval": "on"}).use_retrieval(2)
@@ -374,6 +375,7 @@ def test_retrieval_auto_turns_on_from_forty_training_rows_or_with_documents():
         ("retrieval_k", "11", r"'retrieval_k': 11 must be at most 10"),
         ("retrieval_gold_fraction", "1.5", r"'retrieval_gold_fraction': must be in \[0, 1\]"),
         ("retrieval_gold_fraction", "-0.1", r"'retrieval_gold_fraction': -0.1 must be at least 0"),
+        ("retrieval_train_fraction", "1.5", r"'retrieval_train_fraction': must be in \[0, 1\]"),
     ],
 )
 def test_bad_retrieval_hyperparameters_name_the_key(key, value, message):
@@ -432,6 +434,23 @@ def test_raft_honours_the_gold_fraction_and_always_gives_distractors():
 def test_raft_gold_fraction_bounds(fraction, expected):
     _, chosen = _raft(_rows(40), gold_fraction=fraction)
     assert all(c.gold is expected for c in chosen)
+
+
+@pytest.mark.parametrize("fraction", [0.0, 0.25, 1.0])
+def test_raft_gives_passages_to_the_context_fraction_and_none_to_the_rest(fraction):
+    rows = _rows(40)
+    _, chosen = _raft(rows, context_fraction=fraction)
+    with_passages = [i for i, c in enumerate(chosen) if c.passages]
+    assert len(with_passages) == round(fraction * len(rows))
+    for c in chosen:
+        if not c.passages:  # closed book: nothing in the prompt, so not gold either
+            assert c.documents() == [] and c.gold is False
+        else:
+            assert len(c.passages) == 3
+    # The examples with passages get exactly what they would with every example given passages.
+    _, all_with = _raft(rows)
+    assert all(chosen[i] == all_with[i] for i in with_passages)
+    assert _raft(rows, context_fraction=fraction)[1] == chosen  # seeded
 
 
 def test_raft_is_reproducible_from_the_seed():

@@ -77,8 +77,9 @@ class TrainConfig:
     retrieval: str = _hp(
         "auto",
         "Build a BM25 index over the training rows (one passage per row: question and answer) and the `documents` "
-        "channel, ship it in the artifact (model/retrieval/, used by the serving image), and train each example "
-        "with `retrieval_k` retrieved passages in its prompt. `auto` turns it on from "
+        "channel, ship it in the artifact (model/retrieval/, used by the serving image), and train a "
+        "`retrieval_train_fraction` of the examples with `retrieval_k` retrieved passages in their prompt. `auto` "
+        "turns it on from "
         f"{RETRIEVAL_MIN_ROWS} training rows, or with a `documents` channel.",
         choices=("auto", "on", "off"),
     )
@@ -87,8 +88,16 @@ class TrainConfig:
     )
     retrieval_gold_fraction: float = _hp(
         0.8,
-        "Share of training examples whose passages include the example's own row (the others get only other rows' "
-        "passages, so the model also answers from what it learned), from 0 to 1.",
+        "Of the examples trained with passages, the share whose passages include the example's own row (the others "
+        "get only other rows' passages, so the model also answers from what it learned when retrieval misses), "
+        "from 0 to 1.",
+        minimum=0.0,
+    )
+    retrieval_train_fraction: float = _hp(
+        0.25,
+        "Share of training examples trained with passages in their prompt, from 0 to 1; the others train on the "
+        "question alone (closed book), which teaches the answers themselves and keeps the job's time near a run "
+        "without retrieval (an example with k passages is several times longer).",
         minimum=0.0,
     )
 
@@ -228,6 +237,8 @@ class TrainConfig:
             raise ConfigError(f"hyperparameter 'retrieval_k': {self.retrieval_k} must be at most {RETRIEVAL_MAX_K}")
         if self.retrieval_gold_fraction > 1.0:
             raise ConfigError("hyperparameter 'retrieval_gold_fraction': must be in [0, 1]")
+        if self.retrieval_train_fraction > 1.0:
+            raise ConfigError("hyperparameter 'retrieval_train_fraction': must be in [0, 1]")
         if self.lr_decay_ratio > 1.0:
             raise ConfigError("hyperparameter 'lr_decay_ratio': must be in [0, 1]")
         if self.lora_train_token_embeddings == "true" and (self.method != "lora" or self.deepspeed != "none"):

@@ -180,13 +180,17 @@ def _training_documents(config: TrainConfig, parts: Prepared, rank: Rank) -> lis
         k=config.retrieval_k,
         gold_fraction=config.retrieval_gold_fraction,
         seed=config.seed,
+        context_fraction=config.retrieval_train_fraction,
     )
     if rank.is_main:
+        with_passages = sum(bool(c.passages) for c in chosen)
         log.info(
-            "retrieval: %d of %d training examples have their own passage among their %d, the others distractors only",
-            sum(c.gold for c in chosen),
+            "retrieval: %d of %d training examples with %d passages (%d of them with their own), %d closed book",
+            with_passages,
             len(chosen),
             config.retrieval_k,
+            sum(c.gold for c in chosen),
+            len(chosen) - with_passages,
         )
     return [c.documents() for c in chosen]
 

@@ -16,7 +16,8 @@ field, the BM25 scores divided by their maximum (0 when it is 0); a passage's sc
 by score, ties to the lower id; passages scoring 0 are never returned.
 
 `raft_documents` builds the training examples' documents as RAFT does (arXiv:2403.10131): the example's own
-passage (gold) among retrieved distractors in most examples, distractors only in the others.
+passage (gold) among retrieved distractors in most examples, distractors only in the others; and, for a share of
+the examples, none at all (closed-book examples).
 """
 
 from __future__ import annotations
@@ -383,21 +384,32 @@ def raft_documents(
     k: int,
     gold_fraction: float,
     seed: int,
+    context_fraction: float = 1.0,
 ) -> list[RaftDocuments]:
     """The documents of each training example (question i, whose own passage is `gold_ids[i]`).
 
-    Retrieval ranks k + RAFT_CANDIDATES passages for the question; the distractors are those other than the gold.
-    With probability `gold_fraction` (a draw seeded by `seed` and the example's position, so a rerun gives the same
-    documents): the gold passage and the top k - 1 distractors, the gold at the rank retrieval gave it, or at a
-    random position among the k when retrieval did not rank it in the top k. Otherwise: the top k distractors, so
-    the model also learns to answer from memory. Where retrieval finds too few distractors (no shared words), the
-    rest are drawn at random from the other passages: every example has distractors while the index has passages
-    enough.
+    A seeded `context_fraction` of the examples (round(fraction × examples) of them) get documents. The others get
+    none and train on the question alone (closed book): they teach the answers themselves, at the cost of a plain
+    example, where k passages make an example several times longer.
+
+    For an example with documents, retrieval ranks k + RAFT_CANDIDATES passages for the question; the distractors
+    are those other than the gold. With probability `gold_fraction` (a draw seeded by `seed` and the example's
+    position, so a rerun gives the same documents): the gold passage and the top k - 1 distractors, the gold at the
+    rank retrieval gave it, or at a random position among the k when retrieval did not rank it in the top k.
+    Otherwise: the top k distractors, so the model also learns to answer from memory when the passages miss. Where
+    retrieval finds too few distractors (no shared words), the rest are drawn at random from the other passages:
+    every example with documents has distractors while the index has passages enough.
     """
     if len(questions) != len(gold_ids):
         raise ValueError(f"{len(questions)} questions for {len(gold_ids)} gold passages")
+    with_context = set(
+        random.Random(f"raft-context:{seed}").sample(range(len(questions)), round(context_fraction * len(questions)))
+    )
     result = []
     for i, (question, gold_id) in enumerate(zip(questions, gold_ids, strict=True)):
+        if i not in with_context:
+            result.append(RaftDocuments((), False))
+            continue
         rng = random.Random(f"raft:{seed}:{i}")
         with_gold = rng.random() < gold_fraction
         ranked = [hit.passage for hit in index.search(question, k + RAFT_CANDIDATES)]
