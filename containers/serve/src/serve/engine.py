@@ -15,8 +15,9 @@ Out of memory in a step retires the newest sequence (an error to it alone) and t
 that waits in the queue past its deadline gets an error, not an empty answer. `health()` says when the engine
 can no longer serve (its thread is gone, or step after step fails), for /ping.
 
-The parts live in their own modules: the batch's KV cache (kv_batch), token choice (token_chooser),
-text (detokenizer) and stopping (stopping). Requests talk to the engine through a GenerationHandle.
+The parts live in their own modules: the model and its batch's KV cache (runners: transformers, or llama.cpp
+from serve.llamacpp), token choice (token_chooser), text (detokenizer) and stopping (stopping). Requests talk
+to the engine through a GenerationHandle.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ from serve.generation import (
     Token,
     TopToken,
 )
-from serve.kv_batch import KVBatch, left_padded
+from serve.runners import ModelRunner, PrefillCost, TransformersRunner
 from serve.stopping import StoppingCriteria
 from serve.token_chooser import NextTokenChooser, choose_next_tokens
 
@@ -65,24 +66,6 @@ MIN_TOKENS_TO_MEASURE = 16
 # just the last: it is prefilled alone, so no other request pays for them, and its log-softmax is taken this many
 # positions at a time, so the float32 copy stays small whatever the prompt's length.
 SCORING_CHUNK_POSITIONS = 256
-
-
-@dataclass(frozen=True)
-class PrefillCost:
-    """A prompt's prefill in model FLOPs: 2 per weight per token, plus causal attention's n^2 term. Measuring the
-    engine's rate in FLOP/s rather than tokens/s keeps one rate good for short and near-context prompts alike."""
-
-    per_token: float
-    per_token_pair: float
-
-    @classmethod
-    def of(cls, model: Any) -> PrefillCost:
-        text = model.config.get_text_config()
-        weights = sum(p.numel() for p in model.parameters()) - model.get_input_embeddings().weight.numel()
-        return cls(2.0 * weights, 2.0 * text.num_hidden_layers * text.hidden_size)
-
-    def flops(self, tokens: int) -> float:
-        return self.per_token * tokens + self.per_token_pair * tokens * tokens
 
 
 @dataclass
@@ -122,9 +105,9 @@ class Engine:
         max_queue: int = 64,
         max_batch_total_tokens: int | None = None,
     ) -> None:
-        """`max_batch_total_tokens` bounds the batch's KV cache (rows x longest row, as left padding makes it):
-        a waiting request is admitted only when the batch with it stays within (TGI's max_batch_total_tokens)."""
-        self.model = model
+        """`model`: a transformers model, or a ModelRunner (serve.runners). `max_batch_total_tokens` bounds the
+        batch's KV cache (rows x longest row, as left padding makes it): a waiting request is admitted only when
+        the batch with it stays within (TGI's max_batch_total_tokens)."""
         self.tokenizer = tokenizer
         self.eos_token_ids = frozenset(eos_token_ids)
         self.special_ids = frozenset(tokenizer.all_special_ids)
@@ -133,16 +116,16 @@ class Engine:
         self.max_queue = max_queue
         self.max_batch_total_tokens = max_batch_total_tokens or max_batch_size * context_length
         self._failed_steps = 0
-        self._cost = PrefillCost.of(model)
         self._prefill_flops_per_s: float | None = None  # measured on this machine, this model: see _prefill
         self._prefilling: list[_Sequence] = []  # admitted, prompt not read yet: work ahead of a new request too
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else next(iter(eos_token_ids))
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else next(iter(eos_token_ids))
+        self.runner: ModelRunner = model if isinstance(model, ModelRunner) else TransformersRunner(model, pad_id)
+        self._cost: PrefillCost = self.runner.cost
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._waiting: deque[_Sequence] = deque()
         self._running: list[_Sequence] = []  # row i of self._batch is self._running[i]
         self._pending = 0  # waiting + running, guarded by _lock
-        self._batch = KVBatch()
         self._deadline_cap = float("inf")
         self._stopped = False
         self._thread: threading.Thread | None = None
@@ -160,7 +143,7 @@ class Engine:
             handle,
             list(prompt_ids),
             params,
-            NextTokenChooser(params, prompt_ids, self.model.device),
+            NextTokenChooser(params, prompt_ids, self.runner.device),
             StoppingCriteria(
                 eos_token_ids=self.eos_token_ids,
                 max_new_tokens=params.max_new_tokens,
@@ -253,7 +236,7 @@ class Engine:
                         for seq in self._running:
                             self._finish(seq, None, failure=f"generation failed: {type(e).__name__}: {e}")
                         self._running = []
-                        self._batch.clear()
+                        self.runner.clear()
                         with self._lock:
                             self._prefilling = []  # failed with the rest: no longer work ahead of anyone
         except BaseException as e:  # the thread dies: nobody may wait on it (health() now says so)
@@ -310,21 +293,11 @@ class Engine:
         return len(seqs) * max(s.max_length for s in seqs) <= self.max_batch_total_tokens
 
     def _prefill(self, new: list[_Sequence]) -> None:
-        device = self.model.device
-        input_ids, mask, positions = left_padded([s.prompt_ids for s in new], self.pad_id)
         self._running.extend(new)  # first, so a failing forward pass fails these requests too
-        mask = mask.to(device)
         scored = new[0].params.prefill_logprobs  # then it is alone in this prefill (see _admit)
         started = time.perf_counter()
         try:
-            out = self.model(
-                input_ids=input_ids.to(device),
-                attention_mask=mask,
-                position_ids=positions.to(device),
-                cache=KVBatch.new_cache(),
-                use_cache=True,
-                logits_to_keep=0 if scored else 1,  # 0: every position's logits
-            )
+            out = self.runner.prefill([s.prompt_ids for s in new], every_position=scored)
         except Exception as e:
             if not out_of_memory(e):
                 raise
@@ -334,16 +307,15 @@ class Engine:
             with self._lock:
                 self._prefilling = []
                 self._waiting.extendleft(reversed(new[:-1]))
-            _release_memory(device)
+            self.runner.release_memory()
             return
-        if scored:  # before the first token: a request that ends with it reports its prefill too
-            new[0].prefill = self._score_prompt(new[0].prompt_ids, out.logits[0])
-        self._advance(new, out.logits[:, -1, :])  # reads the logits: the forward pass has finished
+        if out.every_position is not None:  # before the first token: a request that ends with it reports it too
+            new[0].prefill = self._score_prompt(new[0].prompt_ids, out.every_position)
+        self._advance(new, out.last)  # reads the logits: the forward pass has finished
         if not scored:  # a scored prefill did more than read the prompt: it would skew the rate
             self._measure_prefill([len(s.prompt_ids) for s in new], time.perf_counter() - started)
         with self._lock:
             self._prefilling = []
-        self._batch.join(out.cache, mask)
 
     def _score_prompt(self, prompt_ids: list[int], logits: torch.Tensor) -> tuple[TopToken, ...]:
         """Each prompt token with its log-probability given the tokens before it (from `logits` [positions,
@@ -373,41 +345,28 @@ class Engine:
         self._prefill_flops_per_s = rate if previous is None else 0.7 * previous + 0.3 * rate
 
     def _decode(self) -> None:
-        device = self.model.device
-        last = torch.tensor([[s.generated[-1]] for s in self._running], dtype=torch.long, device=device)
-        positions = torch.tensor(
-            [[len(s.prompt_ids) + len(s.generated) - 1] for s in self._running],
-            dtype=torch.long,
-            device=device,
-        )
-        mask = self._batch.grow()
+        last = [s.generated[-1] for s in self._running]
+        positions = [len(s.prompt_ids) + len(s.generated) - 1 for s in self._running]
         try:
-            out = self.model(
-                input_ids=last,
-                attention_mask=mask,
-                position_ids=positions,
-                cache=self._batch.cache,
-                use_cache=True,
-            )
+            logits = self.runner.decode(last, positions)
         except Exception as e:
             if not out_of_memory(e):
                 raise
             # The newest sequence (the last admitted, the last row) goes; the others retry at the next step.
-            self._batch.undo_step()
+            self.runner.undo_step()
             self._finish(self._running[-1], None, failure=_out_of_memory_message(e))
             self._running.pop()
-            self._batch.keep(list(range(len(self._running))))
-            _release_memory(device)
+            self.runner.keep(list(range(len(self._running))))
+            self.runner.release_memory()
             return
-        self._batch.cache = out.cache
-        self._advance(self._running, out.logits[:, -1, :])
+        self._advance(self._running, logits)
 
     def _retire(self) -> None:
         """Finished sequences leave the batch."""
         keep = [i for i, s in enumerate(self._running) if not s.finished]
         if len(keep) < len(self._running):
             self._running = [self._running[i] for i in keep]
-            self._batch.keep(keep)
+            self.runner.keep(keep)
 
     # ----- one token per sequence (engine thread only) -----
 
@@ -511,8 +470,3 @@ def out_of_memory(error: Exception) -> bool:
 def _out_of_memory_message(error: Exception) -> str:
     first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
     return f"out of memory while generating; retry with a shorter prompt or answer ({first_line[:200]})"
-
-
-def _release_memory(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
