@@ -8,7 +8,8 @@
 #   --base IMAGE     BASE_IMAGE build arg for both images (default: the Dockerfiles' public PyTorch bases;
 #                    CI: the local stand-in from docker/build-base.sh). Env: BASE_IMAGE.
 #   --wheels DIR     copy DIR/torch-*.whl into wheelhouse/ first, so the build installs that torch (e.g. the
-#                    CPU wheel) when the base has none. Env: WHEEL_DIR.
+#                    CPU wheel) when the base has none. Env: WHEEL_DIR. (wheelhouse/llama_cpp_python-*.whl,
+#                    which `make venv` builds, goes into the serving image: its llama.cpp engine.)
 #   --extra-ca FILE  extra CA bundle for a TLS-intercepting proxy, passed as BuildKit secret `extra_ca`.
 #   --tag TAG        image tag (default: local). Images: sagemaker-llm-finetune-{train,serve}:TAG.
 # Prints the built image names, one a line, last.
@@ -52,7 +53,7 @@ content_key() {
   if [ -n "$BASE_IMAGE" ]; then base_id=$(docker image inspect -f '{{.Id}}' "$BASE_IMAGE" 2>/dev/null || echo "$BASE_IMAGE"); fi
   {
     echo "base=$BASE_IMAGE@$base_id"
-    find "containers/$name" .dockerignore docker/pip-install.sh -type f \
+    find "containers/$name" .dockerignore docker/pip-install.sh docker/install_gguf_converter.py -type f \
       ! -path '*/__pycache__/*' ! -name '*.pyc' -print0 | sort -z | xargs -0 sha256sum
     # Wheels are big: their names and sizes stand for their content.
     find wheelhouse -maxdepth 1 -name '*.whl' -printf '%f %s\n' 2>/dev/null | sort

@@ -1,6 +1,7 @@
 """The servable artifact: merged weights (safetensors), tokenizer with the training prompt format as its chat
 template, generation config, the retrieval index when the job trained with one (`retrieval/`, trainer.retrieval),
-and manifest.json, which records the sha256 of every weight file
+the same model as GGUF for llama.cpp unless `gguf_quantization` is none (trainer.gguf_export; manifest.json's
+`gguf` names it), and manifest.json, which records the sha256 of every weight file
 (`"weights_sha256": {"model.safetensors": "<hex>", ...}`) for the server to check before it loads them.
 
 Files are written into a staging folder inside the model directory and moved up one by one, the manifest
@@ -27,10 +28,18 @@ def merge_for_serving(model):
 
 
 def save_artifact(
-    model, tokenizer, stop_token_ids, model_dir: Path, manifest: dict, stop_strings=(), retrieval_index=None
+    model,
+    tokenizer,
+    stop_token_ids,
+    model_dir: Path,
+    manifest: dict,
+    stop_strings=(),
+    retrieval_index=None,
+    gguf_quantization: str = "none",
 ) -> Path:
     from transformers import GenerationConfig
 
+    from . import gguf_export
     from .retrieval import RETRIEVAL_DIR
 
     model_dir.mkdir(parents=True, exist_ok=True)
@@ -53,7 +62,12 @@ def save_artifact(
     shutil.rmtree(model_dir / RETRIEVAL_DIR, ignore_errors=True)  # an earlier run's index is not this model's
     if retrieval_index is not None:
         retrieval_index.save(staging / RETRIEVAL_DIR)
+    for stale in model_dir.glob("*.gguf"):  # an earlier run's GGUF is not this model's either
+        stale.unlink()
+    gguf = gguf_export.export(staging, gguf_quantization)
     manifest = {**manifest, "weights_sha256": {p.name: _sha256(p) for p in sorted(staging.glob("*.safetensors"))}}
+    if gguf is not None:
+        manifest["gguf"] = gguf
     for path in sorted(staging.iterdir()):
         # safetensors writes 0600; a serving container that runs as non-root must still read the weights.
         _readable(path)

@@ -163,6 +163,15 @@ class TrainConfig:
         choices=("auto", "float32", "bfloat16", "float16"),
     )
 
+    gguf_quantization: str = _hp(
+        "q8_0",
+        "Also write the artifact as GGUF for llama.cpp (the serving image's CPU engine) with llama.cpp's own "
+        "converter, recorded in manifest.json: `q8_0` (8-bit, near-lossless), `q4_k_m` (4-bit, needs "
+        "llama-cpp-python's quantizer) or `none`. A base the converter does not support keeps the safetensors "
+        "artifact alone, with the reason in the log.",
+        choices=("none", "q8_0", "q4_k_m"),
+    )
+
     # > Hardware and distribution
     deepspeed: str = _hp(
         "none",

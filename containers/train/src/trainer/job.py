@@ -313,6 +313,7 @@ def run(config: TrainConfig, job: Job, cache_dir: Path, stop_requested: threadin
         manifest,
         parts.setup.stop_strings,
         retrieval_index=parts.index,
+        gguf_quantization=config.gguf_quantization,
     )
     log.info("artifact written to %s (%s)", job.model_dir, save_dtype)
     if trackers.trackers:
