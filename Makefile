@@ -12,12 +12,17 @@ REQS := requirements-dev.txt $(wildcard containers/*/requirements.txt lambda/req
 # Each deployable is a package of its own, installed editable: everything imports it by name, no path tricks.
 PACKAGES := containers/train containers/serve lambda local scripts
 TGI_CLIENT := text-generation==0.7.0
+# The llama.cpp engine (SERVE_ENGINE=llamacpp). PyPI has only the sdist: built here once (minutes: the machine's
+# C/C++ compiler and cmake) into wheelhouse/, which the serving image's build reads too. The same sdist pins the
+# GGUF converter (docker/install_gguf_converter.py).
+LLAMA_CPP := 0.3.36
+LLAMA_CPP_WHEEL = $(wildcard wheelhouse/llama_cpp_python-$(LLAMA_CPP)-*.whl)
 
 .PHONY: venv system-setup tool-venvs test test-fast test-docker images demo train-demo lint bench-train clean
 
 venv: $(STAMP)
 
-$(STAMP): $(REQS) $(addsuffix /pyproject.toml,$(PACKAGES)) scripts/torch_variant.py
+$(STAMP): $(REQS) $(addsuffix /pyproject.toml,$(PACKAGES)) scripts/torch_variant.py docker/install_gguf_converter.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	# torch first, the build that fits this machine; requirements-dev.txt's pin then finds it installed.
@@ -28,6 +33,10 @@ $(STAMP): $(REQS) $(addsuffix /pyproject.toml,$(PACKAGES)) scripts/torch_variant
 	# TGI's client for the serving tests: its huggingface-hub<1.0 cap is stale (requirements-dev.txt says more).
 	$(PY) -m pip install -q --no-deps $(TGI_CLIENT)
 	$(PY) -m pip install -q --no-deps $(addprefix -e ,$(PACKAGES))
+	test -n "$(LLAMA_CPP_WHEEL)" || $(PY) -m pip wheel -q --no-deps -w wheelhouse llama-cpp-python==$(LLAMA_CPP)
+	$(PY) -m pip install -q --no-deps wheelhouse/llama_cpp_python-$(LLAMA_CPP)-*.whl
+	# llama.cpp's GGUF converter, from the same pinned sdist (gguf_quantization in training jobs).
+	$(PY) docker/install_gguf_converter.py
 	touch $(STAMP)
 
 system-setup:

@@ -1,4 +1,5 @@
-"""Serving benchmark: our server vs a one-request-at-a-time `model.generate`, side by side in one run.
+"""Serving benchmark: our server vs a one-request-at-a-time `model.generate`, side by side in one run; and on a
+CPU, our server's llama.cpp engine vs llama.cpp itself (llama-cpp-python) on the same GGUF.
 
     python benchmarks/serve_throughput.py [--model DIR] [--new-tokens 128] [--clients 8] [--no-write]
 
@@ -8,7 +9,12 @@ loopback port, with N clients posting at once. Both sides get the same raw-text 
 greedy decoding and the same end tokens, and tokens/s counts the tokens actually generated.
 Also measured: time to first token (50-token prompt, no other load), /ping latency while the N
 generations run, start-to-first-200, and the worker's peak resident memory.
-Rewrites only the `serve` section of docs/benchmarks.md.
+
+The llama.cpp part (unless --gguf none): the model written as GGUF by the training image's own export
+(trainer.gguf_export, `--gguf q8_0` by default); anchor: llama-cpp-python's `Llama` on that file, one stream at a
+time, greedy, as many threads as cores; ours: the same server with SERVE_ENGINE=llamacpp, one client at a time
+and N at once, and its time to first token. Against the transformers engine's N-client figure of the same run.
+Rewrites the `serve` and `serve-llamacpp` sections of docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -68,6 +74,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--requests-per-client", type=int, default=2, help="each client sends these back to back")
     parser.add_argument("--baseline-requests", type=int, default=4, help="sequential generate calls to time")
     parser.add_argument("--ttft-samples", type=int, default=10)
+    parser.add_argument(
+        "--gguf", default="q8_0", choices=("none", "q8_0", "q4_k_m"), help="the llama.cpp part's GGUF (none: skip it)"
+    )
     parser.add_argument("--no-write", action="store_true", help="print only; leave docs/benchmarks.md alone")
     return parser.parse_args()
 
@@ -84,7 +93,7 @@ def main() -> None:
         f"baseline: {baseline['tokens_per_s']:.1f} tokens/s; static batch {static['tokens_per_s']:.1f}",
         flush=True,
     )
-    with Server(args.model) as server:
+    with Server(args.model, engine="transformers") as server:
         print(f"start to first 200: {server.startup_s:.1f} s", flush=True)
         server.generate(PROMPTS[0], 8)  # warm-up
         ttft = measure_ttft(server, args)
@@ -99,6 +108,132 @@ def main() -> None:
     print(section)
     if not args.no_write:
         write_section("serve", section)
+    if args.gguf != "none":
+        llama_section = measure_llamacpp(args, ours, load_before)
+        print(llama_section)
+        if not args.no_write:
+            write_section("serve-llamacpp", llama_section)
+
+
+def gguf_model_dir(model: Path, quantization: str, work: Path) -> Path:
+    """A copy of `model` (its files linked) with the GGUF the training image would write, named in manifest.json."""
+    from trainer import gguf_export
+
+    target = work / "model"
+    target.mkdir()
+    for path in model.iterdir():
+        if path.is_file() and path.suffix != ".gguf" and path.name != "manifest.json":
+            (target / path.name).symlink_to(path.resolve())
+    started = time.perf_counter()
+    entry = gguf_export.export(target, quantization)
+    if entry is None:
+        raise SystemExit(f"could not write a {quantization} GGUF of {model} (see the log above)")
+    entry["export_s"] = time.perf_counter() - started
+    (target / "manifest.json").write_text(json.dumps({"gguf": entry}))
+    return target
+
+
+def measure_llamacpp_anchor(gguf: Path, args) -> dict:
+    """llama.cpp's own single-stream speed: llama-cpp-python's Llama, the same token ids, greedy, until the
+    model's end token or the token budget."""
+    import llama_cpp
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    llm = llama_cpp.Llama(
+        model_path=str(gguf), n_ctx=2048, n_threads=os.cpu_count(), n_threads_batch=os.cpu_count(), verbose=False
+    )
+    llm.create_completion(tokenizer("warm up").input_ids, max_tokens=4, temperature=0.0)
+    tokens, elapsed = 0, 0.0
+    for prompt in PROMPTS[: args.baseline_requests]:
+        llm.reset()
+        started = time.perf_counter()
+        out = llm.create_completion(tokenizer(prompt).input_ids, max_tokens=args.new_tokens, temperature=0.0)
+        elapsed += time.perf_counter() - started
+        tokens += out["usage"]["completion_tokens"]
+    llm.close()
+    return {"tokens_per_s": tokens / elapsed, "tokens": tokens, "seconds": elapsed}
+
+
+def measure_single_client(server: Server, args) -> dict:
+    tokens, elapsed = 0, 0.0
+    for prompt in PROMPTS[: args.baseline_requests]:
+        started = time.perf_counter()
+        tokens += server.generate(prompt, args.new_tokens)["details"]["generated_tokens"]
+        elapsed += time.perf_counter() - started
+    return {"tokens_per_s": tokens / elapsed, "tokens": tokens, "seconds": elapsed}
+
+
+def measure_llamacpp(args, transformers_clients: dict, load_before) -> str:
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = gguf_model_dir(args.model, args.gguf, Path(tmp))
+        entry = json.loads((model_dir / "manifest.json").read_text())["gguf"]
+        anchor = measure_llamacpp_anchor(model_dir / entry["file"], args)
+        print(f"llama.cpp anchor: {anchor['tokens_per_s']:.1f} tokens/s", flush=True)
+        with Server(args.model, engine="transformers") as server:
+            server.generate(PROMPTS[0], 8)
+            transformers_single = measure_single_client(server, args)
+        with Server(model_dir, engine="llamacpp") as server:
+            server.generate(PROMPTS[0], 8)
+            single = measure_single_client(server, args)
+            ttft = measure_ttft(server, args)
+            clients = measure_concurrent(server, args)
+            rss = server.peak_rss_mib()
+            startup_s = server.startup_s
+    print(f"llamacpp engine: 1 client {single['tokens_per_s']:.1f}, {args.clients} {clients['tokens_per_s']:.1f}")
+    return render_llamacpp(
+        args,
+        entry,
+        anchor,
+        single,
+        clients,
+        ttft,
+        transformers_single,
+        transformers_clients,
+        rss,
+        startup_s,
+        load_before,
+    )
+
+
+def render_llamacpp(
+    args, entry, anchor, single, clients, ttft, transformers_single, transformers_clients, rss, startup_s, load_before
+) -> str:
+    def verdict(ok: bool) -> str:
+        return "met" if ok else "**missed**"
+
+    def cell(run: dict) -> str:
+        return f"{run['tokens_per_s']:.1f} ({run['tokens']} tokens in {run['seconds']:.1f} s)"
+
+    single_ratio = single["tokens_per_s"] / anchor["tokens_per_s"]
+    clients_ratio = clients["tokens_per_s"] / transformers_clients["tokens_per_s"]
+    import llama_cpp
+
+    return "\n".join(
+        [
+            f"Model `{args.model.name}`, its {args.gguf} GGUF as the training image writes it "
+            f"({entry['bytes'] / 1e6:.0f} MB, exported in {entry['export_s']:.0f} s), llama-cpp-python "
+            f"{llama_cpp.__version__}; {args.new_tokens} new tokens per request, greedy, raw-text prompts; "
+            f"{os.cpu_count()} cores, load average {load_before[0]:.1f} when the run started. Same run as the "
+            "table above.",
+            "",
+            "| metric | ours, SERVE_ENGINE=llamacpp | anchor | ratio | target |",
+            "|---|---|---|---|---|",
+            f"| output tokens/s, 1 client, requests one after another, over HTTP vs llama.cpp's own `Llama` "
+            f"in-process on the same GGUF | {cell(single)} | {cell(anchor)} | **{single_ratio:.2f}x** | "
+            f">= 0.9x: {verdict(single_ratio >= 0.9)} |",
+            f"| output tokens/s, {args.clients} concurrent clients, vs the transformers engine's "
+            f"{args.clients} clients above | {cell(clients)} | {cell(transformers_clients)} | "
+            f"**{clients_ratio:.2f}x** | >= 2.5x: {verdict(clients_ratio >= 2.5)} |",
+            f"| time to first token p50, 50-token prompt, no other load | {ttft * 1000:.0f} ms | | | "
+            f"<= 150 ms: {verdict(ttft <= 0.15)} |",
+            f"| reference: the transformers engine, 1 client | {cell(transformers_single)} | | | |",
+            f"| /ping p99 while {args.clients} generations run ({clients['pings']} pings) | "
+            f"{clients['ping_p99_ms']:.1f} ms | | | |",
+            f"| `serve` start to first 200 from /ping | {startup_s:.1f} s | | | |",
+            f"| peak resident memory (worker + master) | {rss['worker'] + rss['master']:.0f} MiB | | | |",
+        ]
+    )
 
 
 def measure_baseline(args) -> dict:
@@ -211,8 +346,9 @@ def measure_concurrent(server: Server, args) -> dict:
 class Server:
     """containers/serve/serve on a free loopback port, serving `model_dir` as $SAGEMAKER_BASE_DIR/model."""
 
-    def __init__(self, model_dir: Path):
+    def __init__(self, model_dir: Path, engine: str = "auto"):
         self.model_dir = model_dir.resolve()
+        self.engine = engine
 
     def __enter__(self) -> Server:
         self._tmp = tempfile.TemporaryDirectory()
@@ -223,6 +359,7 @@ class Server:
             self.port = s.getsockname()[1]
         env = {k: v for k, v in os.environ.items() if not k.startswith(("SERVE_", "SAGEMAKER_"))}
         env.update(SAGEMAKER_BASE_DIR=str(base), SAGEMAKER_BIND_TO_PORT=str(self.port), SERVE_HOST="127.0.0.1")
+        env["SERVE_ENGINE"] = self.engine
         self._log = open(base / "server.log", "wb")  # closed in __exit__
         started = time.perf_counter()
         self.proc = subprocess.Popen([sys.executable, str(SERVE)], env=env, stdout=self._log, stderr=subprocess.STDOUT)

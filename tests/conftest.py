@@ -6,13 +6,23 @@ import os
 import shutil
 
 import pytest
-from fixtures.tiny_model import build_tiny_dolly_model, build_tiny_model
+from fixtures.tiny_model import add_gguf, build_tiny_dolly_model, build_tiny_model
 
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     """A tiny Llama with a chat template (SmolLM2-like), built once per session. Treat as read-only."""
     return build_tiny_model(tmp_path_factory.mktemp("tiny-chat-model"))
+
+
+@pytest.fixture(scope="session")
+def tiny_gguf_model_dir(tiny_model_dir, tmp_path_factory):
+    """tiny_model_dir's model with an f32 GGUF beside its safetensors, named in manifest.json (the llama.cpp
+    engine's artifact, logits as the transformers engine's). Read-only."""
+    path = tmp_path_factory.mktemp("tiny-gguf-model") / "model"
+    shutil.copytree(tiny_model_dir, path)
+    add_gguf(path)
+    return path
 
 
 @pytest.fixture(scope="session")

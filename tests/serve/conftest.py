@@ -21,6 +21,8 @@ from serve.config import ServeConfig
 from serve.predictor import Predictor
 
 SERVE = Path(__file__).resolve().parents[2] / "containers" / "serve" / "serve"
+# The engines the HTTP contract is tested on: the same tests, either engine (SERVE_ENGINE).
+ENGINES = ("transformers", "llamacpp")
 
 
 def free_port() -> int:
@@ -134,11 +136,23 @@ def loaded_predictor(config: ServeConfig, **kwargs) -> Predictor:
     return predictor
 
 
-@pytest.fixture(scope="session")
-def predictor(tiny_model_dir):
-    predictor = loaded_predictor(make_config(tiny_model_dir))
+@pytest.fixture(scope="session", params=ENGINES)
+def predictor(request, tiny_model_dir, tiny_gguf_model_dir):
+    """The tiny model loaded on each engine in turn: every test of the HTTP contract runs against both."""
+    model_dir = tiny_gguf_model_dir if request.param == "llamacpp" else tiny_model_dir
+    predictor = loaded_predictor(make_config(model_dir, engine=request.param))
     yield predictor
     predictor.engine.stop()
+
+
+def reference_model(predictor: Predictor):
+    """The predictor's model as a transformers model, whichever engine serves it (the llama.cpp engine's artifact
+    holds the same weights as safetensors), to check replies against a direct forward pass."""
+    if predictor.engine.runner.name == "transformers":
+        return predictor.loaded.model
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(predictor.config.model_dir).eval()
 
 
 @pytest.fixture

@@ -13,6 +13,8 @@ from serve.engine import Engine
 from serve.generation import SamplingParams
 from serve.token_chooser import NextTokenChooser, choose_next_tokens, typical_filter
 
+from .conftest import reference_model
+
 Q = "What solutions come pre-built with Amazon SageMaker JumpStart?"
 
 # Every field of TGI's GenerateParameters (router/src/lib.rs), null or at its default: what TGI's clients send.
@@ -214,11 +216,13 @@ def test_prefill_logprobs_match_a_direct_forward_pass(client, predictor):
     assert all(set(t) == {"id", "text", "logprob"} for t in prefill)
     assert prefill[0]["logprob"] is None
     assert "".join(t["text"] for t in prefill) == text
-    model = predictor.loaded.model
+    model = reference_model(predictor)
     with torch.inference_mode():
         logits = model(input_ids=torch.tensor([ids])).logits[0].float()
     expected = torch.log_softmax(logits[:-1], -1).gather(-1, torch.tensor(ids[1:])[:, None])[:, 0]
-    assert [t["logprob"] for t in prefill[1:]] == pytest.approx(expected.tolist(), abs=1e-4)
+    # llama.cpp's kernels sum in another order than PyTorch's: the same f32 weights, logits within 1e-3.
+    tolerance = 1e-4 if predictor.engine.runner.name == "transformers" else 1e-3
+    assert [t["logprob"] for t in prefill[1:]] == pytest.approx(expected.tolist(), abs=tolerance)
     assert all(math.isfinite(t["logprob"]) for t in prefill[1:])
     assert ok(client, max_new_tokens=2, details=True)["details"]["prefill"] == []
 

@@ -92,7 +92,7 @@ def load_artifact(model_dir: Path, config: ServeConfig) -> LoadedModel:
             model_dir, dtype=dtype, use_safetensors=True, trust_remote_code=trust, device_map=device_map
         )
         tokenizer_source = model_dir
-        name = _manifest_name(model_dir)
+        name = manifest_name(model_dir)
     if device_map is None:
         model.to(device)
     model.eval()
@@ -102,15 +102,15 @@ def load_artifact(model_dir: Path, config: ServeConfig) -> LoadedModel:
     stop_strings = getattr(getattr(model, "generation_config", None), "stop_strings", None) or ()
     if isinstance(stop_strings, str):
         stop_strings = (stop_strings,)
-    context_length = _context_length(model, tokenizer, config)
+    context_length_ = context_length(model.config, tokenizer, config)
     return LoadedModel(
         model,
         tokenizer,
-        _eos_ids(model, tokenizer),
-        context_length,
+        end_token_ids(getattr(model, "generation_config", None), model.config, tokenizer),
+        context_length_,
         name,
         tuple(stop_strings),
-        batch_token_budget(model, config, context_length),
+        batch_token_budget(model, config, context_length_),
     )
 
 
@@ -174,7 +174,7 @@ def _has_tokenizer(directory: Path) -> bool:
     return (directory / "tokenizer.json").exists() or (directory / "tokenizer_config.json").exists()
 
 
-def _manifest_name(model_dir: Path) -> str:
+def manifest_name(model_dir: Path) -> str:
     try:  # informational only: name the fine-tuned model after its base when the manifest says so
         manifest = json.loads((model_dir / "manifest.json").read_text())
         return f"{manifest['base_model']} ({manifest.get('method', 'fine-tuned')})"
@@ -212,10 +212,10 @@ def verify_weights(model_dir: Path) -> None:
     log.info("weights verified against manifest.json: %s", ", ".join(present))
 
 
-def _eos_ids(model: Any, tokenizer: Any) -> list[int]:
+def end_token_ids(generation_config: Any, model_config: Any, tokenizer: Any) -> list[int]:
     """Stop on any end token the artifact names: generation_config eos (may be a list), tokenizer eos."""
     ids: set[int] = set()
-    for source in (getattr(model, "generation_config", None), model.config):
+    for source in (generation_config, model_config):
         eos = getattr(source, "eos_token_id", None)
         if eos is not None:
             ids.update(eos if isinstance(eos, list) else [eos])
@@ -224,10 +224,10 @@ def _eos_ids(model: Any, tokenizer: Any) -> list[int]:
     return sorted(ids)
 
 
-def _context_length(model: Any, tokenizer: Any, config: ServeConfig) -> int:
+def context_length(model_config: Any, tokenizer: Any, config: ServeConfig) -> int:
     if config.max_input_tokens:
         return config.max_input_tokens
-    text_config = model.config.get_text_config()
+    text_config = model_config.get_text_config()
     for value in (getattr(text_config, "max_position_embeddings", None), tokenizer.model_max_length):
         if isinstance(value, int) and 0 < value < 1_000_000:
             return min(value, DEFAULT_MAX_TOTAL_TOKENS)

@@ -21,6 +21,8 @@ RESULT_GRACE_S = 30.0
 # auto: one worker per GPU when the model fits the smallest one, else device_map; with one GPU or none, as set
 # by SAGEMAKER_MODEL_SERVER_WORKERS. per_gpu / device_map: that, whatever the model's size.
 GPU_PLACEMENTS = ("auto", "per_gpu", "device_map")
+# auto: llama.cpp on a CPU when the artifact carries a GGUF (and llama-cpp-python is installed), else transformers.
+ENGINES = ("auto", "transformers", "llamacpp")
 # Set by gunicorn.conf.py for each worker it starts, never by hand: see WorkerSlot.
 WORKER_SLOT_ENV = ("SERVE_WORKER_SLOT", "SERVE_WORKER_SLOTS", "SERVE_READY_DIR")
 
@@ -70,6 +72,8 @@ class ServeConfig:
     trust_remote_code: bool = field(default=False, metadata={"env": "SERVE_TRUST_REMOTE_CODE"})
     torch_threads: int | None = field(default=None, metadata={"env": "SERVE_TORCH_THREADS"})
     dtype: str = field(default="auto", metadata={"env": "SERVE_DTYPE"})
+    # Which engine runs the model: transformers (PyTorch), llamacpp (the artifact's GGUF), or auto (serve.predictor).
+    engine: str = field(default="auto", metadata={"env": "SERVE_ENGINE"})
     cpu_matmul: str = field(default="auto", metadata={"env": "SERVE_CPU_MATMUL"})
     graceful_timeout_s: int = field(default=25, metadata={"env": "SERVE_GRACEFUL_TIMEOUT"})
     # With several GPUs: one worker per GPU, or one worker with the model spread over all (see serve.placement).
@@ -118,6 +122,8 @@ class ServeConfig:
             raise ConfigError(
                 f"{self.env_name('dtype')} must be auto, float32, bfloat16 or float16, got {self.dtype!r}"
             )
+        if self.engine not in ENGINES:
+            raise ConfigError(f"SERVE_ENGINE must be one of {', '.join(ENGINES)}, got {self.engine!r}")
         if self.cpu_matmul not in ("auto", "packed", "stock"):
             raise ConfigError(f"SERVE_CPU_MATMUL must be auto, packed or stock, got {self.cpu_matmul!r}")
         if self.metrics not in ("emf", "off"):

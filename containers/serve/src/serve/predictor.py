@@ -70,13 +70,13 @@ class Predictor:
             if self.config.load_delay_s:
                 time.sleep(self.config.load_delay_s)
             # Here, on the loader thread: these import torch and transformers (see the module docstring).
-            from serve import artifact, retrieval
+            from serve import artifact, llamacpp, retrieval
             from serve.engine import Engine
 
-            explained = (artifact.ArtifactError, retrieval.RetrievalIndexError)
+            explained = (artifact.ArtifactError, retrieval.RetrievalIndexError, llamacpp.LlamaCppError)
             artifact.set_torch_threads(self.config)
             index = retrieval.load_index(self.config.model_dir)  # before the weights: a broken index fails fast
-            loaded = (self._loader or artifact.load_artifact)(self.config.model_dir, self.config)
+            loaded = (self._loader or llamacpp.choose_loader(self.config))(self.config.model_dir, self.config)
             if index is not None:
                 _check_template_places_documents(loaded.tokenizer, index)
             engine = Engine(
@@ -105,9 +105,10 @@ class Predictor:
             return
         self.state = "ready"
         log.info(
-            "model %s ready in %.1f s (context %d tokens, eos %s, retrieval %s)",
+            "model %s ready in %.1f s (engine %s, context %d tokens, eos %s, retrieval %s)",
             self.model_name,
             time.monotonic() - started,
+            engine.runner.name,
             loaded.context_length,
             loaded.eos_token_ids,
             f"{len(index)} passages, k={index.k}" if index is not None else "none",
