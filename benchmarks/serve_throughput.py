@@ -78,6 +78,7 @@ def parse_args() -> argparse.Namespace:
         "--gguf", default="q8_0", choices=("none", "q8_0", "q4_k_m"), help="the llama.cpp part's GGUF (none: skip it)"
     )
     parser.add_argument("--no-write", action="store_true", help="print only; leave docs/benchmarks.md alone")
+    parser.add_argument("--llamacpp-anchor", type=Path, help=argparse.SUPPRESS)  # the anchor's own process
     return parser.parse_args()
 
 
@@ -85,6 +86,9 @@ def main() -> None:
     args = parse_args()
     if args.model is None:
         args.model = embedded_default_model()
+    if args.llamacpp_anchor:
+        print(json.dumps(measure_llamacpp_anchor(args.llamacpp_anchor, args)))
+        return
     # `serve` sets this (see there); the anchor gets the same runtime setting, before torch loads.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     load_before = os.getloadavg()
@@ -133,6 +137,16 @@ def gguf_model_dir(model: Path, quantization: str, work: Path) -> Path:
     return target
 
 
+def llamacpp_anchor_process(gguf: Path, args) -> dict:
+    """The llama.cpp anchor in a process of its own, with OpenMP's default wait policy: this one runs PASSIVE (for
+    the transformers anchor, as `serve` runs it), which would slow llama.cpp down (see containers/serve/serve)."""
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    command = [sys.executable, __file__, "--model", str(args.model), "--llamacpp-anchor", str(gguf)]
+    command += ["--new-tokens", str(args.new_tokens), "--baseline-requests", str(args.baseline_requests)]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, check=True)
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
 def measure_llamacpp_anchor(gguf: Path, args) -> dict:
     """llama.cpp's own single-stream speed: llama-cpp-python's Llama, the same token ids, greedy, until the
     model's end token or the token budget."""
@@ -168,7 +182,7 @@ def measure_llamacpp(args, transformers_clients: dict, load_before) -> str:
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = gguf_model_dir(args.model, args.gguf, Path(tmp))
         entry = json.loads((model_dir / "manifest.json").read_text())["gguf"]
-        anchor = measure_llamacpp_anchor(model_dir / entry["file"], args)
+        anchor = llamacpp_anchor_process(model_dir / entry["file"], args)
         print(f"llama.cpp anchor: {anchor['tokens_per_s']:.1f} tokens/s", flush=True)
         with Server(args.model, engine="transformers") as server:
             server.generate(PROMPTS[0], 8)
@@ -357,7 +371,10 @@ class Server:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("SERVE_", "SAGEMAKER_"))}
+        # `serve` chooses its OpenMP wait policy per engine: this process's PASSIVE (for the anchor) stays here.
+        env = {
+            k: v for k, v in os.environ.items() if not k.startswith(("SERVE_", "SAGEMAKER_")) and k != "OMP_WAIT_POLICY"
+        }
         env.update(SAGEMAKER_BASE_DIR=str(base), SAGEMAKER_BIND_TO_PORT=str(self.port), SERVE_HOST="127.0.0.1")
         env["SERVE_ENGINE"] = self.engine
         self._log = open(base / "server.log", "wb")  # closed in __exit__

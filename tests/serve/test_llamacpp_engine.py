@@ -14,6 +14,7 @@ import torch
 from serve import llamacpp
 from serve.artifact import ArtifactError, load_artifact
 from serve.engine import Engine
+from serve.engine_choice import gguf_entry
 from serve.generation import GenerationError, SamplingParams
 from serve.runners import TransformersRunner
 from transformers import AutoTokenizer
@@ -27,7 +28,7 @@ def reference(tiny_gguf_model_dir):
 
 
 def _runner(model_dir, **kwargs):
-    entry = llamacpp.gguf_entry(model_dir)
+    entry = gguf_entry(model_dir)
     options = {"threads": 1, "max_sequences": 4, "kv_tokens": 512, **kwargs}
     return llamacpp.LlamaCppRunner(entry.path, **options)
 
@@ -120,7 +121,7 @@ def test_llamacpp_without_a_gguf_is_a_clear_load_error(tiny_model_dir, make_conf
 def test_a_changed_gguf_is_refused(tiny_gguf_model_dir, tmp_path, make_config_for):
     model_dir = tmp_path / "model"
     shutil.copytree(tiny_gguf_model_dir, model_dir)
-    gguf = llamacpp.gguf_entry(model_dir).path
+    gguf = gguf_entry(model_dir).path
     gguf.write_bytes(gguf.read_bytes()[:-1] + b"\0")
     with pytest.raises(ArtifactError, match=r"sha256 differs from manifest\.json's; the GGUF was changed"):
         llamacpp.choose_loader(_config(make_config_for, model_dir, "llamacpp"))(
@@ -130,7 +131,7 @@ def test_a_changed_gguf_is_refused(tiny_gguf_model_dir, tmp_path, make_config_fo
     gguf.unlink()
     with pytest.raises(ArtifactError, match=f"names the GGUF {manifest['gguf']['file']}, which the artifact lacks"):
         llamacpp.load_gguf_artifact(
-            model_dir, _config(make_config_for, model_dir, "llamacpp"), entry=llamacpp.gguf_entry(model_dir)
+            model_dir, _config(make_config_for, model_dir, "llamacpp"), entry=gguf_entry(model_dir)
         )
 
 
@@ -138,7 +139,7 @@ def test_the_loaded_llamacpp_artifact_reads_the_same_settings(tiny_gguf_model_di
     loaded = llamacpp.load_gguf_artifact(
         tiny_gguf_model_dir,
         _config(make_config_for, tiny_gguf_model_dir, "llamacpp"),
-        entry=llamacpp.gguf_entry(tiny_gguf_model_dir),
+        entry=gguf_entry(tiny_gguf_model_dir),
     )
     try:
         assert loaded.eos_token_ids == reference.eos_token_ids
@@ -147,3 +148,17 @@ def test_the_loaded_llamacpp_artifact_reads_the_same_settings(tiny_gguf_model_di
         assert loaded.max_batch_total_tokens == loaded.model.kv_tokens
     finally:
         loaded.model.close()
+
+
+def test_the_choice_is_made_without_torch_for_the_launcher(tiny_model_dir, tiny_gguf_model_dir, monkeypatch):
+    """containers/serve/serve decides the OpenMP wait policy from the same choice before any worker starts."""
+    from serve import engine_choice
+
+    assert engine_choice.choose("auto", tiny_gguf_model_dir, gpu=False).engine == "llamacpp"
+    assert engine_choice.choose("auto", tiny_gguf_model_dir, gpu=True).engine == "transformers"  # GPUs: built-in
+    assert engine_choice.choose("auto", tiny_model_dir, gpu=False).why == "auto: the artifact has no GGUF"
+    monkeypatch.setattr(engine_choice, "llamacpp_installed", lambda: False)
+    choice = engine_choice.choose("auto", tiny_gguf_model_dir, gpu=False)
+    assert choice.engine == "transformers" and "llama-cpp-python is not installed" in choice.why
+    with pytest.raises(engine_choice.EngineUnavailable, match="llama-cpp-python is not installed here"):
+        engine_choice.choose("llamacpp", tiny_gguf_model_dir, gpu=False)

@@ -16,11 +16,9 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
-import json
 import logging
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -28,7 +26,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from serve import engine_choice
 from serve.config import ServeConfig
+from serve.engine_choice import GgufEntry
 from serve.runners import ModelRunner, PrefillCost, Prefilled
 
 log = logging.getLogger("serve.llamacpp")
@@ -50,36 +50,6 @@ class OutOfKVCache(LlamaCppError):
 
     def __str__(self) -> str:
         return f"out of memory: {super().__str__()}"
-
-
-def available() -> bool:
-    """Whether llama-cpp-python is installed (it is an optional dependency of the serving image)."""
-    try:
-        import llama_cpp  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-@dataclass(frozen=True)
-class GgufEntry:
-    """manifest.json's `gguf`: the artifact's GGUF file, its quantization and hash."""
-
-    path: Path
-    quantization: str
-    sha256: str | None
-
-
-def gguf_entry(model_dir: Path) -> GgufEntry | None:
-    """The artifact's GGUF, as manifest.json names it; None when it has none."""
-    try:
-        manifest = json.loads((model_dir / "manifest.json").read_text())
-    except (OSError, ValueError):
-        return None
-    entry = manifest.get("gguf") if isinstance(manifest, dict) else None
-    if not isinstance(entry, dict) or not entry.get("file"):
-        return None
-    return GgufEntry(model_dir / entry["file"], str(entry.get("quantization", "")), entry.get("sha256"))
 
 
 def verify_gguf(entry: GgufEntry) -> None:
@@ -249,32 +219,17 @@ class LlamaCppRunner(ModelRunner):
 
 
 def choose_loader(config: ServeConfig) -> Callable[[Path, ServeConfig], Any]:
-    """SERVE_ENGINE: `llamacpp` needs a GGUF in the artifact and llama-cpp-python; `transformers` loads the
-    safetensors; `auto` takes llama.cpp on a CPU when both are there, transformers otherwise (on a GPU always,
-    for now: the built-in engine batches there with CUDA kernels)."""
+    """The loader of the engine SERVE_ENGINE names (serve.engine_choice decides; a GPU keeps transformers)."""
     from serve import artifact
 
-    entry = gguf_entry(config.model_dir)
-    if config.engine == "transformers":
-        return artifact.load_artifact
-    if config.engine == "llamacpp":
-        if entry is None:
-            raise artifact.ArtifactError(
-                "SERVE_ENGINE=llamacpp, but the artifact has no GGUF (manifest.json names none): train with "
-                "gguf_quantization=q8_0 (the default) or serve with SERVE_ENGINE=transformers"
-            )
-        if not available():
-            raise artifact.ArtifactError("SERVE_ENGINE=llamacpp, but llama-cpp-python is not installed here")
-        return partial(load_gguf_artifact, entry=entry)
-    if torch.cuda.is_available():
-        return artifact.load_artifact
-    if entry is None:
-        log.info("engine: transformers (the artifact has no GGUF)")
-        return artifact.load_artifact
-    if not available():
-        log.warning("engine: transformers; the artifact has a GGUF but llama-cpp-python is not installed")
-        return artifact.load_artifact
-    return partial(load_gguf_artifact, entry=entry)
+    try:
+        choice = engine_choice.choose(config.engine, config.model_dir, gpu=torch.cuda.is_available())
+    except engine_choice.EngineUnavailable as e:
+        raise artifact.ArtifactError(str(e)) from None
+    log.info("engine: %s (%s)", choice.engine, choice.why)
+    if choice.engine == "llamacpp":
+        return partial(load_gguf_artifact, entry=choice.gguf)
+    return artifact.load_artifact
 
 
 def load_gguf_artifact(model_dir: Path, config: ServeConfig, entry: GgufEntry) -> Any:
