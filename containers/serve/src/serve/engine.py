@@ -124,7 +124,7 @@ class Engine:
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._waiting: deque[_Sequence] = deque()
-        self._running: list[_Sequence] = []  # row i of self._batch is self._running[i]
+        self._running: list[_Sequence] = []  # row i of the runner's batch is self._running[i]
         self._pending = 0  # waiting + running, guarded by _lock
         self._deadline_cap = float("inf")
         self._stopped = False
