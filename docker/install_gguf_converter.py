@@ -17,11 +17,14 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import shutil
-import subprocess
+import ssl
 import sys
 import tarfile
 import tempfile
+import urllib.parse
+import urllib.request
 from pathlib import Path
 
 PACKAGE = "llama-cpp-python"
@@ -38,24 +41,25 @@ def default_dest() -> Path:
 
 
 def download(directory: Path) -> Path:
-    """The sdist, through pip (so pip's own index, proxy and certificate settings apply)."""
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "download",
-            "--quiet",
-            "--no-deps",
-            "--no-binary",
-            ":all:",
-            "--dest",
-            str(directory),
-            f"{PACKAGE}=={VERSION}",
-        ],
-        check=True,
+    """The sdist from the package index's simple API (PEP 691 JSON: PIP_INDEX_URL, else PyPI), trusting PIP_CERT
+    (or REQUESTS_CA_BUNDLE, SSL_CERT_FILE) as pip would. Why not `pip download`: for an sdist it prepares the
+    metadata, which installs the build backend (cmake, ninja) first, to extract a few Python files."""
+    index = os.environ.get("PIP_INDEX_URL", "https://pypi.org/simple").rstrip("/")
+    cafile = next(
+        (os.environ[k] for k in ("PIP_CERT", "REQUESTS_CA_BUNDLE", "SSL_CERT_FILE") if os.environ.get(k)), None
     )
-    return directory / SDIST
+    context = ssl.create_default_context(cafile=cafile)
+    request = urllib.request.Request(f"{index}/{PACKAGE}/", headers={"Accept": "application/vnd.pypi.simple.v1+json"})
+    with urllib.request.urlopen(request, context=context, timeout=60) as response:
+        files = json.load(response)["files"]
+    entry = next((f for f in files if f["filename"] == SDIST), None)
+    if entry is None:
+        raise SystemExit(f"{index}/{PACKAGE}/ lists no {SDIST}; download it and pass --sdist")
+    target = directory / SDIST
+    url = urllib.parse.urljoin(f"{index}/{PACKAGE}/", entry["url"])
+    with urllib.request.urlopen(url, context=context, timeout=300) as response, target.open("wb") as out:
+        shutil.copyfileobj(response, out)
+    return target
 
 
 def sha256(path: Path) -> str:
@@ -104,7 +108,7 @@ def extract(sdist: Path, dest: Path) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dest", type=Path, default=default_dest(), help="default: <prefix>/share/llama.cpp")
-    parser.add_argument("--sdist", type=Path, help=f"a downloaded {SDIST} (default: pip downloads it)")
+    parser.add_argument("--sdist", type=Path, help=f"a downloaded {SDIST} (default: fetched from the index)")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         sdist = args.sdist or download(Path(tmp))
