@@ -168,6 +168,9 @@ def pip_commands(run: str) -> list[str]:
     return [c.strip() for c in re.findall(r"\bsh /tmp/pip-install\.sh (.+?)(?:&&|;|$)", run)]
 
 
+LLAMA_CPP_WHEEL = ["--no-deps", "/tmp/wheelhouse/llama_cpp_python-*.whl"]
+
+
 @pytest.mark.parametrize("dockerfile", sorted(IMAGES))
 def test_the_images_install_only_from_hashed_locks(dockerfile):
     runs = [i for i in instructions(dockerfile) if i.startswith("RUN ")]
@@ -179,8 +182,8 @@ def test_the_images_install_only_from_hashed_locks(dockerfile):
         args = command.split()
         if args[0] == "--check-lock":
             checked.append(Path(args[2]).name)
-        elif args[:2] == ["--no-deps", "/tmp/wheelhouse/torch-*.whl"]:
-            continue  # the local torch wheel; its dependencies come from the lock
+        elif args[:2] in (["--no-deps", "/tmp/wheelhouse/torch-*.whl"], LLAMA_CPP_WHEEL):
+            continue  # a local wheel (torch; llama-cpp-python, built by make venv); its dependencies: the lock
         else:
             assert "--require-hashes" in args and "-r" in args, f"{dockerfile}: unhashed install: {command}"
             # No isolated build environment, which pip would fill from PyPI without hashes.
@@ -238,3 +241,13 @@ def test_the_torch_images_bases_carry_the_torch_the_locks_were_resolved_against(
     (pin,) = re.findall(r"^torch==(\S+)$", (REPO / "requirements-dev.txt").read_text(), re.M)
     for dockerfile in ("containers/train/Dockerfile", "containers/serve/Dockerfile"):
         assert base_default(dockerfile).startswith(f"pytorch/pytorch:{pin}-"), dockerfile
+
+
+def test_the_gguf_converter_comes_from_a_hash_pinned_sdist():
+    """The training image's one download outside the locks: llama.cpp's converter, from one sdist whose sha256 the
+    installer pins and checks before it extracts anything."""
+    installer = (REPO / "docker" / "install_gguf_converter.py").read_text()
+    assert re.search(r'^SDIST_SHA256 = "[0-9a-f]{64}"$', installer, re.M)
+    assert "if digest != SDIST_SHA256:" in installer
+    train = (REPO / "containers" / "train" / "Dockerfile").read_text()
+    assert "python /tmp/install_gguf_converter.py" in train and "--sdist" not in train
