@@ -182,6 +182,11 @@ def manifest_name(model_dir: Path) -> str:
         return model_dir.resolve().name
 
 
+def file_sha256(path: Path) -> str:
+    with path.open("rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
 def verify_weights(model_dir: Path) -> None:
     """Weights are what training wrote: when manifest.json lists `weights_sha256`, every safetensors file in the
     directory must be listed there and hash to it. An artifact without the list (older, or not ours) loads as
@@ -203,11 +208,7 @@ def verify_weights(model_dir: Path) -> None:
             f"(not listed: {unlisted or 'none'}; listed but absent: {missing or 'none'})"
         )
     for name in present:
-        digest = hashlib.sha256()
-        with (model_dir / name).open("rb") as f:
-            for block in iter(lambda: f.read(1 << 24), b""):
-                digest.update(block)
-        if digest.hexdigest() != expected[name]:
+        if file_sha256(model_dir / name) != expected[name]:
             raise ArtifactError(f"{model_dir / name}: sha256 differs from manifest.json's; the weights were changed")
     log.info("weights verified against manifest.json: %s", ", ".join(present))
 

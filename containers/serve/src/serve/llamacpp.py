@@ -15,7 +15,6 @@ transformers engine.
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import logging
 import os
 from collections.abc import Callable, Sequence
@@ -53,17 +52,13 @@ class OutOfKVCache(LlamaCppError):
 
 
 def verify_gguf(entry: GgufEntry) -> None:
-    from serve.artifact import ArtifactError
+    from serve.artifact import ArtifactError, file_sha256
 
     if not entry.path.is_file():
         raise ArtifactError(f"manifest.json names the GGUF {entry.path.name}, which the artifact lacks")
     if entry.sha256 is None:
         return
-    digest = hashlib.sha256()
-    with entry.path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 24), b""):
-            digest.update(block)
-    if digest.hexdigest() != entry.sha256:
+    if file_sha256(entry.path) != entry.sha256:
         raise ArtifactError(f"{entry.path}: sha256 differs from manifest.json's; the GGUF was changed")
 
 

@@ -65,7 +65,7 @@ def save_artifact(
     for stale in model_dir.glob("*.gguf"):  # an earlier run's GGUF is not this model's either
         stale.unlink()
     gguf = gguf_export.export(staging, gguf_quantization)
-    manifest = {**manifest, "weights_sha256": {p.name: _sha256(p) for p in sorted(staging.glob("*.safetensors"))}}
+    manifest = {**manifest, "weights_sha256": {p.name: file_sha256(p) for p in sorted(staging.glob("*.safetensors"))}}
     if gguf is not None:
         manifest["gguf"] = gguf
     for path in sorted(staging.iterdir()):
@@ -90,6 +90,6 @@ def _readable(path: Path) -> None:
         path.chmod(0o644)
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
     with path.open("rb") as f:
         return hashlib.file_digest(f, "sha256").hexdigest()

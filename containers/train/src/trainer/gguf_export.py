@@ -15,13 +15,14 @@ its safetensors alone. Never a failed job: the GGUF is an extra.
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import json
 import logging
 import os
 import subprocess
 import sys
 from pathlib import Path
+
+from .artifact import file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +69,7 @@ def export(model_dir: Path, quantization: str) -> dict | None:
     entry = {
         "file": target.name,
         "quantization": quantization,
-        "sha256": _sha256(target),
+        "sha256": file_sha256(target),
         "bytes": target.stat().st_size,
         "converter": _source(converter),
     }
@@ -130,8 +131,3 @@ def _source(converter: Path) -> dict:
         return json.loads((converter.parent / SOURCE_FILE).read_text())
     except (OSError, ValueError):
         return {"path": str(converter)}
-
-
-def _sha256(path: Path) -> str:
-    with path.open("rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
