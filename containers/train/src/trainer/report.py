@@ -19,7 +19,10 @@ METRICS = ("loss", "perplexity", "rouge_l", "exact_match")
 # The report's columns: the base model, the tuned model without retrieval, and, when the artifact has a retrieval
 # index, the tuned model with the passages retrieved for each question in its prompt.
 RETRIEVAL = "tuned_retrieval"
-COLUMN_TITLES = {"base": "base", "tuned": "tuned", RETRIEVAL: "tuned + retrieval"}
+# And when the artifact has a GGUF: that file loaded back (its quantized weights, dequantized), asked as served,
+# so the report shows what quantization cost beside the full-precision artifact.
+GGUF = "gguf"
+COLUMN_TITLES = {"base": "base", "tuned": "tuned", RETRIEVAL: "tuned + retrieval", GGUF: "GGUF"}
 SET_TITLES = {"validation": "held-out", "train_sample": "training sample", "paraphrased": "paraphrased"}
 
 
@@ -28,17 +31,22 @@ def write_json(path: Path, content) -> None:
     path.write_text(json.dumps(json_safe(content), indent=2, sort_keys=True, default=str) + "\n", encoding="utf-8")
 
 
-def comparison(base: dict, tuned: dict, tuned_retrieval: dict | None = None) -> dict:
+def comparison(base: dict, tuned: dict, tuned_retrieval: dict | None = None, gguf: dict | None = None) -> dict:
     """Side-by-side metrics per evaluation set: base, tuned and the difference (tuned - base).
 
     With `tuned_retrieval` (the tuned model's results with retrieval, trainer.evaluation.evaluate_model with
     `documents_for`), each metric also has `tuned_retrieval` and `delta_retrieval` (tuned_retrieval - base), and
     each set a `retrieval` row: k passages per question, and recall@k where the set knows its gold passages.
     Without it the table is the two-column one, with no empty third column.
+
+    With `gguf` (the artifact's GGUF, asked as served: with retrieval when there is an index), each metric also
+    has `gguf` and `delta_gguf`: gguf - the same model at full precision asked the same way (what quantization
+    cost).
     """
     with_retrieval = bool(tuned_retrieval)
+    full_precision = RETRIEVAL if with_retrieval else "tuned"
     table = {}
-    for set_name in sorted(set(base) | set(tuned) | set(tuned_retrieval or {})):
+    for set_name in sorted(set(base) | set(tuned) | set(tuned_retrieval or {}) | set(gguf or {})):
         rows = {}
         for metric in METRICS:
             b = base.get(set_name, {}).get(metric)
@@ -47,6 +55,9 @@ def comparison(base: dict, tuned: dict, tuned_retrieval: dict | None = None) -> 
             if with_retrieval:
                 r = tuned_retrieval.get(set_name, {}).get(metric)
                 rows[metric] |= {RETRIEVAL: r, "delta_retrieval": _delta(r, b)}
+            if gguf:
+                q = gguf.get(set_name, {}).get(metric)
+                rows[metric] |= {GGUF: q, "delta_gguf": _delta(q, rows[metric][full_precision])}
         rows["count"] = (tuned.get(set_name) or base.get(set_name) or (tuned_retrieval or {}).get(set_name) or {}).get(
             "count", 0
         )
@@ -66,8 +77,13 @@ def has_retrieval(table: dict) -> bool:
     return any(RETRIEVAL in rows["rouge_l"] for rows in table.values())
 
 
+def has_gguf(table: dict) -> bool:
+    """Whether a comparison table has the GGUF column."""
+    return any(GGUF in rows["rouge_l"] for rows in table.values())
+
+
 def columns(table: dict) -> tuple[str, ...]:
-    return ("base", "tuned", RETRIEVAL) if has_retrieval(table) else ("base", "tuned")
+    return ("base", "tuned", *((RETRIEVAL,) if has_retrieval(table) else ()), *((GGUF,) if has_gguf(table) else ()))
 
 
 def log_comparison(table: dict) -> None:
@@ -84,13 +100,19 @@ def log_comparison(table: dict) -> None:
             )
         if "retrieval" in rows:
             log.info("  %-12s %s", f"recall@{rows['retrieval']['k']}", _fmt(rows["retrieval"]["recall_at_k"]))
+        if GGUF in shown:
+            log.info("  quantization cost (GGUF - full precision): rouge_l %s", _fmt(rows["rouge_l"]["delta_gguf"]))
 
 
 def before_after_text(eval_report: dict) -> str:
     """The comparison of an eval_report.json as a person reads it in a terminal."""
     table = eval_report["comparison"]
     shown = columns(table)
-    lines = ["Before / after fine-tuning:" if len(shown) == 2 else "Before / after fine-tuning, and with retrieval:"]
+    title = "Before / after fine-tuning" + (", and with retrieval" if RETRIEVAL in shown else "")
+    quantized = (eval_report.get("gguf") or {}).get("quantization")
+    if GGUF in shown:
+        title += f", and as the {quantized} GGUF" if quantized else ", and as GGUF"
+    lines = [title + ":"]
     for set_name, rows in table.items():
         lines.append(f"  {SET_TITLES.get(set_name, set_name)} ({rows['count']} questions)")
         for metric in ("loss", "rouge_l", "exact_match"):
@@ -118,7 +140,7 @@ def markdown_table(table: dict) -> str:
             lines.append(f"| {title} | {metric} | " + " | ".join(cells) + " |")
         if "retrieval" in rows and rows["retrieval"]["recall_at_k"] is not None:
             k = rows["retrieval"]["k"]
-            cells = [*[""] * (len(shown) - 1), _cell(rows["retrieval"]["recall_at_k"])]
+            cells = [_cell(rows["retrieval"]["recall_at_k"]) if c == RETRIEVAL else "" for c in shown]
             lines.append(f"| {title} | recall@{k} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -129,7 +151,7 @@ def metric_lines(table: dict) -> list[str]:
     if not rows:
         return []
     parts = []
-    for prefix, side in (("base", "base"), ("tuned", "tuned"), ("retrieval", RETRIEVAL)):
+    for prefix, side in (("base", "base"), ("tuned", "tuned"), ("retrieval", RETRIEVAL), ("gguf", GGUF)):
         for metric, name in (("loss", "eval_loss"), ("rouge_l", "rouge_l"), ("exact_match", "exact_match")):
             value = rows[metric].get(side)
             if value is not None and not math.isnan(value):
@@ -145,6 +167,7 @@ def write_eval_reports(
     base: dict,
     tuned: dict,
     tuned_retrieval: dict | None = None,
+    gguf: dict | None = None,
 ) -> None:
     """The A/B report of a job: logged, as CloudWatch metric lines, eval_report.json (the table, with what was
     trained), eval_report.md (the table for people) and sample_answers.jsonl (every answer)."""
@@ -159,18 +182,34 @@ def write_eval_reports(
             "base_model": manifest["base_model"],
             "method": manifest["method"],
             "retrieval": manifest.get("retrieval"),
+            "gguf": manifest.get("gguf"),
         },
     )
     (out / REPORT_MARKDOWN_FILE).write_text(
-        f"# A/B evaluation: {manifest['base_model']}, {manifest['method']}\n\n{markdown_table(table)}\n",
+        f"# A/B evaluation: {manifest['base_model']}, {manifest['method']}\n\n{markdown_table(table)}\n"
+        + _gguf_note(table, manifest),
         encoding="utf-8",
     )
-    write_samples(out / SAMPLES_FILE, eval_sets, base, tuned, tuned_retrieval)
+    write_samples(out / SAMPLES_FILE, eval_sets, base, tuned, tuned_retrieval, gguf)
 
 
-def write_samples(path: Path, sets: dict, base: dict, tuned: dict, tuned_retrieval: dict | None = None) -> None:
+def _gguf_note(table: dict, manifest: dict) -> str:
+    if not has_gguf(table):
+        return ""
+    entry = manifest.get("gguf") or {}
+    asked = "with the passages retrieved for it, as served" if has_retrieval(table) else "as served"
+    return (
+        f"\nGGUF: `{entry.get('file', 'the GGUF')}` ({entry.get('quantization', '?')}), its weights loaded back "
+        f"dequantized and each question asked {asked}; compare it with the column to its left.\n"
+    )
+
+
+def write_samples(
+    path: Path, sets: dict, base: dict, tuned: dict, tuned_retrieval: dict | None = None, gguf: dict | None = None
+) -> None:
     """One line per question: the reference and each model's answer; with retrieval, also that answer, the ids
-    of the passages it was given, and whether the gold passage was among them (null where unknown)."""
+    of the passages it was given, and whether the gold passage was among them (null where unknown); with a GGUF,
+    the GGUF's answer."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", encoding="utf-8") as f:
         for set_name, eval_set in sets.items():
@@ -179,6 +218,7 @@ def write_samples(path: Path, sets: dict, base: dict, tuned: dict, tuned_retriev
             with_retrieval = (tuned_retrieval or {}).get(set_name, {})
             retrieval_answers = with_retrieval.get("answers", [])
             used = with_retrieval.get("retrieval") or {}
+            gguf_answers = (gguf or {}).get(set_name, {}).get("answers", [])
             for i, (question, reference) in enumerate(zip(eval_set.questions, eval_set.references, strict=True)):
                 row = {
                     "set": set_name,
@@ -193,6 +233,8 @@ def write_samples(path: Path, sets: dict, base: dict, tuned: dict, tuned_retriev
                         "sources": _at(used.get("sources", []), i),
                         "gold_retrieved": _at(used.get("gold_retrieved", []), i),
                     }
+                if gguf is not None:
+                    row["gguf_answer"] = _at(gguf_answers, i)
                 f.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
