@@ -114,3 +114,39 @@ def test_the_artifact_names_its_gguf_in_the_manifest(smollm_tokenized_model, tmp
     assert manifest["gguf"]["file"] == "model.q8_0.gguf"
     assert sorted(p.name for p in model_dir.glob("*.gguf")) == ["model.q8_0.gguf"]
     assert (model_dir / "model.q8_0.gguf").stat().st_mode & 0o777 == 0o644
+
+
+@pytest.mark.slow
+def test_the_jobs_report_shows_what_quantization_cost(smollm_tokenized_model, tmp_path):
+    """The job writes the q8_0 GGUF, loads it back and asks it the evaluation's questions as the server would: the
+    report and the manifest's metrics carry a GGUF column beside the full-precision model."""
+    from .conftest import csv_text, faq_rows, make_job, run_train, tiny_hyperparameters
+
+    hyperparameters = tiny_hyperparameters(
+        smollm_tokenized_model, max_steps=1, eval_max_samples=2, eval_train_samples=2, gguf_quantization="q8_0"
+    )
+    job = make_job(tmp_path, hyperparameters, {"train/faq.csv": csv_text(faq_rows(12))})
+    result = run_train(job)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "evaluating model.q8_0.gguf (q8_0), loaded back dequantized" in result.stdout + result.stderr
+
+    comparison = json.loads((job / "output" / "data" / "eval_report.json").read_text())["comparison"]
+    rouge = comparison["train_sample"]["rouge_l"]
+    assert rouge["gguf"] is not None and rouge["delta_gguf"] == pytest.approx(rouge["gguf"] - rouge["tuned"])
+    loss = comparison["validation"]["loss"]
+    assert abs(loss["gguf"] - loss["tuned"]) < 0.05  # q8_0 is near-lossless, and the column is that file's
+    manifest = json.loads((job / "model" / "manifest.json").read_text())
+    assert manifest["metrics"] == comparison and manifest["gguf"]["file"] == "model.q8_0.gguf"
+    samples = (job / "output" / "data" / "sample_answers.jsonl").read_text().splitlines()
+    assert all("gguf_answer" in json.loads(line) for line in samples)
+    assert "| GGUF |" in (job / "output" / "data" / "eval_report.md").read_text()
+
+
+def test_a_gguf_transformers_cannot_read_leaves_the_report_without_its_column(tmp_path, caplog):
+    from trainer.modeling import load_gguf
+
+    (tmp_path / "model.q8_0.gguf").write_bytes(b"GGUF but not really")
+    with caplog.at_level(logging.WARNING, logger="trainer.modeling"):
+        assert load_gguf(tmp_path, "model.q8_0.gguf") is None
+    assert "Transformers could not load model.q8_0.gguf back for evaluation" in caplog.text
+    assert "the report has no GGUF column" in caplog.text

@@ -73,11 +73,24 @@ def save_artifact(
         _readable(path)
         os.replace(path, model_dir / path.name)
     staging.rmdir()
+    _write_manifest(model_dir, manifest)
+    return model_dir
+
+
+def update_manifest(model_dir: Path, changes: dict) -> dict:
+    """The artifact's manifest.json with `changes` merged in (e.g. metrics measured on the written artifact),
+    replaced atomically; returns it."""
+    manifest = json.loads((model_dir / MANIFEST).read_text(encoding="utf-8")) | changes
+    _write_manifest(model_dir, manifest)
+    return manifest
+
+
+def _write_manifest(model_dir: Path, manifest: dict) -> None:
+    """Written last and atomically: a model directory without manifest.json is incomplete."""
     tmp = model_dir / f".{MANIFEST}.tmp"
     tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str) + "\n", encoding="utf-8")
     tmp.chmod(0o644)
     os.replace(tmp, model_dir / MANIFEST)
-    return model_dir
 
 
 def _readable(path: Path) -> None:

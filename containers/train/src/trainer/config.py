@@ -222,6 +222,12 @@ class TrainConfig:
         choices=("in_job", "deferred"),
     )
     eval_base_model: bool = _hp(True, "Also evaluate the untouched base model, for the before/after comparison.")
+    eval_gguf: bool = _hp(
+        True,
+        "Also evaluate the artifact's GGUF (its quantized weights loaded back through Transformers, asked as served), "
+        "for a report column that shows what `gguf_quantization` cost. Skipped, with why in the log, where there is "
+        "no GGUF or Transformers cannot read it.",
+    )
     eval_max_samples: int = _hp(64, "Validation questions answered by each model (0 = none).", minimum=0)
     eval_train_samples: int = _hp(32, "Training questions answered by each model, to see what it learned.", minimum=0)
     eval_max_new_tokens: int = _hp(256, "Longest generated answer during evaluation.", minimum=1)

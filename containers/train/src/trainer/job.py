@@ -19,6 +19,7 @@ from .errors import ConfigError, DataError, TrainingInterrupted, UserError
 from .modeling import (
     BaseModel,
     load_for_prompt_format,
+    load_gguf,
     load_model,
     load_tokenizer,
     resolve_base_model,
@@ -199,7 +200,7 @@ def run(config: TrainConfig, job: Job, cache_dir: Path, stop_requested: threadin
     import torch
 
     from . import training
-    from .artifact import merge_for_serving, save_artifact
+    from .artifact import merge_for_serving, save_artifact, update_manifest
 
     rank = Rank.from_torchrun()
     started = time.time()
@@ -242,6 +243,7 @@ def run(config: TrainConfig, job: Job, cache_dir: Path, stop_requested: threadin
             "base": f"nothing was trained yet. {resume}",
             "tuned": f"the trained weights are in the last checkpoint. {resume}",
             "tuned_retrieval": f"the trained weights are in the last checkpoint. {resume}",
+            "gguf": "the artifact is complete; run the image's `evaluate` command on this job tree for the report.",
         },
     )
     base_results: dict = {}
@@ -316,13 +318,22 @@ def run(config: TrainConfig, job: Job, cache_dir: Path, stop_requested: threadin
         gguf_quantization=config.gguf_quantization,
     )
     log.info("artifact written to %s (%s)", job.model_dir, save_dtype)
+    gguf_results = None
+    if evaluate_in_job:
+        del final_model  # written; the GGUF's model takes its place in memory
+        gguf_results = _evaluate_gguf(evaluate, job.model_dir, parts, config)
+    if gguf_results:
+        table = report.comparison(base_results, tuned_results, tuned_retrieval=retrieval_results, gguf=gguf_results)
+        manifest = update_manifest(job.model_dir, {"metrics": report.json_safe(table)})
     if trackers.trackers:
         metrics = tracking.results_metrics(table, manifest["training"]["best"])
         _send_results(trackers, metrics, outcome.global_step, run_id)
 
     out = job.output_data_dir
     if config.evaluation == "in_job":
-        report.write_eval_reports(out, table, manifest, parts.eval_sets, base_results, tuned_results, retrieval_results)
+        report.write_eval_reports(
+            out, table, manifest, parts.eval_sets, base_results, tuned_results, retrieval_results, gguf_results
+        )
     else:
         log.info("evaluation deferred: run the image's `evaluate` command on this job tree for the A/B report")
     report.plot_loss_curve(
@@ -351,19 +362,28 @@ def evaluate_artifact(config: TrainConfig, job: Job, cache_dir: Path, stop_reque
         raise UserError("nothing to evaluate: eval_max_samples and eval_train_samples are both 0 or the sets are empty")
     again = "the artifact is complete; run `evaluate` again for the report."
     evaluate = _evaluator(
-        parts, config, stop_requested, when_stopped={"base": again, "tuned": again, "tuned_retrieval": again}
+        parts, config, stop_requested, when_stopped=dict.fromkeys(("base", "tuned", "tuned_retrieval", "gguf"), again)
     )
     base_results = evaluate(_load_for_prompt_format(parts, config), "base") if config.eval_base_model else {}
     tuned = load_model(BaseModel(str(job.model_dir), "the tuned artifact"), config.trust_remote_code)
     tuned_results = evaluate(tuned, "tuned")
     retrieval_results = _evaluate_with_retrieval(evaluate, tuned, parts)
-    table = report.comparison(base_results, tuned_results, tuned_retrieval=retrieval_results)
+    del tuned
+    gguf_results = _evaluate_gguf(evaluate, job.model_dir, parts, config, manifest)
+    table = report.comparison(base_results, tuned_results, tuned_retrieval=retrieval_results, gguf=gguf_results)
     trackers = tracking.check(config, job)
     if trackers.trackers:  # to the training's own run, which the manifest names
         run_id = (manifest.get("tracking") or {}).get("mlflow_run_id")
         _send_results(trackers, tracking.results_metrics(table), manifest["training"]["steps"], run_id)
     report.write_eval_reports(
-        job.output_data_dir, table, manifest, parts.eval_sets, base_results, tuned_results, retrieval_results
+        job.output_data_dir,
+        table,
+        manifest,
+        parts.eval_sets,
+        base_results,
+        tuned_results,
+        retrieval_results,
+        gguf_results,
     )
     log.info("reports written to %s", job.output_data_dir)
 
@@ -374,6 +394,26 @@ def _evaluate_with_retrieval(evaluate, model, parts: Prepared) -> dict | None:
     if parts.index is None:
         return None
     return evaluate(model, "tuned_retrieval", documents_for=parts.index.documents_for)
+
+
+def _evaluate_gguf(evaluate, model_dir: Path, parts: Prepared, config: TrainConfig, manifest: dict | None = None):
+    """The artifact's GGUF asked as the server asks it (with the retrieved passages when the artifact has an index):
+    the report's column for what quantization cost. None when there is no GGUF, `eval_gguf` is off, or Transformers
+    cannot read the file back (the log says which)."""
+    from .artifact import MANIFEST
+
+    if manifest is None:
+        manifest = json.loads((model_dir / MANIFEST).read_text(encoding="utf-8"))
+    entry = manifest.get("gguf")
+    if not config.eval_gguf or not entry:
+        return None
+    log.info("evaluating %s (%s), loaded back dequantized", entry["file"], entry["quantization"])
+    model = load_gguf(model_dir, entry["file"])
+    if model is None:
+        return None
+    model.config.pad_token_id = parts.tokenizer.pad_token_id
+    documents_for = parts.index.documents_for if parts.index is not None else None
+    return evaluate(model, "gguf", documents_for=documents_for)
 
 
 def _send_results(trackers: tracking.Tracking, metrics: dict, step: int, run_id: str | None) -> None:

@@ -173,6 +173,22 @@ def load_model(base: BaseModel, trust_remote_code: bool, dtype=None):
         raise UserError(f"could not load the base model {base.name!r}: {e}") from e
 
 
+def load_gguf(model_dir: Path, gguf_file: str):
+    """A GGUF the job wrote, loaded back through Transformers: its quantized weights dequantized to float32, so the
+    evaluation that measured the full-precision artifact measures what quantization did to it. None, with why in
+    the log, where Transformers cannot read the file (it reads GGUF for some architectures only)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    try:
+        return AutoModelForCausalLM.from_pretrained(model_dir, gguf_file=gguf_file, dtype=torch.float32)
+    except Exception as e:  # an extra column: whatever the GGUF reader raises, the job and its report stand
+        log.warning(
+            "gguf: Transformers could not load %s back for evaluation (%s); the report has no GGUF column", gguf_file, e
+        )
+        return None
+
+
 def load_for_prompt_format(
     base: BaseModel, tokenizer, *, added_tokens: bool, seed: int, trust_remote_code: bool, dtype=None
 ):
