@@ -162,3 +162,45 @@ def test_the_choice_is_made_without_torch_for_the_launcher(tiny_model_dir, tiny_
     assert choice.engine == "transformers" and "llama-cpp-python is not installed" in choice.why
     with pytest.raises(engine_choice.EngineUnavailable, match="llama-cpp-python is not installed here"):
         engine_choice.choose("llamacpp", tiny_gguf_model_dir, gpu=False)
+
+
+def test_a_kv_stream_per_sequence_gives_the_same_logits_and_a_shorter_longest_request(
+    tiny_gguf_model_dir, reference, make_config_for
+):
+    """SERVE_LLAMACPP_KV=per_sequence: each slot attends over its own stream, so the logits are those of the
+    shared cache; a sequence holds at most its share, and the loaded artifact's context says so (a longer request
+    is refused up front, as one longer than the model's context is)."""
+    prompts = [[5, 6, 7, 8, 9], [10, 11, 12]]
+    shared, own = (
+        _runner(tiny_gguf_model_dir, max_sequences=2),
+        _runner(tiny_gguf_model_dir, max_sequences=2, kv_layout="per_sequence"),
+    )
+    try:
+        assert torch.allclose(own.prefill(prompts).last, shared.prefill(prompts).last, atol=1e-4)
+        for step in range(3):
+            tokens, positions = [20 + step, 30 + step], [5 + step, 3 + step]
+            assert torch.allclose(own.decode(tokens, positions), shared.decode(tokens, positions), atol=1e-4)
+        assert (shared.sequence_tokens, own.sequence_tokens) == (512, 256)
+    finally:
+        shared.close()
+        own.close()
+
+    config = make_config_for(
+        tiny_gguf_model_dir,
+        engine="llamacpp",
+        llamacpp_kv="per_sequence",
+        max_batch_size=4,
+        max_batch_total_tokens=2048,
+    )
+    loaded = llamacpp.load_gguf_artifact(tiny_gguf_model_dir, config, entry=gguf_entry(tiny_gguf_model_dir))
+    try:
+        assert loaded.context_length == 512 < reference.context_length == 1024
+    finally:
+        loaded.model.close()
+
+
+def test_an_unknown_kv_layout_is_refused_at_start(tiny_gguf_model_dir):
+    from serve.config import ConfigError
+
+    with pytest.raises(ConfigError, match="SERVE_LLAMACPP_KV must be one of shared, per_sequence, got 'paged'"):
+        make_config(tiny_gguf_model_dir, llamacpp_kv="paged")
