@@ -64,12 +64,19 @@ def test_q8_0_is_written_by_the_pinned_converter_and_carries_the_chat_template(s
         llama_cpp.llama_model_free(model)
 
 
-def test_q4_k_m_goes_through_llamacpps_quantizer(smollm_tokenized_model, tmp_path):
+@pytest.mark.parametrize(("quantization", "file_type"), [("q4_k_m", 15), ("q4_0", 2)])  # llama.cpp's LLAMA_FTYPE_*
+def test_4_bit_files_go_through_llamacpps_quantizer(smollm_tokenized_model, tmp_path, quantization, file_type):
     model_dir = tmp_path / "model"
     shutil.copytree(smollm_tokenized_model, model_dir)
-    entry = gguf_export.export(model_dir, "q4_k_m")
-    assert entry["file"] == "model.q4_k_m.gguf" and (model_dir / "model.q4_k_m.gguf").is_file()
-    assert sorted(p.name for p in model_dir.glob("*.gguf")) == ["model.q4_k_m.gguf"]  # no f16 left behind
+    entry = gguf_export.export(model_dir, quantization)
+    gguf = model_dir / f"model.{quantization}.gguf"
+    assert entry["file"] == gguf.name and gguf.is_file()
+    assert sorted(p.name for p in model_dir.glob("*.gguf")) == [gguf.name]  # no f16 left behind
+
+    from gguf import GGUFReader
+
+    field = GGUFReader(gguf).fields["general.file_type"]
+    assert int(field.parts[field.data[0]][0]) == file_type
 
 
 def test_a_model_the_converter_cannot_read_keeps_its_safetensors_and_says_why(tiny_model_dir, tmp_path, caplog):

@@ -166,10 +166,11 @@ class TrainConfig:
     gguf_quantization: str = _hp(
         "q8_0",
         "Also write the artifact as GGUF for llama.cpp (the serving image's CPU engine) with llama.cpp's own "
-        "converter, recorded in manifest.json: `q8_0` (8-bit, near-lossless), `q4_k_m` (4-bit, needs "
-        "llama-cpp-python's quantizer) or `none`. A base the converter does not support keeps the safetensors "
-        "artifact alone, with the reason in the log.",
-        choices=("none", "q8_0", "q4_k_m"),
+        "converter, recorded in manifest.json: `q8_0` (8-bit, near-lossless), `q4_k_m` or `q4_0` (4-bit, need "
+        "llama-cpp-python's quantizer; `q4_0` decodes many sequences fastest on x86 CPUs, at a cost the report's "
+        "GGUF column shows) or `none`. A base the converter does not support keeps the safetensors artifact alone, "
+        "with the reason in the log.",
+        choices=("none", "q8_0", "q4_k_m", "q4_0"),
     )
 
     # > Hardware and distribution

@@ -5,8 +5,8 @@ llama-cpp-python sdist on PyPI (its vendored llama.cpp; docker/install_gguf_conv
 `<prefix>/share/llama.cpp/` and records where they came from in SOURCE.json). Why not the `gguf` package alone:
 the converter, which knows each architecture's tensor names and tokenizer, is not in it.
 
-`q8_0` is written by the converter directly. `q4_k_m` needs llama.cpp's quantizer (C++): an f16 GGUF is
-converted, then quantized through llama-cpp-python's `llama_model_quantize` where that is installed.
+`q8_0` is written by the converter directly. `q4_k_m` and `q4_0` need llama.cpp's quantizer (C++): an f16 GGUF
+is converted, then quantized through llama-cpp-python's `llama_model_quantize` where that is installed.
 
 A base the converter does not support, a missing converter or quantizer: the job logs why and the artifact keeps
 its safetensors alone. Never a failed job: the GGUF is an extra.
@@ -26,7 +26,9 @@ from .artifact import file_sha256
 
 log = logging.getLogger(__name__)
 
-QUANTIZATIONS = ("none", "q8_0", "q4_k_m")
+QUANTIZATIONS = ("none", "q8_0", "q4_k_m", "q4_0")
+# What llama.cpp's quantizer is asked for, from an f16 conversion (q8_0 the converter writes itself).
+QUANTIZER_FTYPES = {"q4_k_m": "LLAMA_FTYPE_MOSTLY_Q4_K_M", "q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0"}
 CONVERTER_ENV = "LLMFT_GGUF_CONVERTER"  # a convert_hf_to_gguf.py elsewhere than <prefix>/share/llama.cpp/
 SOURCE_FILE = "SOURCE.json"  # beside the converter: where it came from
 CONVERT_TIMEOUT_S = 3600
@@ -116,7 +118,7 @@ def _quantize(source: Path, target: Path, quantization: str) -> bool:
         )
         return False
     params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M
+    params.ftype = getattr(llama_cpp, QUANTIZER_FTYPES[quantization])
     params.nthread = os.cpu_count() or 1
     status = llama_cpp.llama_model_quantize(str(source).encode(), str(target).encode(), ctypes.byref(params))
     if status != 0:
