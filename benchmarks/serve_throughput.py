@@ -14,6 +14,7 @@ The llama.cpp part (unless --gguf none): the model written as GGUF by the traini
 (trainer.gguf_export, `--gguf q8_0` by default); anchor: llama-cpp-python's `Llama` on that file, one stream at a
 time, greedy, as many threads as cores; ours: the same server with SERVE_ENGINE=llamacpp, one client at a time
 and N at once, and its time to first token. Against the transformers engine's N-client figure of the same run.
+Then N clients again on the other GGUFs and KV layouts of --llamacpp-variants (4-bit, a KV stream per sequence).
 Rewrites the `serve` and `serve-llamacpp` sections of docs/benchmarks.md.
 """
 
@@ -75,7 +76,15 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--baseline-requests", type=int, default=4, help="sequential generate calls to time")
     parser.add_argument("--ttft-samples", type=int, default=10)
     parser.add_argument(
-        "--gguf", default="q8_0", choices=("none", "q8_0", "q4_k_m"), help="the llama.cpp part's GGUF (none: skip it)"
+        "--gguf",
+        default="q8_0",
+        choices=("none", "q8_0", "q4_k_m", "q4_0"),
+        help="the llama.cpp part's GGUF (none: skip it)",
+    )
+    parser.add_argument(
+        "--llamacpp-variants",
+        default="q8_0:per_sequence,q4_0:shared,q4_0:per_sequence",
+        help="more llama.cpp engine settings to time with N clients, as GGUF:SERVE_LLAMACPP_KV pairs ('' for none)",
     )
     parser.add_argument("--no-write", action="store_true", help="print only; leave docs/benchmarks.md alone")
     parser.add_argument("--llamacpp-anchor", type=Path, help=argparse.SUPPRESS)  # the anchor's own process
@@ -195,7 +204,8 @@ def measure_llamacpp(args, transformers_clients: dict, load_before) -> str:
             rss = server.peak_rss_mib()
             startup_s = server.startup_s
     print(f"llamacpp engine: 1 client {single['tokens_per_s']:.1f}, {args.clients} {clients['tokens_per_s']:.1f}")
-    return render_llamacpp(
+    variants = measure_llamacpp_variants(args)
+    table = render_llamacpp(
         args,
         entry,
         anchor,
@@ -208,6 +218,46 @@ def measure_llamacpp(args, transformers_clients: dict, load_before) -> str:
         startup_s,
         load_before,
     )
+    return table + render_variants(args, variants, clients, transformers_clients)
+
+
+def measure_llamacpp_variants(args) -> list[dict]:
+    """N clients on each other GGUF and KV layout of --llamacpp-variants, each GGUF exported as training does."""
+    variants = []
+    wanted = [tuple(v.split(":")) for v in args.llamacpp_variants.split(",") if v]
+    for quantization in dict.fromkeys(q for q, _ in wanted):
+        with tempfile.TemporaryDirectory() as tmp:
+            model_dir = gguf_model_dir(args.model, quantization, Path(tmp))
+            entry = json.loads((model_dir / "manifest.json").read_text())["gguf"]
+            for layout in (kv for q, kv in wanted if q == quantization):
+                with Server(model_dir, engine="llamacpp", env={"SERVE_LLAMACPP_KV": layout}) as server:
+                    server.generate(PROMPTS[0], 8)
+                    clients = measure_concurrent(server, args)
+                print(f"llamacpp {quantization} {layout}: {args.clients} clients {clients['tokens_per_s']:.1f}")
+                variants.append({"gguf": quantization, "kv": layout, "bytes": entry["bytes"], "clients": clients})
+    return variants
+
+
+def render_variants(args, variants: list[dict], default_clients: dict, transformers_clients: dict) -> str:
+    if not variants:
+        return ""
+    base = transformers_clients["tokens_per_s"]
+    lines = [
+        "",
+        "",
+        f"The same {args.clients} clients on other settings of the llama.cpp engine, same run (the GGUF as training "
+        "writes it with that `gguf_quantization`; `SERVE_LLAMACPP_KV`, docs/serving.md), against the transformers "
+        "engine's figure above (target >= 2.5x):",
+        "",
+        "| GGUF | SERVE_LLAMACPP_KV | size | output tokens/s | vs transformers engine |",
+        "|---|---|---:|---:|---:|",
+        f"| {args.gguf} (default) | shared (default) | | {default_clients['tokens_per_s']:.1f} | "
+        f"{default_clients['tokens_per_s'] / base:.2f}x |",
+    ]
+    for v in variants:
+        rate = v["clients"]["tokens_per_s"]
+        lines.append(f"| {v['gguf']} | {v['kv']} | {v['bytes'] / 1e6:.0f} MB | {rate:.1f} | **{rate / base:.2f}x** |")
+    return "\n".join(lines)
 
 
 def render_llamacpp(
@@ -360,9 +410,10 @@ def measure_concurrent(server: Server, args) -> dict:
 class Server:
     """containers/serve/serve on a free loopback port, serving `model_dir` as $SAGEMAKER_BASE_DIR/model."""
 
-    def __init__(self, model_dir: Path, engine: str = "auto"):
+    def __init__(self, model_dir: Path, engine: str = "auto", env: dict | None = None):
         self.model_dir = model_dir.resolve()
         self.engine = engine
+        self.extra_env = env or {}
 
     def __enter__(self) -> Server:
         self._tmp = tempfile.TemporaryDirectory()
@@ -377,6 +428,7 @@ class Server:
         }
         env.update(SAGEMAKER_BASE_DIR=str(base), SAGEMAKER_BIND_TO_PORT=str(self.port), SERVE_HOST="127.0.0.1")
         env["SERVE_ENGINE"] = self.engine
+        env.update(self.extra_env)
         self._log = open(base / "server.log", "wb")  # closed in __exit__
         started = time.perf_counter()
         self.proc = subprocess.Popen([sys.executable, str(SERVE)], env=env, stdout=self._log, stderr=subprocess.STDOUT)
