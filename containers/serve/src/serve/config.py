@@ -23,8 +23,6 @@ RESULT_GRACE_S = 30.0
 GPU_PLACEMENTS = ("auto", "per_gpu", "device_map")
 # auto: llama.cpp on a CPU when the artifact carries a GGUF (and llama-cpp-python is installed), else transformers.
 ENGINES = ("auto", "transformers", "llamacpp")
-# shared: any sequence may use what the others leave; per_sequence: each gets SERVE_MAX_BATCH_SIZE's share.
-LLAMACPP_KV_LAYOUTS = ("shared", "per_sequence")
 # Set by gunicorn.conf.py for each worker it starts, never by hand: see WorkerSlot.
 WORKER_SLOT_ENV = ("SERVE_WORKER_SLOT", "SERVE_WORKER_SLOTS", "SERVE_READY_DIR")
 
@@ -77,8 +75,6 @@ class ServeConfig:
     # Which engine runs the model: transformers (PyTorch), llamacpp (the artifact's GGUF), or auto (serve.predictor).
     engine: str = field(default="auto", metadata={"env": "SERVE_ENGINE"})
     cpu_matmul: str = field(default="auto", metadata={"env": "SERVE_CPU_MATMUL"})
-    # The llama.cpp engine's KV cache: one shared by all sequences, or a fixed share per sequence (serve.llamacpp).
-    llamacpp_kv: str = field(default="shared", metadata={"env": "SERVE_LLAMACPP_KV"})
     graceful_timeout_s: int = field(default=25, metadata={"env": "SERVE_GRACEFUL_TIMEOUT"})
     # With several GPUs: one worker per GPU, or one worker with the model spread over all (see serve.placement).
     gpu_placement: str = field(default="auto", metadata={"env": "SERVE_GPU_PLACEMENT"})
@@ -128,10 +124,6 @@ class ServeConfig:
             )
         if self.engine not in ENGINES:
             raise ConfigError(f"SERVE_ENGINE must be one of {', '.join(ENGINES)}, got {self.engine!r}")
-        if self.llamacpp_kv not in LLAMACPP_KV_LAYOUTS:
-            raise ConfigError(
-                f"SERVE_LLAMACPP_KV must be one of {', '.join(LLAMACPP_KV_LAYOUTS)}, got {self.llamacpp_kv!r}"
-            )
         if self.cpu_matmul not in ("auto", "packed", "stock"):
             raise ConfigError(f"SERVE_CPU_MATMUL must be auto, packed or stock, got {self.cpu_matmul!r}")
         if self.metrics not in ("emf", "off"):

@@ -5,7 +5,7 @@ repetition penalty, top-n tokens), stop sequences, text and streaming stay in se
 and reply is the same on either engine. The running sequences share one llama.cpp context: each holds a sequence
 id (a slot) in its unified KV cache, a prefill puts several prompts in one `llama_decode`, and each decode step
 feeds every running sequence's last token in one more (continuous batching, as llama.cpp's own server does it
-with parallel slots). SERVE_LLAMACPP_KV=per_sequence gives each slot a stream of its own instead.
+with parallel slots).
 
 Why the C API rather than llama-cpp-python's `Llama` class: that class runs one sequence at a time and samples
 in C; here the engine needs logits rows for many sequences at once, to choose tokens exactly as it does on the
@@ -93,9 +93,7 @@ class LlamaCppRunner(ModelRunner):
 
     name = "llamacpp"
 
-    def __init__(
-        self, gguf: Path, *, threads: int, max_sequences: int, kv_tokens: int, kv_layout: str = "shared"
-    ) -> None:
+    def __init__(self, gguf: Path, *, threads: int, max_sequences: int, kv_tokens: int) -> None:
         import llama_cpp
 
         _route_native_logs(llama_cpp)
@@ -113,10 +111,7 @@ class LlamaCppRunner(ModelRunner):
         context_params.n_seq_max = max_sequences
         context_params.n_threads = threads
         context_params.n_threads_batch = threads
-        # shared: one cache for all slots, so a sequence may use what the others leave, but each step's attention
-        # spans every slot's cells (masked); per_sequence: a stream of kv_tokens / max_sequences cells per slot,
-        # attention over a sequence's own cells only (faster with many sequences, a shorter longest sequence).
-        context_params.kv_unified = kv_layout == "shared"
+        context_params.kv_unified = True  # one cache shared by the slots: a sequence may use what others don't
         context_params.no_perf = True
         self._ctx = llama_cpp.llama_init_from_model(self._model, context_params)
         if not self._ctx:
@@ -126,8 +121,6 @@ class LlamaCppRunner(ModelRunner):
         self.vocab_size = llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(self._model))
         self._batch = llama_cpp.llama_batch_init(DECODE_CALL_TOKENS, 0, 1)
         self.kv_tokens = llama_cpp.llama_n_ctx(self._ctx)
-        # The most one sequence can hold: the whole cache when shared, its stream otherwise.
-        self.sequence_tokens = llama_cpp.llama_n_ctx_seq(self._ctx)
         self.max_sequences = max_sequences
         self._free_slots = list(range(max_sequences - 1, -1, -1))  # popped from the end: slot 0 first
         self._rows: list[int] = []
@@ -254,28 +247,17 @@ def load_gguf_artifact(model_dir: Path, config: ServeConfig, entry: GgufEntry) -
     kv_tokens = config.max_batch_total_tokens or max(
         context_length, min(DEFAULT_KV_TOKENS, config.max_batch_size * context_length)
     )
-    runner = LlamaCppRunner(
-        entry.path,
-        threads=threads,
-        max_sequences=config.max_batch_size,
-        kv_tokens=kv_tokens,
-        kv_layout=config.llamacpp_kv,
-    )
-    # Per sequence, a request is as long as its stream holds: longer ones are refused up front (400), as for any
-    # request longer than the context.
-    context_length = min(context_length, runner.sequence_tokens)
+    runner = LlamaCppRunner(entry.path, threads=threads, max_sequences=config.max_batch_size, kv_tokens=kv_tokens)
     stop_strings = getattr(generation_config, "stop_strings", None) or ()
     if isinstance(stop_strings, str):
         stop_strings = (stop_strings,)
     log.info(
-        "llama.cpp engine: %s (%s), %d threads, %d sequences, KV cache %d tokens (%s: %d per sequence at most)",
+        "llama.cpp engine: %s (%s), %d threads, %d sequences, KV cache %d tokens",
         entry.path.name,
         entry.quantization or "unknown quantization",
         threads,
         config.max_batch_size,
         runner.kv_tokens,
-        config.llamacpp_kv,
-        runner.sequence_tokens,
     )
     return artifact.LoadedModel(
         runner,
