@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import re
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -32,3 +34,25 @@ def machine() -> str:
     )
     memory_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     return f"{os.cpu_count()} cores ({cpu}), {memory_gib:.0f} GiB, Python {platform.python_version()}"
+
+
+def with_gguf(model_dir: Path, quantization: str, work: Path) -> Path:
+    """A copy of the artifact `model_dir` (its files and folders linked, not copied: weights, tokenizer, retrieval
+    index) with the GGUF the training image writes for `quantization` (trainer.gguf_export), named in its
+    manifest.json; the entry also records `export_s`."""
+    from trainer import gguf_export
+
+    target = work / f"model-{quantization}"
+    target.mkdir()
+    for path in model_dir.iterdir():
+        if path.suffix != ".gguf" and path.name != "manifest.json":
+            (target / path.name).symlink_to(path.resolve())
+    started = time.perf_counter()
+    entry = gguf_export.export(target, quantization)
+    if entry is None:
+        raise SystemExit(f"could not write a {quantization} GGUF of {model_dir} (see the log above)")
+    entry["export_s"] = time.perf_counter() - started
+    manifest_path = model_dir / "manifest.json"
+    manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
+    (target / "manifest.json").write_text(json.dumps({**manifest, "gguf": entry}))
+    return target

@@ -9,9 +9,10 @@ The artifact (a training job's model/ directory) holds fp32 safetensors and the 
 decoding, the artifact's stops), once with SERVE_ENGINE=transformers (the fp32 weights) and once with
 SERVE_ENGINE=llamacpp (the GGUF). The questions are the job's training questions, read from the artifact's
 retrieval index (one passage per training row: its question and answer) unless --faq names a CSV of
-question/answer rows. ROUGE-L against the reference answers, as the training image's evaluation computes it
-(trainer.evaluation.rouge_l). Issue 23's target: the GGUF within 0.02 of fp32. Writes the `gguf-quality` section
-of docs/benchmarks.md unless --no-write.
+question/answer rows. With --more-ggufs (default q4_0), the same weights are also written as those GGUFs, as
+training would write them, and answer on llama.cpp too. ROUGE-L against the reference answers, as the training
+image's evaluation computes it (trainer.evaluation.rouge_l). Issue 23's target: the GGUF within 0.02 of fp32.
+Writes the `gguf-quality` section of docs/benchmarks.md unless --no-write.
 """
 
 from __future__ import annotations
@@ -19,11 +20,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from common import write_section
+from common import with_gguf, write_section
 
 TARGET_ROUGE_GAP = 0.02
 CLIENTS = 8  # questions in flight at once: both engines batch them
@@ -94,6 +96,11 @@ def main(argv=None) -> int:
     parser.add_argument("--faq", type=Path, help="question/answer rows (default: the artifact's training rows)")
     parser.add_argument("--limit", type=int, default=48, help="questions to ask (0: all; default 48)")
     parser.add_argument("--new-tokens", type=int, default=256)
+    parser.add_argument(
+        "--more-ggufs",
+        default="q4_0",
+        help="other quantizations to write from the same artifact and answer with too, comma-separated ('' for none)",
+    )
     parser.add_argument("--no-write", action="store_true", help="print only; leave docs/benchmarks.md alone")
     args = parser.parse_args(argv)
 
@@ -109,15 +116,23 @@ def main(argv=None) -> int:
         runs[engine] = answer_all(args.model_dir, engine, questions, args.new_tokens)
         runs[engine]["score"] = score_answers(runs[engine]["answers"], references)
         print(f"{engine}: ROUGE-L {runs[engine]['score']['rouge_l']:.3f}", flush=True)
+    more = {}
+    for quantization in [q for q in args.more_ggufs.split(",") if q]:
+        with tempfile.TemporaryDirectory() as tmp:
+            model_dir = with_gguf(args.model_dir, quantization, Path(tmp))
+            more[quantization] = answer_all(model_dir, "llamacpp", questions, args.new_tokens)
+            more[quantization]["score"] = score_answers(more[quantization]["answers"], references)
+            more[quantization]["bytes"] = (model_dir / f"model.{quantization}.gguf").stat().st_size
+        print(f"llamacpp on {quantization}: ROUGE-L {more[quantization]['score']['rouge_l']:.3f}", flush=True)
     same = sum(a == b for a, b in zip(runs["transformers"]["answers"], runs["llamacpp"]["answers"], strict=True))
-    section = render(args, manifest, runs, len(pairs), same)
+    section = render(args, manifest, runs, len(pairs), same, more)
     print(section)
     if not args.no_write:
         write_section("gguf-quality", section)
     return 0
 
 
-def render(args, manifest: dict, runs: dict, count: int, same: int) -> str:
+def render(args, manifest: dict, runs: dict, count: int, same: int, more: dict | None = None) -> str:
     gguf = manifest["gguf"]
     fp32, quantized = runs["transformers"]["score"]["rouge_l"], runs["llamacpp"]["score"]["rouge_l"]
     gap = quantized - fp32
@@ -126,8 +141,8 @@ def render(args, manifest: dict, runs: dict, count: int, same: int) -> str:
     base = manifest.get("base_model")
     artifact = f"`{base}` fine-tuned ({manifest.get('method', '?')})" if base else f"`{args.model_dir.name}`"
 
-    def row(engine: str, label: str) -> str:
-        run = runs[engine]
+    def row(engine: str, label: str, run: dict | None = None) -> str:
+        run = run or runs[engine]
         return (
             f"| {label} | {run['score']['rouge_l']:.3f} | {run['score']['exact_match']:.3f} | "
             f"{run['tokens'] / run['seconds']:.1f} | {run['load_s']:.1f} s |"
@@ -144,9 +159,14 @@ def render(args, manifest: dict, runs: dict, count: int, same: int) -> str:
             "|---|---:|---:|---:|---:|",
             row("transformers", "fp32 safetensors (transformers)"),
             row("llamacpp", f"{gguf['quantization']} GGUF, {gguf['bytes'] / 1e6:.0f} MB (llama.cpp)"),
+            *(
+                row("llamacpp", f"{q} GGUF of the same weights, {run['bytes'] / 1e6:.0f} MB (llama.cpp)", run)
+                for q, run in (more or {}).items()
+            ),
             "",
             f"ROUGE-L of the {gguf['quantization']} GGUF minus fp32: **{gap:+.3f}** (target within "
-            f"{TARGET_ROUGE_GAP}: {met}); {same} of {count} answers identical word for word.",
+            f"{TARGET_ROUGE_GAP}: {met}); {same} of {count} answers identical word for word."
+            + "".join(f" {q}: {run['score']['rouge_l'] - fp32:+.3f}." for q, run in (more or {}).items()),
         ]
     )
 

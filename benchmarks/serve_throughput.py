@@ -14,7 +14,7 @@ The llama.cpp part (unless --gguf none): the model written as GGUF by the traini
 (trainer.gguf_export, `--gguf q8_0` by default); anchor: llama-cpp-python's `Llama` on that file, one stream at a
 time, greedy, as many threads as cores; ours: the same server with SERVE_ENGINE=llamacpp, one client at a time
 and N at once, and its time to first token. Against the transformers engine's N-client figure of the same run.
-Then N clients again on the other GGUFs and KV layouts of --llamacpp-variants (4-bit, a KV stream per sequence).
+Then N clients again on the other GGUFs of --more-ggufs (q4_0: 4-bit, which llama.cpp repacks for AVX2).
 Rewrites the `serve` and `serve-llamacpp` sections of docs/benchmarks.md.
 """
 
@@ -37,7 +37,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from common import write_section
+from common import with_gguf, write_section
 
 ROOT = Path(__file__).resolve().parents[1]
 SERVE = ROOT / "containers" / "serve" / "serve"
@@ -82,9 +82,9 @@ def parse_args() -> argparse.Namespace:
         help="the llama.cpp part's GGUF (none: skip it)",
     )
     parser.add_argument(
-        "--llamacpp-variants",
-        default="q8_0:per_sequence,q4_0:shared,q4_0:per_sequence",
-        help="more llama.cpp engine settings to time with N clients, as GGUF:SERVE_LLAMACPP_KV pairs ('' for none)",
+        "--more-ggufs",
+        default="q4_0",
+        help="other GGUFs to time the llama.cpp engine on with N clients, comma-separated ('' for none)",
     )
     parser.add_argument("--no-write", action="store_true", help="print only; leave docs/benchmarks.md alone")
     parser.add_argument("--llamacpp-anchor", type=Path, help=argparse.SUPPRESS)  # the anchor's own process
@@ -126,24 +126,6 @@ def main() -> None:
         print(llama_section)
         if not args.no_write:
             write_section("serve-llamacpp", llama_section)
-
-
-def gguf_model_dir(model: Path, quantization: str, work: Path) -> Path:
-    """A copy of `model` (its files linked) with the GGUF the training image would write, named in manifest.json."""
-    from trainer import gguf_export
-
-    target = work / "model"
-    target.mkdir()
-    for path in model.iterdir():
-        if path.is_file() and path.suffix != ".gguf" and path.name != "manifest.json":
-            (target / path.name).symlink_to(path.resolve())
-    started = time.perf_counter()
-    entry = gguf_export.export(target, quantization)
-    if entry is None:
-        raise SystemExit(f"could not write a {quantization} GGUF of {model} (see the log above)")
-    entry["export_s"] = time.perf_counter() - started
-    (target / "manifest.json").write_text(json.dumps({"gguf": entry}))
-    return target
 
 
 def llamacpp_anchor_process(gguf: Path, args) -> dict:
@@ -189,7 +171,7 @@ def measure_single_client(server: Server, args) -> dict:
 
 def measure_llamacpp(args, transformers_clients: dict, load_before) -> str:
     with tempfile.TemporaryDirectory() as tmp:
-        model_dir = gguf_model_dir(args.model, args.gguf, Path(tmp))
+        model_dir = with_gguf(args.model, args.gguf, Path(tmp))
         entry = json.loads((model_dir / "manifest.json").read_text())["gguf"]
         anchor = llamacpp_anchor_process(model_dir / entry["file"], args)
         print(f"llama.cpp anchor: {anchor['tokens_per_s']:.1f} tokens/s", flush=True)
@@ -204,7 +186,7 @@ def measure_llamacpp(args, transformers_clients: dict, load_before) -> str:
             rss = server.peak_rss_mib()
             startup_s = server.startup_s
     print(f"llamacpp engine: 1 client {single['tokens_per_s']:.1f}, {args.clients} {clients['tokens_per_s']:.1f}")
-    variants = measure_llamacpp_variants(args)
+    more = measure_more_ggufs(args)
     table = render_llamacpp(
         args,
         entry,
@@ -218,45 +200,46 @@ def measure_llamacpp(args, transformers_clients: dict, load_before) -> str:
         startup_s,
         load_before,
     )
-    return table + render_variants(args, variants, clients, transformers_clients)
+    return table + render_more_ggufs(args, more, entry, clients, ttft, transformers_clients)
 
 
-def measure_llamacpp_variants(args) -> list[dict]:
-    """N clients on each other GGUF and KV layout of --llamacpp-variants, each GGUF exported as training does."""
-    variants = []
-    wanted = [tuple(v.split(":")) for v in args.llamacpp_variants.split(",") if v]
-    for quantization in dict.fromkeys(q for q, _ in wanted):
+def measure_more_ggufs(args) -> list[dict]:
+    """N clients on each GGUF of --more-ggufs, each exported as the training image writes it."""
+    runs = []
+    for quantization in [q for q in args.more_ggufs.split(",") if q]:
         with tempfile.TemporaryDirectory() as tmp:
-            model_dir = gguf_model_dir(args.model, quantization, Path(tmp))
+            model_dir = with_gguf(args.model, quantization, Path(tmp))
             entry = json.loads((model_dir / "manifest.json").read_text())["gguf"]
-            for layout in (kv for q, kv in wanted if q == quantization):
-                with Server(model_dir, engine="llamacpp", env={"SERVE_LLAMACPP_KV": layout}) as server:
-                    server.generate(PROMPTS[0], 8)
-                    clients = measure_concurrent(server, args)
-                print(f"llamacpp {quantization} {layout}: {args.clients} clients {clients['tokens_per_s']:.1f}")
-                variants.append({"gguf": quantization, "kv": layout, "bytes": entry["bytes"], "clients": clients})
-    return variants
+            with Server(model_dir, engine="llamacpp") as server:
+                server.generate(PROMPTS[0], 8)
+                clients = measure_concurrent(server, args)
+                ttft = measure_ttft(server, args)
+        print(f"llamacpp engine on {quantization}: {args.clients} clients {clients['tokens_per_s']:.1f}")
+        runs.append({"gguf": quantization, "bytes": entry["bytes"], "clients": clients, "ttft": ttft})
+    return runs
 
 
-def render_variants(args, variants: list[dict], default_clients: dict, transformers_clients: dict) -> str:
-    if not variants:
+def render_more_ggufs(args, runs: list[dict], default_entry: dict, default_clients: dict, default_ttft, theirs) -> str:
+    if not runs:
         return ""
-    base = transformers_clients["tokens_per_s"]
+    base = theirs["tokens_per_s"]
     lines = [
         "",
         "",
-        f"The same {args.clients} clients on other settings of the llama.cpp engine, same run (the GGUF as training "
-        "writes it with that `gguf_quantization`; `SERVE_LLAMACPP_KV`, docs/serving.md), against the transformers "
-        "engine's figure above (target >= 2.5x):",
+        f"The same {args.clients} clients on the other GGUFs training writes (`gguf_quantization`), same run, against "
+        "the transformers engine's figure above (target >= 2.5x, TTFT p50 <= 150 ms):",
         "",
-        "| GGUF | SERVE_LLAMACPP_KV | size | output tokens/s | vs transformers engine |",
-        "|---|---|---:|---:|---:|",
-        f"| {args.gguf} (default) | shared (default) | | {default_clients['tokens_per_s']:.1f} | "
-        f"{default_clients['tokens_per_s'] / base:.2f}x |",
+        f"| GGUF | size | output tokens/s, {args.clients} clients | vs transformers engine | TTFT p50 |",
+        "|---|---:|---:|---:|---:|",
+        f"| {args.gguf} (default) | {default_entry['bytes'] / 1e6:.0f} MB | {default_clients['tokens_per_s']:.1f} | "
+        f"{default_clients['tokens_per_s'] / base:.2f}x | {default_ttft * 1000:.0f} ms |",
     ]
-    for v in variants:
-        rate = v["clients"]["tokens_per_s"]
-        lines.append(f"| {v['gguf']} | {v['kv']} | {v['bytes'] / 1e6:.0f} MB | {rate:.1f} | **{rate / base:.2f}x** |")
+    for run in runs:
+        rate = run["clients"]["tokens_per_s"]
+        lines.append(
+            f"| {run['gguf']} | {run['bytes'] / 1e6:.0f} MB | {rate:.1f} | **{rate / base:.2f}x** | "
+            f"{run['ttft'] * 1000:.0f} ms |"
+        )
     return "\n".join(lines)
 
 
@@ -410,10 +393,9 @@ def measure_concurrent(server: Server, args) -> dict:
 class Server:
     """containers/serve/serve on a free loopback port, serving `model_dir` as $SAGEMAKER_BASE_DIR/model."""
 
-    def __init__(self, model_dir: Path, engine: str = "auto", env: dict | None = None):
+    def __init__(self, model_dir: Path, engine: str = "auto"):
         self.model_dir = model_dir.resolve()
         self.engine = engine
-        self.extra_env = env or {}
 
     def __enter__(self) -> Server:
         self._tmp = tempfile.TemporaryDirectory()
@@ -428,7 +410,6 @@ class Server:
         }
         env.update(SAGEMAKER_BASE_DIR=str(base), SAGEMAKER_BIND_TO_PORT=str(self.port), SERVE_HOST="127.0.0.1")
         env["SERVE_ENGINE"] = self.engine
-        env.update(self.extra_env)
         self._log = open(base / "server.log", "wb")  # closed in __exit__
         started = time.perf_counter()
         self.proc = subprocess.Popen([sys.executable, str(SERVE)], env=env, stdout=self._log, stderr=subprocess.STDOUT)
