@@ -77,10 +77,14 @@ def save_artifact(
     return model_dir
 
 
+def read_manifest(model_dir: Path) -> dict:
+    return json.loads((model_dir / MANIFEST).read_text(encoding="utf-8"))
+
+
 def update_manifest(model_dir: Path, changes: dict) -> dict:
     """The artifact's manifest.json with `changes` merged in (e.g. metrics measured on the written artifact),
     replaced atomically; returns it."""
-    manifest = json.loads((model_dir / MANIFEST).read_text(encoding="utf-8")) | changes
+    manifest = read_manifest(model_dir) | changes
     _write_manifest(model_dir, manifest)
     return manifest
 

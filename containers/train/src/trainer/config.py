@@ -168,8 +168,8 @@ class TrainConfig:
         "Also write the artifact as GGUF for llama.cpp (the serving image's CPU engine) with llama.cpp's own "
         "converter, recorded in manifest.json: `q8_0` (8-bit, near-lossless), `q4_k_m` or `q4_0` (4-bit, need "
         "llama-cpp-python's quantizer; `q4_0` decodes many sequences fastest on x86 CPUs, but costs a small model "
-        "much: the report's GGUF column shows it) or `none`. A base the converter does not support keeps the safetensors artifact alone, "
-        "with the reason in the log.",
+        "much: the report's GGUF column shows it) or `none`. A base the converter does not support keeps the "
+        "safetensors artifact alone, with the reason in the log.",
         choices=("none", "q8_0", "q4_k_m", "q4_0"),
     )
 

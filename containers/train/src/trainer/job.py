@@ -200,7 +200,7 @@ def run(config: TrainConfig, job: Job, cache_dir: Path, stop_requested: threadin
     import torch
 
     from . import training
-    from .artifact import merge_for_serving, save_artifact, update_manifest
+    from .artifact import merge_for_serving, read_manifest, save_artifact, update_manifest
 
     rank = Rank.from_torchrun()
     started = time.time()
@@ -318,10 +318,11 @@ def run(config: TrainConfig, job: Job, cache_dir: Path, stop_requested: threadin
         gguf_quantization=config.gguf_quantization,
     )
     log.info("artifact written to %s (%s)", job.model_dir, save_dtype)
+    manifest = read_manifest(job.model_dir)  # as written: with the GGUF's entry
     gguf_results = None
     if evaluate_in_job:
         del final_model  # written; the GGUF's model takes its place in memory
-        gguf_results = _evaluate_gguf(evaluate, job.model_dir, parts, config)
+        gguf_results = _evaluate_gguf(evaluate, job.model_dir, parts, config, manifest)
     if gguf_results:
         table = report.comparison(base_results, tuned_results, tuned_retrieval=retrieval_results, gguf=gguf_results)
         manifest = update_manifest(job.model_dir, {"metrics": report.json_safe(table)})
@@ -396,14 +397,10 @@ def _evaluate_with_retrieval(evaluate, model, parts: Prepared) -> dict | None:
     return evaluate(model, "tuned_retrieval", documents_for=parts.index.documents_for)
 
 
-def _evaluate_gguf(evaluate, model_dir: Path, parts: Prepared, config: TrainConfig, manifest: dict | None = None):
+def _evaluate_gguf(evaluate, model_dir: Path, parts: Prepared, config: TrainConfig, manifest: dict):
     """The artifact's GGUF asked as the server asks it (with the retrieved passages when the artifact has an index):
     the report's column for what quantization cost. None when there is no GGUF, `eval_gguf` is off, or Transformers
     cannot read the file back (the log says which)."""
-    from .artifact import MANIFEST
-
-    if manifest is None:
-        manifest = json.loads((model_dir / MANIFEST).read_text(encoding="utf-8"))
     entry = manifest.get("gguf")
     if not config.eval_gguf or not entry:
         return None
