@@ -126,12 +126,15 @@ def split_faq(examples: list, paraphrases: list[tuple[str, str]], seed: int = SE
 # > 2. Recall of the index
 
 
-def index_recall(train: list, queries: list[str], gold_titles: list[str], ks=RECALL_KS) -> dict[int, float]:
-    """Recall@k of the image's index over the training rows: the share of queries whose gold passage (the one
-    titled `gold_titles[i]`) is among the top k."""
-    from trainer.retrieval import LexicalIndex, passages_from_rows
+def index_recall(
+    train: list, queries: list[str], gold_titles: list[str], ks=RECALL_KS, dense: bool = True
+) -> dict[int, float]:
+    """Recall@k of the image's index over the training rows (`dense`: with the titles' embeddings, as
+    `retrieval_dense` builds it): the share of queries whose gold passage (the one titled `gold_titles[i]`) is
+    among the top k."""
+    from trainer.retrieval import RetrievalIndex, passages_from_rows
 
-    index = LexicalIndex.build(passages_from_rows(train))
+    index = RetrievalIndex.build(passages_from_rows(train), dense=dense)
     ranks = []
     for query, gold in zip(queries, gold_titles, strict=True):
         titles = [_normal(hit.passage.title) for hit in index.search(query, max(ks))]
@@ -236,7 +239,16 @@ def _verdict(ok: bool | None) -> str:
     return "n/a" if ok is None else ("met" if ok else "**missed**")
 
 
-def table(a: JobResult, b: JobResult, recall: dict[int, float], split: Split, args) -> str:
+def dense_index(args) -> bool:
+    """Whether B's index has the titles' embeddings: `retrieval_dense`, true unless --hp says otherwise."""
+    return str(args.hp.get("retrieval_dense", "true")).lower() not in ("false", "0", "no", "off")
+
+
+def _recall_text(recall: dict[int, float]) -> str:
+    return ", ".join(f"@{n} {value:.3f}" for n, value in recall.items())
+
+
+def table(a: JobResult, b: JobResult, recall: dict[int, float], lexical: dict[int, float], split: Split, args) -> str:
     k = (b.retrieval or {}).get("k", 3)
     a_time, b_time = a.training["runtime_s"], b.training["runtime_s"]
     ratio = b_time / a_time if a_time else float("nan")
@@ -275,12 +287,13 @@ def table(a: JobResult, b: JobResult, recall: dict[int, float], split: Split, ar
             f"{_cell(_value(b, set_name, 'tuned'))} | {_cell(_value(b, set_name, 'tuned_retrieval'), bold=True)} | "
             f"{_cell(recall_at_k) if recall_at_k is not None else '-'} |"
         )
-    recall_text = ", ".join(f"@{n} {value:.3f}" for n, value in recall.items())
+    kind = "BM25 and the questions' WordLlama embeddings" if dense_index(args) else "BM25 alone"
     lines += [
         "",
-        f"Recall of the index (BM25 over the {len(split.train)} training rows' questions and answers, fused) on the "
-        f"paraphrases: {recall_text}. B recall: the share of questions whose own passage was among the {k} in the "
-        "prompt (held-out questions have none). Training time (the training phase, manifest.json): "
+        f"Recall of B's index ({kind}, over the {len(split.train)} training rows' questions and answers, fused) on "
+        f"the paraphrases: {_recall_text(recall)}; of BM25 alone: {_recall_text(lexical)}. B recall: the share of "
+        f"questions whose own passage was among the {k} in the prompt (held-out questions have none). Training "
+        "time (the training phase, manifest.json): "
         f"A {a_time:.0f} s ({a.training['steps']} steps), B {b_time:.0f} s ({b.training['steps']} steps): "
         f"**{ratio:.2f}×**.",
     ]
@@ -346,8 +359,10 @@ def main(argv=None) -> int:
     split = split_faq(load_faq(args.faq), read_paraphrases(args.paraphrases))
     train, held_out, paraphrased = len(split.train), len(split.held_out), len(split.paraphrased)
     print(f"split: {train} training rows, {held_out} held out, {paraphrased} paraphrased", flush=True)
-    recall = index_recall(split.train, [e.question for e in split.paraphrased], split.originals)
-    print("index recall on the paraphrases: " + ", ".join(f"@{k} {v:.3f}" for k, v in recall.items()), flush=True)
+    queries = [e.question for e in split.paraphrased]
+    recall = index_recall(split.train, queries, split.originals, dense=dense_index(args))
+    lexical = index_recall(split.train, queries, split.originals, dense=False)
+    print(f"index recall on the paraphrases: {_recall_text(recall)} (BM25 alone: {_recall_text(lexical)})", flush=True)
     if args.recall_only:
         return 0
 
@@ -359,7 +374,7 @@ def main(argv=None) -> int:
         else:
             print(f"job {name}: finished earlier in {job}, reused", flush=True)
         results[name] = read_job(job)
-    markdown = table(results["A"], results["B"], recall, split, args)
+    markdown = table(results["A"], results["B"], recall, lexical, split, args)
     print("\n" + markdown)
     if not args.no_write:
         write_section(DOCS_SECTION, markdown, args.docs)

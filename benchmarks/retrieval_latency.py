@@ -101,7 +101,7 @@ def read_queries(rows: list[tuple[str, str]]) -> list[str]:
 def build_artifact(model: Path, rows: list[tuple[str, str]], target: Path, *, k: int) -> Path:
     """A copy of `model` as training leaves it with retrieval on: preamble, index, manifest entry."""
     from trainer.prompts import with_documents
-    from trainer.retrieval import LexicalIndex, Passage
+    from trainer.retrieval import Passage, RetrievalIndex
 
     shutil.copytree(model, target)
     config_path = target / "tokenizer_config.json"
@@ -113,7 +113,7 @@ def build_artifact(model: Path, rows: list[tuple[str, str]], target: Path, *, k:
         config["chat_template"] = with_documents(config["chat_template"])
         config_path.write_text(json.dumps(config, indent=2))
     passages = [Passage(i, q, a, f"faq.csv#{i + 1}") for i, (q, a) in enumerate(rows)]
-    LexicalIndex.build(passages, k=k).save(target / "retrieval")
+    RetrievalIndex.build(passages, k=k).save(target / "retrieval")
     manifest_path = target / "manifest.json"
     manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
     manifest.pop("weights_sha256", None)  # the copy's weights are the model's; nothing to verify here
@@ -209,7 +209,8 @@ def render(args, results: dict, rows: int, queries: int, load_before: tuple[floa
         "",
         "| per request | p50 | p95 | n |",
         "|---|---:|---:|---:|",
-        f"| search alone (bm25s, title and text indexes, fused) | {p('search', 0.5):.2f} ms | "
+        f"| search alone (bm25s title and text indexes, WordLlama title embeddings; fused) | "
+        f"{p('search', 0.5):.2f} ms | "
         f"{p('search', 0.95):.2f} ms | {len(ms['search'])} |",
         f"| prompt ids, retrieval off (chat template, tokenizer; {tokens['off']:.0f} tokens) | "
         f"{p('off', 0.5):.2f} ms | {p('off', 0.95):.2f} ms | {len(ms['off'])} |",

@@ -22,6 +22,18 @@ SPECIAL = {
 }
 RAG_PASSAGES = [*PASSAGES, SPECIAL]
 Q = "What is SageMaker JumpStart?"  # retrieves JumpStart first, never the special-token passage
+# Asked in other words: BM25 ranks another passage first or finds nothing; the titles' embeddings find it.
+REWORDED_PASSAGES = [
+    {"title": "How am I charged for SageMaker?", "text": "You pay for the compute you use; there are no minimum fees."},
+    {"title": "Which regions is SageMaker available in?", "text": "See the AWS Regional Services list."},
+    {"title": "Can I bring my own training container?", "text": "Yes: package your code in a Docker image."},
+    {"title": "Is my data encrypted?", "text": "Yes, at rest and in transit, with AWS KMS keys."},
+    {"title": "How do I stop a notebook instance?", "text": "Choose Stop in the console."},
+]
+REWORDED = [
+    ("Is information kept secret?", "Is my data encrypted?"),
+    ("How can I shut down a laptop?", "How do I stop a notebook instance?"),
+]
 
 
 def _config(model_dir, **overrides) -> ServeConfig:
@@ -211,13 +223,76 @@ def test_an_index_the_training_image_wrote_ranks_alike(tmp_path):
     passages = [
         trainer_retrieval.Passage(i, p["title"], p["text"], f"faq.csv#{i + 1}") for i, p in enumerate(RAG_PASSAGES)
     ]
-    written = trainer_retrieval.LexicalIndex.build(passages, k=3)
+    written = trainer_retrieval.RetrievalIndex.build(passages, k=3)
     index = load(written.save(tmp_path / "retrieval"))
-    for query in ["How am I charged?", "own container for training", "SageMaker regions", Q, "zebra", "the"]:
+    assert index.dense is not None  # the training image's default: the titles' embeddings too
+    queries = ["How am I charged?", "own container for training", "SageMaker regions", Q, "zebra", "the"]
+    for query in queries + [q for q, _ in REWORDED]:
         theirs = written.search(query, 3)
         ours = index.search(query)
         assert [h.passage.id for h in ours] == [h.passage.id for h in theirs], query
         assert [h.score for h in ours] == pytest.approx([h.score for h in theirs])
+
+
+def test_dense_scoring_adds_the_titles_scaled_cosines(tmp_path):
+    import bm25s
+    from fixtures.serve_retrieval import word_embeddings
+
+    index = load(write_index(tmp_path / "retrieval", RAG_PASSAGES, dense={"title": 1.0}))
+    assert index.dense is not None and set(index.dense.weights) == {"title"}
+    model = word_embeddings()
+    titles = model.embed([p["title"] for p in RAG_PASSAGES], norm=True)
+    for query in ["How am I charged?", "own container for training", Q, "zebra", *(q for q, _ in REWORDED)]:
+        tokens = tokenize([query])[0]
+        total = np.zeros(len(RAG_PASSAGES))
+        for field in ("title", "text"):
+            own = bm25s.BM25()
+            own.index(tokenize([p[field] for p in RAG_PASSAGES]), show_progress=False)
+            scores = own.get_scores(tokens)
+            total += scores / scores.max() if scores.max() > 0 else 0
+        cosines = titles @ model.embed([query], norm=True)[0]
+        total += (cosines - cosines.min()) / (cosines.max() - cosines.min())
+        expected = sorted((i for i in range(len(total)) if total[i] > 0), key=lambda i: (-total[i], i))[:3]
+        hits = index.search(query)
+        assert [h.passage.id for h in hits] == expected, query
+        assert [h.score for h in hits] == pytest.approx([total[i] for i in expected], rel=1e-5)
+    assert index.search("the of and") == [] and index.search("") == []  # no query terms: nothing, as without
+
+
+@pytest.mark.parametrize(("query", "title"), REWORDED)
+def test_dense_scoring_finds_a_reworded_question(tmp_path, query, title):
+    lexical = load(write_index(tmp_path / "lexical", REWORDED_PASSAGES))
+    hybrid = load(write_index(tmp_path / "hybrid", REWORDED_PASSAGES, dense={"title": 1.0}))
+    assert title not in [h.passage.title for h in lexical.search(query, k=1)]
+    assert hybrid.search(query, k=1)[0].passage.title == title
+
+
+@pytest.mark.parametrize(
+    ("breakage", "names"),
+    [
+        (lambda d: _edit_dense(d, library="fasttext"), "retrieval.json: dense.library 'fasttext'"),
+        (lambda d: _edit_dense(d, field_weights={"body": 1.0}), "retrieval.json: dense.field_weights"),
+        (lambda d: _edit_dense(d, config="no_such_model"), "retrieval.json: dense model 'no_such_model'"),
+        (lambda d: _edit_dense(d, dim=0), "retrieval.json: dim must be"),
+        (lambda d: _edit_dense(d, dim=64), "dense model 'l2_supercat' at 64 dimensions is not one this server has"),
+        (lambda d: (d / "dense_title.npy").unlink(), "dense_title.npy: not readable embeddings"),
+        (
+            lambda d: np.save(d / "dense_title.npy", np.zeros((2, 256), np.float32)),
+            r"dense_title.npy: shape \(2, 256\)",
+        ),
+    ],
+)
+def test_broken_embeddings_fail_naming_the_file(tmp_path, breakage, names):
+    directory = write_index(tmp_path / "model" / "retrieval", PASSAGES, dense={"title": 1.0})
+    breakage(directory)
+    with pytest.raises(RetrievalIndexError, match=names) as raised:
+        load(directory)
+    assert str(directory) in str(raised.value)
+
+
+def _edit_dense(index_dir, **changes):
+    meta = json.loads((index_dir / "retrieval.json").read_text())
+    _edit_meta(index_dir, dense={**meta["dense"], **changes})
 
 
 def test_field_weights_come_from_retrieval_json(tmp_path):

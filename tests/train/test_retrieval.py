@@ -21,7 +21,7 @@ from trainer.prompts import (
     prepare_tokenizer,
     prompt_text,
 )
-from trainer.retrieval import LexicalIndex, Passage, passages_from_documents, passages_from_rows, raft_documents
+from trainer.retrieval import Passage, RetrievalIndex, passages_from_documents, passages_from_rows, raft_documents
 
 from .conftest import faq_rows
 
@@ -35,11 +35,11 @@ def _passages(pairs) -> list[Passage]:
 # > The index: layout, round trip, scoring
 
 
-def test_index_round_trip_writes_exactly_the_contract_layout(tmp_path):
+def test_a_lexical_index_round_trip_writes_exactly_the_contract_layout(tmp_path):
     passages = passages_from_rows(
         [Example(q, a, source=f"faq.csv:row {n}") for n, (q, a) in enumerate(faq_rows(40), 1)]
     )
-    index = LexicalIndex.build(passages, k=4)
+    index = RetrievalIndex.build(passages, k=4, dense=False)
     directory = index.save(tmp_path / "retrieval")
 
     assert sorted(p.name for p in directory.iterdir()) == [
@@ -72,7 +72,7 @@ def test_index_round_trip_writes_exactly_the_contract_layout(tmp_path):
     for field in ("title", "text"):  # plain bm25s.BM25 indexes, loadable by anyone with the library
         assert bm25s.BM25.load(str(directory / f"bm25_{field}")).scores["num_docs"] == 40
 
-    loaded = LexicalIndex.load(directory)
+    loaded = RetrievalIndex.load(directory)
     assert loaded.k == 4 and loaded.passages == index.passages
     for query in ("How much does SageMaker cost?", "which regions", "notebook instances GPU"):
         assert [(h.passage.id, h.score) for h in loaded.search(query, 5)] == [
@@ -80,10 +80,72 @@ def test_index_round_trip_writes_exactly_the_contract_layout(tmp_path):
         ]
 
 
+def test_the_titles_embeddings_travel_with_the_index(tmp_path):
+    from importlib.metadata import version
+
+    import numpy as np
+
+    passages = passages_from_rows(
+        [Example(q, a, source=f"faq.csv:row {n}") for n, (q, a) in enumerate(faq_rows(12), 1)]
+    )
+    index = RetrievalIndex.build(passages, k=3)  # dense by default
+    directory = index.save(tmp_path / "retrieval")
+    assert sorted(p.name for p in directory.iterdir()) == [
+        "bm25_text",
+        "bm25_title",
+        "dense_title.npy",
+        "passages.jsonl",
+        "retrieval.json",
+    ]
+    assert json.loads((directory / "retrieval.json").read_text())["dense"] == {
+        "library": "wordllama",
+        "library_version": version("wordllama"),
+        "config": "l2_supercat",
+        "dim": 256,
+        "field_weights": {"title": 1.0},
+    }
+    vectors = np.load(directory / "dense_title.npy")
+    assert vectors.dtype == np.float32 and vectors.shape == (12, 256)
+    assert np.linalg.norm(vectors, axis=1) == pytest.approx(np.ones(12), rel=1e-5)
+    loaded = RetrievalIndex.load(directory)
+    for query in ("How much does SageMaker cost?", "Where can I use it?", "the"):
+        assert [(h.passage.id, h.score) for h in loaded.search(query, 5)] == [
+            (h.passage.id, pytest.approx(h.score)) for h in index.search(query, 5)
+        ]
+
+
+def test_embeddings_find_a_row_that_shares_no_word_with_the_question():
+    rows = _passages(
+        [
+            ("How am I charged for SageMaker?", "You pay for the compute you use; there are no minimum fees."),
+            ("Is my data encrypted?", "Yes, at rest and in transit, with AWS KMS keys."),
+            ("How do I stop a notebook instance?", "Choose Stop in the console."),
+        ]
+    )
+    query = "Is information kept secret?"
+    assert RetrievalIndex.build(rows, dense=False).search(query, 3) == []  # no word in common: BM25 finds nothing
+    assert RetrievalIndex.build(rows).search(query, 1)[0].passage.id == 1
+    assert RetrievalIndex.build(rows).search("the of and", 3) == []  # no query terms: nothing, embeddings or not
+
+
+def test_loading_embeddings_of_another_model_or_shape_names_what_differs(tmp_path):
+    import numpy as np
+
+    directory = RetrievalIndex.build(_passages([("a b", "c d"), ("e f", "g h")])).save(tmp_path / "r")
+    settings = json.loads((directory / "retrieval.json").read_text())
+    (directory / "retrieval.json").write_text(json.dumps({**settings, "dense": {**settings["dense"], "dim": 64}}))
+    with pytest.raises(DataError, match=r"embeddings this trainer does not read.*dim"):
+        RetrievalIndex.load(directory)
+    (directory / "retrieval.json").write_text(json.dumps(settings))
+    np.save(directory / "dense_title.npy", np.zeros((3, 256), np.float32))
+    with pytest.raises(DataError, match=r"dense_title.npy: shape \(3, 256\)"):
+        RetrievalIndex.load(directory)
+
+
 def test_scoring_is_the_contracts_normalised_field_sum(tmp_path):
     # Every title and text is two tokens long, so BM25's length normalisation is the same for all, and a term's
     # score in a passage is idf(term) times a constant that the per-field normalisation divides out.
-    index = LexicalIndex.build(
+    index = RetrievalIndex.build(
         _passages(
             [
                 ("cat dog", "fish bird"),  # title: cat + dog
@@ -91,7 +153,8 @@ def test_scoring_is_the_contracts_normalised_field_sum(tmp_path):
                 ("fish bird", "cat dog"),  # text: cat + dog
                 ("horse mouse", "horse mouse"),  # nothing in common with the query
             ]
-        )
+        ),
+        dense=False,
     )
     n = 4
 
@@ -107,21 +170,21 @@ def test_scoring_is_the_contracts_normalised_field_sum(tmp_path):
     assert [h.passage.id for h in index.search("cat dog", 2)] == [0, 2]
     assert index.search("horse", 1)[0].passage.id == 3
     assert index.search("zebra", 3) == [] and index.search("the of and", 3) == [] and index.search("", 3) == []
-    loaded = LexicalIndex.load(index.save(tmp_path / "r"))
+    loaded = RetrievalIndex.load(index.save(tmp_path / "r"))
     assert [(h.passage.id, h.score) for h in loaded.search("the cats and a dog", 10)] == [
         (h.passage.id, h.score) for h in hits
     ]
 
 
 def test_build_numbers_the_passages_in_order_and_refuses_nothing():
-    index = LexicalIndex.build([Passage(7, "a b", "c", "x#1"), Passage(7, "d", "e f", "x#2")])
+    index = RetrievalIndex.build([Passage(7, "a b", "c", "x#1"), Passage(7, "d", "e f", "x#2")])
     assert [p.id for p in index.passages] == [0, 1]
     with pytest.raises(DataError, match="nothing to index"):
-        LexicalIndex.build([])
+        RetrievalIndex.build([])
 
 
 def test_documents_for_gives_evaluation_the_passages_as_dicts():
-    index = LexicalIndex.build(_passages([("cat dog", "fish"), ("bird", "cat")]), k=1)
+    index = RetrievalIndex.build(_passages([("cat dog", "fish"), ("bird", "cat")]), k=1, dense=False)
     [document] = index.documents_for("cat")
     assert document["id"] == 0 and document["title"] == "cat dog" and document["text"] == "fish"
     assert document["source"] == "t.csv#1" and document["score"] == pytest.approx(
@@ -131,13 +194,13 @@ def test_documents_for_gives_evaluation_the_passages_as_dicts():
 
 
 def test_loading_an_index_of_another_format_names_what_differs(tmp_path):
-    directory = LexicalIndex.build(_passages([("a b", "c d")])).save(tmp_path / "r")
+    directory = RetrievalIndex.build(_passages([("a b", "c d")])).save(tmp_path / "r")
     settings = json.loads((directory / "retrieval.json").read_text())
     (directory / "retrieval.json").write_text(json.dumps({**settings, "stemmer": "porter"}))
     with pytest.raises(DataError, match="stemmer"):
-        LexicalIndex.load(directory)
+        RetrievalIndex.load(directory)
     with pytest.raises(DataError, match=r"retrieval\.json is missing"):
-        LexicalIndex.load(tmp_path / "nowhere")
+        RetrievalIndex.load(tmp_path / "nowhere")
 
 
 # > The documents channel
@@ -404,8 +467,8 @@ def _rows(n: int) -> list[Example]:
     return rows
 
 
-def _raft(rows, **kwargs):
-    index = LexicalIndex.build(passages_from_rows(rows))
+def _raft(rows, dense=True, **kwargs):
+    index = RetrievalIndex.build(passages_from_rows(rows), dense=dense)
     options = {"k": 3, "gold_fraction": 0.8, "seed": 42, **kwargs}
     return index, raft_documents(index, [r.question for r in rows], range(len(rows)), **options)
 
@@ -464,19 +527,19 @@ def test_raft_is_reproducible_from_the_seed():
 
 def test_raft_fills_distractors_at_random_when_retrieval_finds_too_few():
     rows = [Example(f"{word} question", f"{word} answer") for word in ("alpha", "beta", "gamma", "delta", "omega")]
-    _, chosen = _raft(rows, gold_fraction=1.0)  # no query shares a word with another row
+    _, chosen = _raft(rows, dense=False, gold_fraction=1.0)  # no query shares a word with another row
     for i, c in enumerate(chosen):
         assert c.passages[0].id == i  # retrieval ranks the gold first
         assert len(c.passages) == 3
-    assert _raft(rows, gold_fraction=1.0)[1] == chosen
+    assert _raft(rows, dense=False, gold_fraction=1.0)[1] == chosen
 
 
 def test_raft_puts_an_unretrieved_gold_at_a_seeded_position():
-    # Passage 0 (the gold) shares no word with the question: retrieval does not rank it, so it goes at a random
+    # Passage 0 (the gold) shares no word with the question: BM25 does not rank it, so it goes at a random
     # place among the k, the same for the same seed.
     rows = [Example(f"Where is item {i}?", f"Item {i} is here.") for i in range(10)]
     rows += [Example("zebra stripes?", "Black and white."), Example("zebra food?", "Grass.")]
-    index = LexicalIndex.build(passages_from_rows(rows))
+    index = RetrievalIndex.build(passages_from_rows(rows), dense=False)
     positions = set()
     for seed in range(30):
         [c] = raft_documents(index, ["zebra?"], [0], k=3, gold_fraction=1.0, seed=seed)

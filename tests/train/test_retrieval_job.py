@@ -10,9 +10,9 @@ import sys
 import pytest
 from trainer.config import TrainConfig
 from trainer.errors import ConfigError
-from trainer.job import _use_retrieval, load_datasets
+from trainer.job import Rank, _build_index, _use_retrieval, load_datasets
 from trainer.prompts import DOCUMENTS_PREAMBLE
-from trainer.retrieval import LexicalIndex
+from trainer.retrieval import RetrievalIndex
 from trainer.sagemaker import read_job
 
 from .conftest import TRAIN_EXECUTABLE, csv_text, faq_rows, job_env, make_job, run_train, tiny_hyperparameters
@@ -48,7 +48,9 @@ def test_a_job_with_retrieval_ships_its_index_and_reports_three_columns(tmp_path
     )
     result = run_train(job)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert "retrieval: indexed 42 passages (40 training rows, 2 from 1 document file(s)); k=3" in result.stdout
+    assert (
+        "retrieval: indexed 42 passages (40 training rows, 2 from 1 document file(s)), BM25 and title embeddings; k=3"
+    ) in result.stdout
 
     model_dir = job / "model"
     manifest = json.loads((model_dir / "manifest.json").read_text())
@@ -57,6 +59,7 @@ def test_a_job_with_retrieval_ships_its_index_and_reports_three_columns(tmp_path
     assert sorted(p.name for p in retrieval_dir.iterdir()) == [
         "bm25_text",
         "bm25_title",
+        "dense_title.npy",
         "passages.jsonl",
         "retrieval.json",
     ]
@@ -67,7 +70,7 @@ def test_a_job_with_retrieval_ships_its_index_and_reports_three_columns(tmp_path
     assert passages[41]["title"] == "endpoints.md: Endpoints > Cost"
     indexed = {p["title"] for p in passages}  # never the validation or paraphrased questions
     assert not indexed & {VALIDATION[0][0], *(row["question"] for row in PARAPHRASES)}
-    index = LexicalIndex.load(retrieval_dir)
+    index = RetrievalIndex.load(retrieval_dir)
     assert index.search("How much does an endpoint cost per hour?", 3)[0].passage.id == 41
 
     from transformers import AutoTokenizer
@@ -135,3 +138,14 @@ def test_a_documents_channel_with_retrieval_off_is_refused(tmp_path, monkeypatch
     datasets = load_datasets(TrainConfig.from_hyperparameters({}), job)
     assert _use_retrieval(TrainConfig.from_hyperparameters({}), datasets)  # auto: on with documents, 10 rows
     assert [p.source for p in datasets.documents] == ["a.md#p1"]
+
+
+@pytest.mark.parametrize(("value", "dense"), [("true", True), ("false", False)])
+def test_retrieval_dense_decides_whether_the_index_has_embeddings(tmp_path, monkeypatch, value, dense):
+    make_job(tmp_path, {}, {"train/faq.csv": csv_text(faq_rows(40))})
+    monkeypatch.setenv("SAGEMAKER_BASE_DIR", str(tmp_path))
+    config = TrainConfig.from_hyperparameters({"retrieval_dense": value})
+    index = _build_index(config, load_datasets(config, read_job()), Rank())
+    assert (index.dense is not None) is dense
+    settings = json.loads((index.save(tmp_path / "retrieval") / "retrieval.json").read_text())
+    assert ("dense" in settings) is dense and (tmp_path / "retrieval" / "dense_title.npy").exists() is dense

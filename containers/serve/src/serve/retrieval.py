@@ -1,16 +1,21 @@
 """The artifact's retrieval index (`model/retrieval/`, written by the training image): its passages, two BM25
-indexes (titles, texts) and how to score a query against them. The serving image's own reader of that format:
-no training code is imported, and the scoring below is the contract's, so both images rank passages alike.
+indexes (titles, texts), optionally the titles' word embeddings, and how to score a query against them. The
+serving image's own reader of that format: no training code is imported, and the scoring below is the
+contract's, so both images rank passages alike.
 
 Layout (format_version 1):
 - `retrieval.json`: format_version, library ("bm25s"), bm25s_version, stopwords, stemmer, token_pattern,
-  field_weights ({"title": w, "text": w}), k (passages per request), passages (their number).
+  field_weights ({"title": w, "text": w}), k (passages per request), passages (their number); optionally
+  dense: {library ("wordllama"), library_version, config, dim, field_weights ({field: w})}.
 - `passages.jsonl`: one `{"id", "title", "text", "source"}` per line, ids 0..N-1 in order.
 - `bm25_title/`, `bm25_text/`: `bm25s.BM25` indexes over the passages' titles and texts, in id order.
+- `dense_<field>.npy` (with `dense`): float32 [N, dim], each passage's WordLlama embedding, L2-normalised.
 
-Scoring: the query's tokens (bm25s.tokenize with the recorded stopwords, PyStemmer stemmer and token pattern);
-per field, BM25 scores divided by their maximum (0 when the maximum is 0); a passage's score is the weighted
-sum; the top k by score, ties to the lower id; passages scoring 0 are never returned.
+Scoring: the query's tokens (bm25s.tokenize with the recorded stopwords, PyStemmer stemmer and token pattern); a
+query without any retrieves nothing. Per BM25 field, the scores divided by their maximum (0 when the maximum is
+0); per dense field, the cosine of the query's embedding with each passage's, scaled to [0, 1] over the passages
+(min to max; 0 when all are equal); a passage's score is the weighted sum of them all; the top k by score, ties to
+the lower id; passages scoring 0 are never returned.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ LIBRARY = "bm25s"
 INDEX_FILE = "retrieval.json"
 PASSAGES_FILE = "passages.jsonl"
 FIELDS = ("title", "text")  # each field's index is in bm25_<field>/
+DENSE_LIBRARY = "wordllama"
 DEFAULT_DIR = "retrieval"  # under the model directory, unless manifest.json's retrieval.dir says otherwise
 
 
@@ -46,10 +52,10 @@ class Passage:
 
 @dataclass(frozen=True)
 class Hit:
-    """A retrieved passage and its fused score (0 < score <= the sum of the field weights)."""
+    """A retrieved passage and its fused score."""
 
     passage: Passage
-    score: float
+    score: float  # 0 < score <= the sum of the BM25 and dense field weights
 
     def document(self) -> dict[str, str]:
         """What the chat template's `documents` takes."""
@@ -59,6 +65,28 @@ class Hit:
         """What a reply's `sources` lists."""
         p = self.passage
         return {"id": p.id, "title": p.title, "source": p.source, "score": self.score}
+
+
+class DenseScorer:
+    """The passages' word embeddings per field and the model that embeds queries (WordLlama: a token-embedding
+    table and mean pooling, read-only, so one instance serves every thread)."""
+
+    def __init__(self, model: Any, embeddings: dict[str, Any], weights: dict[str, float]):
+        self.model = model
+        self.embeddings = embeddings  # field -> float32 [N, dim]
+        self.weights = weights
+
+    def scores(self, query: str):
+        import numpy as np
+
+        query_vector = self.model.embed([query], norm=True)[0]
+        total = None
+        for field, weight in self.weights.items():
+            cosines = np.asarray(self.embeddings[field] @ query_vector, dtype=np.float64)
+            spread = float(cosines.max() - cosines.min())
+            scaled = (cosines - cosines.min()) / spread if spread > 0 else np.zeros_like(cosines)
+            total = weight * scaled if total is None else total + weight * scaled
+        return total
 
 
 class RetrievalIndex:
@@ -74,6 +102,7 @@ class RetrievalIndex:
         stopwords: str,
         stemmer: str,
         token_pattern: str,
+        dense: DenseScorer | None = None,
     ):
         self.directory = directory
         self.passages = passages
@@ -83,6 +112,7 @@ class RetrievalIndex:
         self.stopwords = stopwords
         self.stemmer = stemmer  # PyStemmer's algorithm name
         self.token_pattern = token_pattern
+        self.dense = dense
         self._local = threading.local()  # a PyStemmer stemmer per thread: one is not safe to share between threads
 
     def __len__(self) -> int:
@@ -117,6 +147,8 @@ class RetrievalIndex:
                 top = float(scores.max(initial=0.0))
                 if top > 0:
                     total += self.weights[field] * (scores / top)
+            if self.dense is not None:
+                total += self.dense.scores(query)
         # Score descending, then id ascending: a stable sort of the ids (already ascending) by -score.
         order = np.argsort(-total, kind="stable")[:k]
         return [Hit(self.passages[i], float(total[i])) for i in order if total[i] > 0]
@@ -208,7 +240,14 @@ def load(directory: Path) -> RetrievalIndex:
                 f"{field_dir}: indexes {index.scores.get('num_docs')} passages, but {meta_path} records {count}"
             )
         indexes[field] = index
-    log.info("retrieval index %s: %d passages, k=%d", directory, count, k)
+    dense = _load_dense(directory, meta["dense"], count) if meta.get("dense") is not None else None
+    log.info(
+        "retrieval index %s: %d passages, k=%d, BM25%s",
+        directory,
+        count,
+        k,
+        f" and {DENSE_LIBRARY} embeddings ({', '.join(dense.weights)})" if dense else "",
+    )
     return RetrievalIndex(
         directory,
         passages,
@@ -218,7 +257,74 @@ def load(directory: Path) -> RetrievalIndex:
         stopwords,
         stemmer_name,
         token_pattern,
+        dense,
     )
+
+
+def _load_dense(directory: Path, settings: Any, count: int) -> DenseScorer:
+    """retrieval.json's `dense` part: the model named there (from the wordllama package's own files, never the
+    network) and each field's embeddings."""
+    from importlib.metadata import version
+
+    import numpy as np
+
+    meta_path = directory / INDEX_FILE
+    if not isinstance(settings, dict) or settings.get("library") != DENSE_LIBRARY:
+        library = settings.get("library") if isinstance(settings, dict) else settings
+        raise RetrievalIndexError(f"{meta_path}: dense.library {library!r}; this server reads {DENSE_LIBRARY!r}")
+    weights = settings.get("field_weights")
+    if (
+        not isinstance(weights, dict)
+        or not weights
+        or not set(weights) <= set(FIELDS)
+        or not all(isinstance(w, int | float) and not isinstance(w, bool) and w >= 0 for w in weights.values())
+    ):
+        raise RetrievalIndexError(
+            f"{meta_path}: dense.field_weights must map some of {list(FIELDS)} to numbers >= 0, not {weights!r}"
+        )
+    dim = _int_field(settings, "dim", meta_path, minimum=1)
+    model = _load_word_embeddings(meta_path, settings.get("config"), dim)
+    embeddings = {}
+    for field in weights:
+        path = directory / f"dense_{field}.npy"
+        try:
+            vectors = np.load(path, allow_pickle=False)
+        except (OSError, ValueError) as e:
+            raise RetrievalIndexError(f"{path}: not readable embeddings ({e})") from e
+        if vectors.shape != (count, dim):
+            raise RetrievalIndexError(f"{path}: shape {vectors.shape}, but {meta_path} records ({count}, {dim})")
+        embeddings[field] = vectors
+    installed = version(DENSE_LIBRARY)
+    if settings.get("library_version") != installed:
+        log.warning(
+            "%s: embeddings made by %s %s; this server has %s",
+            meta_path,
+            DENSE_LIBRARY,
+            settings.get("library_version"),
+            installed,
+        )
+    return DenseScorer(model, embeddings, {f: float(w) for f, w in weights.items()})
+
+
+def _load_word_embeddings(meta_path: Path, config: Any, dim: int) -> Any:
+    """WordLlama's model `config` at `dim` dimensions, from its wheel's own files. Its loader looks for the
+    tokenizer's file in the package's `tokenizer/` folder, while the wheel ships it in `tokenizers/`; its cache
+    layout (`tokenizers/`, `weights/`) is the package's, so the package folder as the cache finds both."""
+    try:
+        import wordllama
+    except ImportError as e:  # the image lists it in requirements.txt
+        raise RetrievalIndexError(f"{meta_path}: its embeddings need the {DENSE_LIBRARY} package ({e})") from e
+    known = wordllama.WordLlama.list_configs().get("wordllama", [])
+    if config not in known:
+        raise RetrievalIndexError(f"{meta_path}: dense model {config!r} is not one of WordLlama's ({known})")
+    try:
+        return wordllama.WordLlama.load(
+            config=config, dim=dim, cache_dir=Path(wordllama.__file__).parent, disable_download=True
+        )
+    except (FileNotFoundError, ValueError) as e:  # a dimension its wheel does not ship (or it does not offer)
+        raise RetrievalIndexError(
+            f"{meta_path}: dense model {config!r} at {dim} dimensions is not one this server has ({e})"
+        ) from e
 
 
 def _read_json(path: Path) -> dict:

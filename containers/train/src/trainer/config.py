@@ -76,7 +76,8 @@ class TrainConfig:
     # > Retrieval (RAFT: training with retrieved passages in the prompt, arXiv:2403.10131)
     retrieval: str = _hp(
         "auto",
-        "Build a BM25 index over the training rows (one passage per row: question and answer) and the `documents` "
+        "Build a retrieval index (BM25, and `retrieval_dense` embeddings) over the training rows (one passage per "
+        "row: question and answer) and the `documents` "
         "channel, ship it in the artifact (model/retrieval/, used by the serving image), and train a "
         "`retrieval_train_fraction` of the examples with `retrieval_k` retrieved passages in their prompt. `auto` "
         "turns it on from "
@@ -85,6 +86,11 @@ class TrainConfig:
     )
     retrieval_k: int = _hp(
         3, f"Passages retrieved into each prompt, in training and when serving (1 to {RETRIEVAL_MAX_K}).", minimum=1
+    )
+    retrieval_dense: bool = _hp(
+        True,
+        "Rank passages by static word embeddings of their titles as well as by BM25 (WordLlama's model, shipped in its "
+        "package), so that a reworded question finds its row without sharing a word with it.",
     )
     retrieval_gold_fraction: float = _hp(
         0.8,

@@ -25,7 +25,14 @@ from .modeling import (
     resolve_base_model,
     stored_dtype,
 )
-from .retrieval import RETRIEVAL_DIR, LexicalIndex, Passage, passages_from_documents, passages_from_rows, raft_documents
+from .retrieval import (
+    RETRIEVAL_DIR,
+    Passage,
+    RetrievalIndex,
+    passages_from_documents,
+    passages_from_rows,
+    raft_documents,
+)
 from .sagemaker import Job
 
 log = logging.getLogger(__name__)
@@ -91,7 +98,7 @@ class Prepared:
     setup: prompts.PromptSetup
     collator: prompts.CompletionCollator
     eval_sets: dict
-    index: LexicalIndex | None = None  # retrieval: built from the data when training, loaded from the artifact after
+    index: RetrievalIndex | None = None  # retrieval: built from the data when training, loaded from the artifact after
 
 
 def prepare(
@@ -142,29 +149,33 @@ def _use_retrieval(config: TrainConfig, datasets: Datasets) -> bool:
     return config.use_retrieval(len(datasets.train), documents=datasets.has_documents_channel)
 
 
-def _build_index(config: TrainConfig, datasets: Datasets, rank: Rank) -> LexicalIndex:
+def _build_index(config: TrainConfig, datasets: Datasets, rank: Rank) -> RetrievalIndex:
     """The index over the training rows (ids 0..rows-1, in row order: example i's own passage is passage i) and
     the documents channel's passages after them. Never the validation or paraphrased questions."""
-    index = LexicalIndex.build(passages_from_rows(datasets.train) + datasets.documents, k=config.retrieval_k)
+    index = RetrievalIndex.build(
+        passages_from_rows(datasets.train) + datasets.documents, k=config.retrieval_k, dense=config.retrieval_dense
+    )
     if rank.is_main:
         files = len({p.source.rsplit("#", 1)[0] for p in datasets.documents})
         log.info(
-            "retrieval: indexed %d passages (%d training rows, %d from %d document file(s)); k=%d, gold fraction %.2f",
+            "retrieval: indexed %d passages (%d training rows, %d from %d document file(s)), BM25%s; k=%d, "
+            "gold fraction %.2f",
             len(index),
             len(datasets.train),
             len(datasets.documents),
             files,
+            " and title embeddings" if index.dense is not None else "",
             config.retrieval_k,
             config.retrieval_gold_fraction,
         )
     return index
 
 
-def _load_index(model_dir: Path, manifest: dict) -> LexicalIndex | None:
+def _load_index(model_dir: Path, manifest: dict) -> RetrievalIndex | None:
     entry = manifest.get("retrieval")
     if not entry:
         return None
-    index = LexicalIndex.load(model_dir / entry.get("dir", RETRIEVAL_DIR))
+    index = RetrievalIndex.load(model_dir / entry.get("dir", RETRIEVAL_DIR))
     log.info("retrieval: the artifact's index, %d passages, k=%d", len(index), index.k)
     return index
 

@@ -1,19 +1,30 @@
-"""Retrieval: a lexical (BM25) index over the training rows and the `documents` channel, shipped in the artifact.
+"""Retrieval: an index over the training rows and the `documents` channel, shipped in the artifact: BM25 (lexical)
+and static word embeddings (semantic), fused.
 
 A training row becomes one passage (title = its question, text = its answer); a documents file is split into
-passages at Markdown headings and paragraphs (`passages_from_documents`). `LexicalIndex` keeps two `bm25s`
-indexes, over the titles and over the texts, and fuses their scores (`search`). The serving image reads the same
-format with its own code (serve/retrieval.py), so the layout and the scoring below are a contract between the two:
+passages at Markdown headings and paragraphs (`passages_from_documents`). `RetrievalIndex` keeps two `bm25s`
+indexes, over the titles and over the texts, and (unless built with `dense=False`) the passages' title embeddings
+by WordLlama, and fuses their scores (`search`). The serving image reads the same format with its own code
+(serve/retrieval.py), so the layout and the scoring below are a contract between the two:
 
     model/retrieval/
         passages.jsonl            one {"id", "title", "text", "source"} per line, ids 0..N-1 in order
         bm25_title/, bm25_text/   bm25s.BM25() indexes (default parameters) over titles and texts, in id order
+        dense_title.npy           (optional) float32 [N, dim]: each title's WordLlama embedding, L2-normalised
         retrieval.json            format_version, library, bm25s_version, stopwords, stemmer, token_pattern,
-                                  field_weights, k, passages
+                                  field_weights, k, passages; and, with embeddings, dense: {library,
+                                  library_version, config, dim, field_weights}
 
-Scoring: the query's tokens (bm25s.tokenize with the stopwords, PyStemmer stemmer and token pattern above); per
-field, the BM25 scores divided by their maximum (0 when it is 0); a passage's score is the weighted sum; the top k
-by score, ties to the lower id; passages scoring 0 are never returned.
+Scoring: the query's tokens (bm25s.tokenize with the stopwords, PyStemmer stemmer and token pattern above); a
+query without any (empty, or stopwords only) retrieves nothing. Per BM25 field, the scores divided by their
+maximum (0 when it is 0); per dense field, the cosine of the query's embedding with each passage's, scaled to
+[0, 1] over the passages (min to max; 0 when all are equal); a passage's score is the weighted sum of them all;
+the top k by score, ties to the lower id; passages scoring 0 are never returned.
+
+Why embeddings as well: a reworded question often shares no content word with the row it asks about (uptime /
+availability, cost / charged), which no lexical index can match. WordLlama's embeddings ship inside its wheel
+(16 MB; no model hub at run time) and embed a query in well under a millisecond. Titles only: a row's title is its
+question, the text a user's question resembles; the mean of a long answer's word vectors blurs its meaning.
 
 `raft_documents` builds the training examples' documents as RAFT does (arXiv:2403.10131): the example's own
 passage (gold) among retrieved distractors in most examples, distractors only in the others; and, for a share of
@@ -23,6 +34,7 @@ the examples, none at all (closed-book examples).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import math
@@ -42,6 +54,10 @@ STOPWORDS = "en"
 STEMMER = "english"  # PyStemmer's Snowball stemmer
 TOKEN_PATTERN = r"(?u)\b\w+\b"  # single-character tokens count too ("S3", "a 2-node cluster")
 FIELD_WEIGHTS = {"title": 1.0, "text": 1.0}
+DENSE_LIBRARY = "wordllama"
+DENSE_CONFIG = "l2_supercat"  # the WordLlama model its wheel ships (MIT), at its full 256 dimensions
+DENSE_DIM = 256
+DENSE_FIELD_WEIGHTS = {"title": 1.0}  # titles only (the module's docstring says why)
 INDEX_FILE = "retrieval.json"
 PASSAGES_FILE = "passages.jsonl"
 RETRIEVAL_DIR = "retrieval"  # under the model directory
@@ -70,27 +86,118 @@ class Passage:
 @dataclass(frozen=True)
 class ScoredPassage:
     passage: Passage
-    score: float  # the fused score: 0 < score <= the sum of the field weights
+    score: float  # the fused score: 0 < score <= the sum of the field weights (BM25 and dense)
 
     def document(self) -> dict[str, str]:
         """The passage as the chat template's `documents` take it."""
         return {"title": self.passage.title, "text": self.passage.text}
 
 
-class LexicalIndex:
-    """Passages and a BM25 index per field (FIELD_WEIGHTS), searched with the fused score above."""
+class DenseIndex:
+    """The passages' WordLlama embeddings per field (DENSE_FIELD_WEIGHTS) and the model that embeds queries."""
 
-    def __init__(self, passages: Sequence[Passage], indexes: dict, k: int = DEFAULT_K):
+    def __init__(self, model, embeddings: dict):
+        self.model = model  # wordllama's WordLlamaInference
+        self.embeddings = embeddings  # field -> float32 [N, dim], L2-normalised rows
+
+    @classmethod
+    def build(cls, passages: Sequence[Passage]) -> DenseIndex:
+        model = load_word_embeddings()
+        return cls(model, {f: model.embed([getattr(p, f) for p in passages], norm=True) for f in DENSE_FIELD_WEIGHTS})
+
+    def settings(self) -> dict:
+        from importlib.metadata import version
+
+        return {
+            "library": DENSE_LIBRARY,
+            "library_version": version(DENSE_LIBRARY),
+            "config": DENSE_CONFIG,
+            "dim": DENSE_DIM,
+            "field_weights": dict(DENSE_FIELD_WEIGHTS),
+        }
+
+    def save(self, directory: Path) -> dict:
+        import numpy as np
+
+        for field, vectors in self.embeddings.items():
+            np.save(directory / f"dense_{field}.npy", np.asarray(vectors, dtype=np.float32), allow_pickle=False)
+        return self.settings()
+
+    @classmethod
+    def load(cls, directory: Path, settings: dict, count: int) -> DenseIndex:
+        import numpy as np
+
+        expected = {
+            "library": DENSE_LIBRARY,
+            "config": DENSE_CONFIG,
+            "dim": DENSE_DIM,
+            "field_weights": DENSE_FIELD_WEIGHTS,
+        }
+        different = [key for key, value in expected.items() if settings.get(key) != value]
+        if different:
+            raise DataError(
+                f"{directory / INDEX_FILE}: embeddings this trainer does not read ({', '.join(different)} differ: "
+                f"{ {key: settings.get(key) for key in different} })"
+            )
+        embeddings = {}
+        for field in DENSE_FIELD_WEIGHTS:
+            path = directory / f"dense_{field}.npy"
+            try:
+                vectors = np.load(path, allow_pickle=False)
+            except (OSError, ValueError) as e:
+                raise DataError(f"{path}: not readable embeddings ({e})") from e
+            if vectors.shape != (count, DENSE_DIM):
+                raise DataError(f"{path}: shape {vectors.shape}, expected ({count}, {DENSE_DIM})")
+            embeddings[field] = vectors
+        return cls(load_word_embeddings(), embeddings)
+
+    def scores(self, query: str):
+        """Per passage, the weighted sum over fields of the query's cosine with it, scaled to [0, 1] (min to max)."""
+        import numpy as np
+
+        query_vector = self.model.embed([query], norm=True)[0]
+        total = None
+        for field, weight in DENSE_FIELD_WEIGHTS.items():
+            cosines = np.asarray(self.embeddings[field] @ query_vector, dtype=np.float64)
+            spread = float(cosines.max() - cosines.min())
+            scaled = (cosines - cosines.min()) / spread if spread > 0 else np.zeros_like(cosines)
+            total = weight * scaled if total is None else total + weight * scaled
+        return total
+
+
+@functools.cache  # read-only once loaded; every index of the job (and of a test run) shares it
+def load_word_embeddings():
+    """WordLlama's model from its own wheel, never from the network. Its loader looks for the tokenizer's file in
+    the package's `tokenizer/` folder while the wheel ships it in `tokenizers/`; its cache layout (`tokenizers/`,
+    `weights/`) is the package's, so the package folder as the cache finds both files."""
+    try:
+        import wordllama
+    except ImportError as e:
+        raise DataError(
+            f"retrieval_dense needs the {DENSE_LIBRARY} package (in the training image's requirements): {e}"
+        ) from e
+    return wordllama.WordLlama.load(
+        config=DENSE_CONFIG, dim=DENSE_DIM, cache_dir=Path(wordllama.__file__).parent, disable_download=True
+    )
+
+
+class RetrievalIndex:
+    """Passages, a BM25 index per field (FIELD_WEIGHTS) and optionally their embeddings (DenseIndex), searched
+    with the fused score above."""
+
+    def __init__(self, passages: Sequence[Passage], indexes: dict, k: int = DEFAULT_K, dense: DenseIndex | None = None):
         self.passages = list(passages)
         self.indexes = indexes  # field -> bm25s.BM25
         self.k = k
+        self.dense = dense
 
     def __len__(self) -> int:
         return len(self.passages)
 
     @classmethod
-    def build(cls, passages: Iterable[Passage], k: int = DEFAULT_K) -> LexicalIndex:
-        """Index `passages` in the order given; their ids become their positions (0..N-1)."""
+    def build(cls, passages: Iterable[Passage], k: int = DEFAULT_K, dense: bool = True) -> RetrievalIndex:
+        """Index `passages` in the order given; their ids become their positions (0..N-1). `dense`: with the
+        titles' embeddings as well."""
         import bm25s
 
         passages = [dataclasses.replace(p, id=i) for i, p in enumerate(passages)]
@@ -102,7 +209,7 @@ class LexicalIndex:
             index = bm25s.BM25()
             index.index(corpus, show_progress=False)
             indexes[field] = index
-        return cls(passages, indexes, k)
+        return cls(passages, indexes, k, DenseIndex.build(passages) if dense else None)
 
     def save(self, directory: Path) -> Path:
         """Write the contract's layout into `directory` (created; files of an earlier index there are replaced)."""
@@ -125,11 +232,13 @@ class LexicalIndex:
             "k": self.k,
             "passages": len(self.passages),
         }
+        if self.dense is not None:
+            settings["dense"] = self.dense.save(directory)
         (directory / INDEX_FILE).write_text(json.dumps(settings, indent=2) + "\n", encoding="utf-8")
         return directory
 
     @classmethod
-    def load(cls, directory: Path) -> LexicalIndex:
+    def load(cls, directory: Path) -> RetrievalIndex:
         """The index `save` wrote; DataError naming what is missing or not in this format."""
         import bm25s
 
@@ -170,7 +279,9 @@ class LexicalIndex:
         indexes = {
             field: bm25s.BM25.load(str(directory / f"bm25_{field}"), show_progress=False) for field in FIELD_WEIGHTS
         }
-        return cls(passages, indexes, int(settings.get("k", DEFAULT_K)))
+        dense = settings.get("dense")
+        dense = DenseIndex.load(directory, dense, len(passages)) if isinstance(dense, dict) else None
+        return cls(passages, indexes, int(settings.get("k", DEFAULT_K)), dense)
 
     def search(self, query: str, k: int) -> list[ScoredPassage]:
         """The top `k` passages for `query`, best first; fewer when fewer score above 0."""
@@ -185,6 +296,8 @@ class LexicalIndex:
             top = float(scores.max(initial=0.0))
             if top > 0:
                 total += weight * (scores / top)
+        if self.dense is not None:
+            total += self.dense.scores(query)
         order = np.argsort(-total, kind="stable")[:k]  # score descending; ties keep id order
         return [ScoredPassage(self.passages[i], float(total[i])) for i in order if total[i] > 0]
 
@@ -377,7 +490,7 @@ class RaftDocuments:
 
 
 def raft_documents(
-    index: LexicalIndex,
+    index: RetrievalIndex,
     questions: Sequence[str],
     gold_ids: Sequence[int],
     *,
