@@ -199,22 +199,31 @@ def test_scoring_fuses_the_normalised_fields_and_breaks_ties_by_id(tmp_path):
     assert index.search("zebra") == [] and index.search("the of and") == [] and index.search("") == []
 
 
-def test_scoring_is_the_contracts_formula(tmp_path):
+def _contract_bm25(passages: list[dict], query: str) -> np.ndarray:
+    """The contract's BM25 part, computed here with bm25s itself: per field, scores over their maximum, summed."""
     import bm25s
 
+    tokens = tokenize([query])[0]
+    total = np.zeros(len(passages))
+    for field in ("title", "text"):
+        own = bm25s.BM25()
+        own.index(tokenize([p[field] for p in passages]), show_progress=False)
+        scores = own.get_scores(tokens)
+        total += scores / scores.max() if scores.max() > 0 else 0
+    return total
+
+
+def _assert_top3(index, query: str, total: np.ndarray, rel: float = 1e-6) -> None:
+    expected = sorted((i for i in range(len(total)) if total[i] > 0), key=lambda i: (-total[i], i))[:3]
+    hits = index.search(query)
+    assert [h.passage.id for h in hits] == expected, query
+    assert [h.score for h in hits] == pytest.approx([total[i] for i in expected], rel=rel)
+
+
+def test_scoring_is_the_contracts_formula(tmp_path):
     index = load(write_index(tmp_path / "retrieval", RAG_PASSAGES))
     for query in ["How am I charged?", "own container for training", "SageMaker regions", Q]:
-        tokens = tokenize([query])[0]
-        total = np.zeros(len(RAG_PASSAGES))
-        for field in ("title", "text"):
-            own = bm25s.BM25()
-            own.index(tokenize([p[field] for p in RAG_PASSAGES]), show_progress=False)
-            scores = own.get_scores(tokens)
-            total += scores / scores.max() if scores.max() > 0 else 0
-        expected = sorted((i for i in range(len(total)) if total[i] > 0), key=lambda i: (-total[i], i))[:3]
-        hits = index.search(query)
-        assert [h.passage.id for h in hits] == expected, query
-        assert [h.score for h in hits] == pytest.approx([total[i] for i in expected])
+        _assert_top3(index, query, _contract_bm25(RAG_PASSAGES, query))
 
 
 def test_an_index_the_training_image_wrote_ranks_alike(tmp_path):
@@ -235,7 +244,6 @@ def test_an_index_the_training_image_wrote_ranks_alike(tmp_path):
 
 
 def test_dense_scoring_adds_the_titles_scaled_cosines(tmp_path):
-    import bm25s
     from fixtures.serve_retrieval import word_embeddings
 
     index = load(write_index(tmp_path / "retrieval", RAG_PASSAGES, dense={"title": 1.0}))
@@ -243,19 +251,9 @@ def test_dense_scoring_adds_the_titles_scaled_cosines(tmp_path):
     model = word_embeddings()
     titles = model.embed([p["title"] for p in RAG_PASSAGES], norm=True)
     for query in ["How am I charged?", "own container for training", Q, "zebra", *(q for q, _ in REWORDED)]:
-        tokens = tokenize([query])[0]
-        total = np.zeros(len(RAG_PASSAGES))
-        for field in ("title", "text"):
-            own = bm25s.BM25()
-            own.index(tokenize([p[field] for p in RAG_PASSAGES]), show_progress=False)
-            scores = own.get_scores(tokens)
-            total += scores / scores.max() if scores.max() > 0 else 0
         cosines = titles @ model.embed([query], norm=True)[0]
-        total += (cosines - cosines.min()) / (cosines.max() - cosines.min())
-        expected = sorted((i for i in range(len(total)) if total[i] > 0), key=lambda i: (-total[i], i))[:3]
-        hits = index.search(query)
-        assert [h.passage.id for h in hits] == expected, query
-        assert [h.score for h in hits] == pytest.approx([total[i] for i in expected], rel=1e-5)
+        scaled = (cosines - cosines.min()) / (cosines.max() - cosines.min())
+        _assert_top3(index, query, _contract_bm25(RAG_PASSAGES, query) + scaled, rel=1e-5)
     assert index.search("the of and") == [] and index.search("") == []  # no query terms: nothing, as without
 
 
