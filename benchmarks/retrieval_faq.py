@@ -240,8 +240,10 @@ def _verdict(ok: bool | None) -> str:
 
 
 def dense_index(args) -> bool:
-    """Whether B's index has the titles' embeddings: `retrieval_dense`, true unless --hp says otherwise."""
-    return str(args.hp.get("retrieval_dense", "true")).lower() not in ("false", "0", "no", "off")
+    """Whether B's index has the titles' embeddings: `retrieval_dense` as the image reads the --hp values."""
+    from trainer.config import TrainConfig
+
+    return TrainConfig.from_hyperparameters(args.hp).retrieval_dense
 
 
 def _recall_text(recall: dict[int, float]) -> str:
