@@ -20,6 +20,9 @@
 4. One table: a row per question set, ROUGE-L of base / A / B without retrieval / B with retrieval, and B's
    recall (the share of questions whose gold passage was among the k in the prompt); the training time of B over
    A (the training phase, as each job records it in manifest.json, `training.runtime_s`); the targets of issue 22.
+   And, per set, the paired difference B with retrieval minus A, question by question (sample_answers.jsonl),
+   with a 95% bootstrap interval over the questions: on 23 held-out questions one answer moves the mean by 0.03,
+   so a verdict on the means alone says little without it.
    Written to the `retrieval-faq` section of docs/benchmarks.md unless --no-write.
 
 Jobs run in --jobs-dir (default runs/retrieval-faq); a job whose tree already holds a finished report for the
@@ -55,6 +58,7 @@ TARGET_PARAPHRASED = 0.60  # ROUGE-L on paraphrases, with retrieval
 TARGET_TRAINING = 0.60  # ROUGE-L on training questions (with retrieval, as served)
 TARGET_TIME_RATIO = 1.5  # training time, B over A
 TARGET_RECALL_AT_3 = 0.9  # of the index, on the paraphrases
+BOOTSTRAP_RESAMPLES = 10_000
 
 
 def _normal(text: str) -> str:
@@ -214,12 +218,65 @@ class JobResult:
     comparison: dict  # eval_report.json's comparison (trainer.report.comparison)
     training: dict  # manifest.json's training: steps, runtime_s (the training phase), ...
     retrieval: dict | None  # manifest.json's retrieval
+    answers: list[dict]  # sample_answers.jsonl: every question's answers, one row each
 
 
 def read_job(job: Path) -> JobResult:
+    from trainer.report import SAMPLES_FILE
+
     manifest = json.loads((job / "model" / "manifest.json").read_text(encoding="utf-8"))
     report = json.loads((job / "output" / "data" / "eval_report.json").read_text(encoding="utf-8"))
-    return JobResult(report["comparison"], manifest["training"], manifest.get("retrieval"))
+    lines = (job / "output" / "data" / SAMPLES_FILE).read_text(encoding="utf-8").splitlines()
+    answers = [json.loads(line) for line in lines if line.strip()]
+    return JobResult(report["comparison"], manifest["training"], manifest.get("retrieval"), answers)
+
+
+@dataclass
+class Paired:
+    mean: float  # of B with retrieval minus A, per question
+    low: float | None  # the 95% bootstrap interval of the mean (None under 2 questions)
+    high: float | None
+    better: int  # questions where B scores higher by more than PAIRED_TIE
+    worse: int
+
+    def text(self) -> str:
+        interval = "" if self.low is None else f" [{self.low:+.3f}, {self.high:+.3f}]"
+        return f"{self.mean:+.3f}{interval}, {self.better} better, {self.worse} worse"
+
+
+PAIRED_TIE = 0.005  # a difference of ROUGE-L this small counts as neither better nor worse
+
+
+def paired(a: JobResult, b: JobResult, set_name: str) -> Paired | None:
+    """B's answers with retrieval against A's tuned answers on the same questions of `set_name`, ROUGE-L."""
+    import numpy as np
+    from scipy.stats import bootstrap
+    from trainer.evaluation import rouge_l
+
+    rows_a = [r for r in a.answers if r["set"] == set_name]
+    rows_b = [r for r in b.answers if r["set"] == set_name]
+    if not rows_a or [r["question"] for r in rows_a] != [r["question"] for r in rows_b]:
+        return None  # a job of another split or an older report: nothing to pair
+
+    def score(row: dict, column: str) -> float:
+        return rouge_l(row[column] or "", row["reference"])
+
+    differences = np.array(
+        [score(y, "tuned_retrieval_answer") - score(x, "tuned_answer") for x, y in zip(rows_a, rows_b, strict=True)]
+    )
+    low = high = None
+    if len(differences) >= 2 and np.ptp(differences) > 0:  # percentile: BCa is undefined where all are equal
+        interval = bootstrap(
+            (differences,), np.mean, n_resamples=BOOTSTRAP_RESAMPLES, method="percentile", random_state=SEED
+        ).confidence_interval
+        low, high = float(interval.low), float(interval.high)
+    return Paired(
+        float(differences.mean()),
+        low,
+        high,
+        int((differences > PAIRED_TIE).sum()),
+        int((differences < -PAIRED_TIE).sum()),
+    )
 
 
 # > 4. The table
@@ -299,6 +356,15 @@ def table(a: JobResult, b: JobResult, recall: dict[int, float], lexical: dict[in
         f"A {a_time:.0f} s ({a.training['steps']} steps), B {b_time:.0f} s ({b.training['steps']} steps): "
         f"**{ratio:.2f}×**.",
     ]
+    differences = {title: paired(a, b, set_name) for set_name, title in SETS}
+    if any(differences.values()):
+        lines += [
+            "",
+            "B with retrieval minus A tuned, question by question (ROUGE-L; mean [95% bootstrap interval over the "
+            f"questions, {BOOTSTRAP_RESAMPLES} resamples], questions better / worse by more than {PAIRED_TIE}): "
+            + "; ".join(f"{title} {d.text()}" for title, d in differences.items() if d)
+            + ".",
+        ]
     paraphrased = _value(b, "paraphrased", "tuned_retrieval")
     training = _value(b, "train_sample", "tuned_retrieval")
     held_b, held_a = _value(b, "validation", "tuned_retrieval"), _value(a, "validation", "tuned")
@@ -307,7 +373,9 @@ def table(a: JobResult, b: JobResult, recall: dict[int, float], lexical: dict[in
         + _verdict(None if paraphrased is None else paraphrased >= TARGET_PARAPHRASED),
         f"on training questions >= {TARGET_TRAINING}: "
         + _verdict(None if training is None else training >= TARGET_TRAINING),
-        "held-out not below A's: " + _verdict(None if held_b is None or held_a is None else held_b >= held_a),
+        "held-out not below A's: "
+        + _verdict(None if held_b is None or held_a is None else held_b >= held_a)
+        + (f" ({held.text()})" if (held := differences["held-out"]) else ""),
         f"training time <= {TARGET_TIME_RATIO}× A's: " + _verdict(ratio <= TARGET_TIME_RATIO),
         f"index recall@3 on paraphrases >= {TARGET_RECALL_AT_3}: "
         + _verdict(recall[3] >= TARGET_RECALL_AT_3 if 3 in recall else None),

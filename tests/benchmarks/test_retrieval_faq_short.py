@@ -105,6 +105,7 @@ def test_the_short_run_trains_both_jobs_and_tabulates_them(bench, data, tmp_path
     assert not rows[f"| paraphrased ({len(originals)})"].endswith("| - |")
     assert "Training time (the training phase, manifest.json): A " in out and "×**." in out
     assert "Targets (issue 22; B with retrieval, as served): ROUGE-L on paraphrases with retrieval >= 0.6: " in out
+    assert "B with retrieval minus A tuned, question by question" in out and "; held-out " in out
 
     # Run again: both jobs are reused, and the section goes into the docs file given.
     docs = tmp_path / "benchmarks.md"
@@ -113,3 +114,33 @@ def test_the_short_run_trains_both_jobs_and_tabulates_them(bench, data, tmp_path
     assert capsys.readouterr().out.count("finished earlier") == 2
     written = docs.read_text()
     assert "old" not in written and "| questions | base | A tuned |" in written
+
+
+def _job(bench, answers):
+    rows = [
+        {"set": set_name, "question": q, "reference": ref, "tuned_answer": a, "tuned_retrieval_answer": b}
+        for set_name, q, ref, a, b in answers
+    ]
+    return bench.JobResult({}, {}, None, rows)
+
+
+def test_the_paired_difference_is_per_question_with_a_seeded_interval(bench):
+    ref = "the cat sat on the mat"
+    answers = [
+        ("validation", "q1", ref, "a dog", ref),  # B 1.0, A 0.0
+        ("validation", "q2", ref, ref, "a dog"),  # B 0.0, A 1.0
+        ("validation", "q3", ref, ref, ref),  # equal
+        ("validation", "q4", ref, "a dog", ref),
+    ]
+    job = _job(bench, answers)
+    d = bench.paired(job, job, "validation")
+    assert d.mean == 0.25 and (d.better, d.worse) == (2, 1)
+    assert -1.0 <= d.low <= d.mean <= d.high <= 1.0
+    assert bench.paired(job, job, "validation") == d  # seeded
+    assert d.text().startswith("+0.250 [") and d.text().endswith(", 2 better, 1 worse")
+
+    assert bench.paired(job, job, "paraphrased") is None  # no such questions
+    other = _job(bench, [("validation", "another", ref, ref, ref), *answers[1:]])
+    assert bench.paired(other, job, "validation") is None  # not the same questions: nothing to pair
+    same = _job(bench, [("validation", "q1", ref, ref, ref)])
+    assert bench.paired(same, same, "validation").low is None  # one question, or all equal: no interval
