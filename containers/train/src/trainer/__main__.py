@@ -61,7 +61,10 @@ def main(argv: list[str] | None = None) -> int:
                 return _launch_workers(config, job, nproc, stop_requested)
         from .job import run
 
-        run(config, job, default_cache_dir(), stop_requested)
+        try:
+            run(config, job, default_cache_dir(), stop_requested)
+        finally:
+            _leave_process_group()
         return 0
     except UserError as e:
         log.error("%s", e)
@@ -75,6 +78,16 @@ def main(argv: list[str] | None = None) -> int:
         log.exception("internal error")
         record_failure(f"Framework error: {type(e).__name__}: {e}\n\n{traceback.format_exc()}")
         return 1
+
+
+def _leave_process_group() -> None:
+    """Destroy this rank's process group, if the job made one, before the interpreter exits. Left to exit-time
+    destructors, a rank that finished first can abort ("terminate called without an active exception") while the
+    main rank still evaluates, failing a job whose training succeeded."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def _package_base(argv: list[str]) -> int:
