@@ -21,8 +21,8 @@
    recall (the share of questions whose gold passage was among the k in the prompt); the training time of B over
    A (the training phase, as each job records it in manifest.json, `training.runtime_s`); the targets of issue 22.
    And, per set, the paired difference B with retrieval minus A, question by question (sample_answers.jsonl),
-   with a 95% bootstrap interval over the questions: on 23 held-out questions one answer moves the mean by 0.03,
-   so a verdict on the means alone says little without it.
+   with a 95% bootstrap interval over the questions: on a couple of dozen held-out questions a single answer moves
+   the mean by hundredths, so a verdict on the means alone says little without it.
    Written to the `retrieval-faq` section of docs/benchmarks.md unless --no-write.
 
 Jobs run in --jobs-dir (default runs/retrieval-faq); a job whose tree already holds a finished report for the
@@ -257,13 +257,13 @@ def paired(a: JobResult, b: JobResult, set_name: str) -> Paired | None:
     rows_b = [r for r in b.answers if r["set"] == set_name]
     if not rows_a or [r["question"] for r in rows_a] != [r["question"] for r in rows_b]:
         return None  # a job of another split or an older report: nothing to pair
-
-    def score(row: dict, column: str) -> float:
-        return rouge_l(row[column] or "", row["reference"])
-
-    differences = np.array(
-        [score(y, "tuned_retrieval_answer") - score(x, "tuned_answer") for x, y in zip(rows_a, rows_b, strict=True)]
-    )
+    pairs = [
+        (x.get("tuned_answer"), y.get("tuned_retrieval_answer"), x["reference"])
+        for x, y in zip(rows_a, rows_b, strict=True)
+    ]
+    if any(answer is None for pair in pairs for answer in pair[:2]):
+        return None  # a column that job did not evaluate
+    differences = np.array([rouge_l(with_b, ref) - rouge_l(with_a, ref) for with_a, with_b, ref in pairs])
     low = high = None
     if len(differences) >= 2 and np.ptp(differences) > 0:  # percentile: BCa is undefined where all are equal
         interval = bootstrap(

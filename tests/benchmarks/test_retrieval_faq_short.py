@@ -142,5 +142,7 @@ def test_the_paired_difference_is_per_question_with_a_seeded_interval(bench):
     assert bench.paired(job, job, "paraphrased") is None  # no such questions
     other = _job(bench, [("validation", "another", ref, ref, ref), *answers[1:]])
     assert bench.paired(other, job, "validation") is None  # not the same questions: nothing to pair
+    unevaluated = _job(bench, [(*answers[0][:4], None), *answers[1:]])
+    assert bench.paired(job, unevaluated, "validation") is None  # B did not answer with retrieval
     same = _job(bench, [("validation", "q1", ref, ref, ref)])
     assert bench.paired(same, same, "validation").low is None  # one question, or all equal: no interval
