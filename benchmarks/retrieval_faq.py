@@ -59,6 +59,7 @@ TARGET_TRAINING = 0.60  # ROUGE-L on training questions (with retrieval, as serv
 TARGET_TIME_RATIO = 1.5  # training time, B over A
 TARGET_RECALL_AT_3 = 0.9  # of the index, on the paraphrases
 BOOTSTRAP_RESAMPLES = 10_000
+PAIRED_TIE = 0.005  # a difference of ROUGE-L this small counts as neither better nor worse
 
 
 def _normal(text: str) -> str:
@@ -242,9 +243,6 @@ class Paired:
     def text(self) -> str:
         interval = "" if self.low is None else f" [{self.low:+.3f}, {self.high:+.3f}]"
         return f"{self.mean:+.3f}{interval}, {self.better} better, {self.worse} worse"
-
-
-PAIRED_TIE = 0.005  # a difference of ROUGE-L this small counts as neither better nor worse
 
 
 def paired(a: JobResult, b: JobResult, set_name: str) -> Paired | None:
