@@ -99,9 +99,11 @@ def read_paraphrases(path: Path) -> list[tuple[str, str]]:
     return pairs
 
 
-def split_faq(examples: list, paraphrases: list[tuple[str, str]], seed: int = SEED) -> Split:
+def split_faq(examples: list, paraphrases: list[tuple[str, str]], seed: int = SEED, fold: int = 0) -> Split:
     """Held-out questions drawn (seeded, HELD_OUT_FRACTION of all questions) from those not reworded; the
-    rewordings answered with their original's answer (the first, for a question asked twice)."""
+    rewordings answered with their original's answer (the first, for a question asked twice). `fold` i holds out
+    the i-th run of that many in the seeded order, so folds never share a held-out question and fold 0 is the
+    benchmark's own split."""
     from trainer.data import Example
 
     answer_of: dict[str, str] = {}
@@ -116,7 +118,10 @@ def split_faq(examples: list, paraphrases: list[tuple[str, str]], seed: int = SE
     questions = sorted({e.question for e in examples})
     candidates = [q for q in questions if _normal(q) not in reworded]
     random.Random(seed).shuffle(candidates)
-    held = set(candidates[: max(1, round(HELD_OUT_FRACTION * len(questions)))])
+    size = held_out_size(len(questions))
+    if fold < 0 or (fold + 1) * size > len(candidates):
+        raise ValueError(f"fold {fold}: {len(candidates)} questions not reworded make {len(candidates) // size} folds")
+    held = set(candidates[fold * size : (fold + 1) * size])
     paraphrased = [
         Example(p, answer_of[_normal(q)], "", f"{PARAPHRASES.name}:row {i}") for i, (q, p) in enumerate(paraphrases, 1)
     ]
@@ -126,6 +131,18 @@ def split_faq(examples: list, paraphrases: list[tuple[str, str]], seed: int = SE
         paraphrased=paraphrased,
         originals=[question_of[_normal(q)] for q, _ in paraphrases],
     )
+
+
+def held_out_size(questions: int) -> int:
+    return max(1, round(HELD_OUT_FRACTION * questions))
+
+
+def fold_count(examples: list, paraphrases: list[tuple[str, str]]) -> int:
+    """How many disjoint held-out folds the questions not reworded make."""
+    reworded = {_normal(q) for q, _ in paraphrases}
+    questions = {e.question for e in examples}
+    candidates = [q for q in questions if _normal(q) not in reworded]
+    return len(candidates) // held_out_size(len(questions))
 
 
 # > 2. Recall of the index
@@ -176,9 +193,24 @@ def job_hyperparameters(split: Split, args) -> dict[str, dict]:
     return {"A": {**common, "retrieval": "off"}, "B": {**common, "retrieval": "on", "eval_base_model": False}}
 
 
-def lay_out_job(job: Path, hyperparameters: dict, split: Split) -> bool:
+def fold_hyperparameters(split: Split, args) -> dict[str, dict]:
+    """A and B of a further fold: the same training, but only the held-out questions answered (no base model, no
+    training questions, no GGUF): that is all a fold adds, at a third of a full job's time."""
+    light = {
+        "eval_max_samples": len(split.held_out),
+        "eval_train_samples": 0,
+        "eval_base_model": False,
+        "eval_gguf": False,
+        "gguf_quantization": "none",
+    }
+    return {name: {**hyperparameters, **light} for name, hyperparameters in job_hyperparameters(split, args).items()}
+
+
+def lay_out_job(job: Path, hyperparameters: dict, split: Split, paraphrases: bool = True) -> bool:
     """The job's SageMaker tree; False when it already holds a finished report of these same inputs."""
-    channels = {"train": split.train, "validation": split.held_out, "paraphrases": split.paraphrased}
+    channels = {"train": split.train, "validation": split.held_out}
+    if paraphrases:
+        channels["paraphrases"] = split.paraphrased
     inputs = {
         "hyperparameters": {k: str(v) for k, v in hyperparameters.items()},
         "channels": {name: [[e.question, e.answer] for e in rows] for name, rows in channels.items()},
@@ -214,6 +246,20 @@ def run_job(name: str, job: Path, timeout: float | None = None) -> None:
     print(f"job {name}: done after {time.monotonic() - started:.0f} s", flush=True)
 
 
+def run_jobs(jobs_dir: Path, hyperparameters: dict[str, dict], split: Split, fold: int = 0) -> dict[str, JobResult]:
+    """Each job of `hyperparameters` on `split`, in jobs_dir/NAME, unless it finished there earlier."""
+    results = {}
+    for name, values in hyperparameters.items():
+        label = f"{name} (fold {fold})" if fold else name
+        job = (jobs_dir / name).resolve()
+        if lay_out_job(job, values, split, paraphrases=not fold):
+            run_job(label, job)
+        else:
+            print(f"job {label}: finished earlier in {job}, reused", flush=True)
+        results[name] = read_job(job)
+    return results
+
+
 @dataclass
 class JobResult:
     comparison: dict  # eval_report.json's comparison (trainer.report.comparison)
@@ -239,6 +285,7 @@ class Paired:
     high: float | None
     better: int  # questions where B scores higher by more than PAIRED_TIE
     worse: int
+    count: int  # questions paired
 
     def text(self) -> str:
         interval = "" if self.low is None else f" [{self.low:+.3f}, {self.high:+.3f}]"
@@ -247,8 +294,12 @@ class Paired:
 
 def paired(a: JobResult, b: JobResult, set_name: str) -> Paired | None:
     """B's answers with retrieval against A's tuned answers on the same questions of `set_name`, ROUGE-L."""
-    import numpy as np
-    from scipy.stats import bootstrap
+    differences = paired_differences(a, b, set_name)
+    return None if differences is None else summarize(differences)
+
+
+def paired_differences(a: JobResult, b: JobResult, set_name: str) -> list[float] | None:
+    """Per question of `set_name`, ROUGE-L of B's answer with retrieval minus A's tuned answer's."""
     from trainer.evaluation import rouge_l
 
     rows_a = [r for r in a.answers if r["set"] == set_name]
@@ -261,7 +312,15 @@ def paired(a: JobResult, b: JobResult, set_name: str) -> Paired | None:
     ]
     if any(answer is None for pair in pairs for answer in pair[:2]):
         return None  # a column that job did not evaluate
-    differences = np.array([rouge_l(with_b, ref) - rouge_l(with_a, ref) for with_a, with_b, ref in pairs])
+    return [rouge_l(with_b, ref) - rouge_l(with_a, ref) for with_a, with_b, ref in pairs]
+
+
+def summarize(per_question: list[float]) -> Paired:
+    """The mean difference, its seeded 95% bootstrap interval, and the questions better and worse."""
+    import numpy as np
+    from scipy.stats import bootstrap
+
+    differences = np.array(per_question)
     low = high = None
     if len(differences) >= 2 and np.ptp(differences) > 0:  # percentile: BCa is undefined where all are equal
         interval = bootstrap(
@@ -274,6 +333,7 @@ def paired(a: JobResult, b: JobResult, set_name: str) -> Paired | None:
         high,
         int((differences > PAIRED_TIE).sum()),
         int((differences < -PAIRED_TIE).sum()),
+        len(differences),
     )
 
 
@@ -305,7 +365,50 @@ def _recall_text(recall: dict[int, float]) -> str:
     return ", ".join(f"@{n} {value:.3f}" for n, value in recall.items())
 
 
-def table(a: JobResult, b: JobResult, recall: dict[int, float], lexical: dict[int, float], split: Split, args) -> str:
+def fold_rows(folds: list[tuple[JobResult, JobResult]]) -> tuple[list[str], Paired | None]:
+    """A table row per fold's held-out questions and one for all of them; the paired difference over all (None
+    when a fold's jobs cannot be paired)."""
+    rows, pooled, means = [], [], {"tuned": [], "b_tuned": [], "b_retrieval": []}
+    for number, (a, b) in enumerate(folds):
+        differences = paired_differences(a, b, "validation")
+        if differences is None:
+            return [], None
+        count = len(differences)
+        values = {
+            "tuned": _value(a, "validation", "tuned"),
+            "b_tuned": _value(b, "validation", "tuned"),
+            "b_retrieval": _value(b, "validation", "tuned_retrieval"),
+        }
+        for key, value in values.items():
+            means[key].append((value, count))
+        pooled += differences
+        rows.append(
+            f"| {number} ({count}) | {_cell(values['tuned'])} | {_cell(values['b_tuned'])} | "
+            f"{_cell(values['b_retrieval'])} | {summarize(differences).text()} |"
+        )
+    overall = summarize(pooled)
+
+    def weighted(pairs: list[tuple[float | None, int]]) -> float | None:
+        if any(value is None for value, _ in pairs):
+            return None
+        return sum(value * count for value, count in pairs) / sum(count for _, count in pairs)
+
+    rows.append(
+        f"| all ({overall.count}) | {_cell(weighted(means['tuned']))} | {_cell(weighted(means['b_tuned']))} | "
+        f"{_cell(weighted(means['b_retrieval']), bold=True)} | **{overall.text()}** |"
+    )
+    return rows, overall
+
+
+def table(
+    a: JobResult,
+    b: JobResult,
+    recall: dict[int, float],
+    lexical: dict[int, float],
+    split: Split,
+    args,
+    more_folds: list[tuple[JobResult, JobResult]] = (),
+) -> str:
     k = (b.retrieval or {}).get("k", 3)
     a_time, b_time = a.training["runtime_s"], b.training["runtime_s"]
     ratio = b_time / a_time if a_time else float("nan")
@@ -315,6 +418,7 @@ def table(a: JobResult, b: JobResult, recall: dict[int, float], lexical: dict[in
             ("--epochs", format(args.epochs, "g") if args.epochs != 3 else None),
             ("--max-steps", args.max_steps or None),
             ("--train-samples", args.train_samples or None),
+            ("--folds", args.folds if args.folds > 1 else None),
             ("--max-new-tokens", args.max_new_tokens or None),
             *(("--hp", f"{k}={v}") for k, v in args.hp.items()),
         )
@@ -363,6 +467,20 @@ def table(a: JobResult, b: JobResult, recall: dict[int, float], lexical: dict[in
             + "; ".join(f"{title} {d.text()}" for title, d in differences.items() if d)
             + ".",
         ]
+    folds, pooled = fold_rows([(a, b), *more_folds]) if more_folds else ([], None)
+    fold_total = len(more_folds) + 1
+    if folds:
+        lines += [
+            "",
+            f"Held-out questions over {fold_total} disjoint folds (`--folds {fold_total}`): in fold i, the "
+            f"i-th {len(split.held_out)} of the questions not reworded, in the seeded order, are held out and A and "
+            "B trained again on the rest, same settings (fold 0 is the split above; the others answer only their "
+            "held-out questions). ROUGE-L, and B with retrieval minus A tuned, question by question:",
+            "",
+            "| fold (questions) | A tuned | B tuned, no retrieval | B tuned + retrieval | B + retrieval − A, paired |",
+            "|---|---:|---:|---:|---|",
+            *folds,
+        ]
     paraphrased = _value(b, "paraphrased", "tuned_retrieval")
     training = _value(b, "train_sample", "tuned_retrieval")
     held_b, held_a = _value(b, "validation", "tuned_retrieval"), _value(a, "validation", "tuned")
@@ -373,7 +491,12 @@ def table(a: JobResult, b: JobResult, recall: dict[int, float], lexical: dict[in
         + _verdict(None if training is None else training >= TARGET_TRAINING),
         "held-out not below A's: "
         + _verdict(None if held_b is None or held_a is None else held_b >= held_a)
-        + (f" ({held.text()})" if (held := differences["held-out"]) else ""),
+        + (f" ({held.text()})" if (held := differences["held-out"]) else "")
+        + (
+            f"; over the {fold_total} folds' {pooled.count} questions: {_verdict(pooled.mean >= 0)} ({pooled.text()})"
+            if pooled
+            else ""
+        ),
         f"training time <= {TARGET_TIME_RATIO}× A's: " + _verdict(ratio <= TARGET_TIME_RATIO),
         f"index recall@3 on paraphrases >= {TARGET_RECALL_AT_3}: "
         + _verdict(recall[3] >= TARGET_RECALL_AT_3 if 3 in recall else None),
@@ -403,6 +526,13 @@ def main(argv=None) -> int:
         default=0,
         help="training questions each model answers (default 0: all of them; a sample's mean moves by ±0.05)",
     )
+    parser.add_argument(
+        "--folds",
+        type=int,
+        default=1,
+        help="disjoint held-out folds (default 1: the one split; each further fold adds two jobs that answer only "
+        "their held-out questions, about 20 minutes on 2 cores)",
+    )
     parser.add_argument("--recall-only", action="store_true", help="the split and the index's recall; no jobs")
     parser.add_argument("--max-steps", type=int, default=0, help="stop each job after this many steps (a smoke run)")
     parser.add_argument("--max-new-tokens", type=int, default=0, help="answer length cap (default: the image's)")
@@ -424,7 +554,10 @@ def main(argv=None) -> int:
         parser.error("--faq PATH is required (scripts/fetch_faq_dataset.py downloads the FAQ CSV)")
     check_faq(args.faq)
 
-    split = split_faq(load_faq(args.faq), read_paraphrases(args.paraphrases))
+    examples, paraphrase_pairs = load_faq(args.faq), read_paraphrases(args.paraphrases)
+    if not 1 <= args.folds <= (available := fold_count(examples, paraphrase_pairs)):
+        parser.error(f"--folds {args.folds}: the FAQ's questions not reworded make 1 to {available} folds")
+    split = split_faq(examples, paraphrase_pairs)
     train, held_out, paraphrased = len(split.train), len(split.held_out), len(split.paraphrased)
     print(f"split: {train} training rows, {held_out} held out, {paraphrased} paraphrased", flush=True)
     queries = [e.question for e in split.paraphrased]
@@ -434,15 +567,13 @@ def main(argv=None) -> int:
     if args.recall_only:
         return 0
 
-    results = {}
-    for name, hyperparameters in job_hyperparameters(split, args).items():
-        job = (args.jobs_dir / name).resolve()
-        if lay_out_job(job, hyperparameters, split):
-            run_job(name, job)
-        else:
-            print(f"job {name}: finished earlier in {job}, reused", flush=True)
-        results[name] = read_job(job)
-    markdown = table(results["A"], results["B"], recall, lexical, split, args)
+    results = run_jobs(args.jobs_dir, job_hyperparameters(split, args), split)
+    more_folds = []
+    for fold in range(1, args.folds):
+        fold_split = split_faq(examples, paraphrase_pairs, fold=fold)
+        jobs = run_jobs(args.jobs_dir / f"fold-{fold}", fold_hyperparameters(fold_split, args), fold_split, fold)
+        more_folds.append((jobs["A"], jobs["B"]))
+    markdown = table(results["A"], results["B"], recall, lexical, split, args, more_folds)
     print("\n" + markdown)
     if not args.no_write:
         write_section(DOCS_SECTION, markdown, args.docs)

@@ -55,6 +55,23 @@ def test_the_split_keeps_every_reworded_question_in_training(bench, data):
     assert exact[3] == 1.0  # a training question finds its own passage
 
 
+def test_folds_hold_out_disjoint_questions_and_fold_0_is_the_split(bench, data):
+    faq, paraphrases, originals = data
+    examples, pairs = bench.load_faq(faq), bench.read_paraphrases(paraphrases)
+    count = bench.fold_count(examples, pairs)
+    folds = [bench.split_faq(examples, pairs, fold=i) for i in range(count)]
+
+    held = [{e.question for e in split.held_out} for split in folds]
+    assert count >= 2 and all(len(h) == len(held[0]) for h in held)
+    assert len(set().union(*held)) == count * len(held[0])  # no question held out twice
+    assert held[0] == {e.question for e in bench.split_faq(examples, pairs).held_out}
+    for split, questions in zip(folds, held, strict=True):
+        assert not questions & set(originals)
+        assert len(split.train) + len(split.held_out) == len(examples)
+    with pytest.raises(ValueError, match=f"make {count} folds"):
+        bench.split_faq(examples, pairs, fold=count)
+
+
 def test_a_rewording_of_a_question_the_faq_lacks_is_refused(bench, data, tmp_path):
     faq, _, _ = data
     paraphrases = tmp_path / "other.jsonl"
@@ -86,6 +103,8 @@ def test_the_short_run_trains_both_jobs_and_tabulates_them(bench, data, tmp_path
         "max_seq_length=2048",
         "--hp",
         "per_device_batch_size=4",
+        "--folds",
+        "2",
     ]
     assert bench.main([*args, "--no-write"]) == 0
     out = capsys.readouterr().out
@@ -107,13 +126,23 @@ def test_the_short_run_trains_both_jobs_and_tabulates_them(bench, data, tmp_path
     assert "Targets (issue 22; B with retrieval, as served): ROUGE-L on paraphrases with retrieval >= 0.6: " in out
     assert "B with retrieval minus A tuned, question by question" in out and "; held-out " in out
 
+    # Fold 1: both jobs trained again without its held-out questions, answering only them.
+    for name in ("A", "B"):
+        fold = json.loads((jobs / "fold-1" / name / "input" / "config" / "hyperparameters.json").read_text())
+        assert fold["retrieval"] == {"A": "off", "B": "on"}[name]
+        assert (fold["eval_train_samples"], fold["eval_base_model"], fold["eval_gguf"]) == ("0", "False", "False")
+        assert not (jobs / "fold-1" / name / "input" / "data" / "paraphrases").exists()
+    assert "Held-out questions over 2 disjoint folds (`--folds 2`)" in out
+    assert set(rows) >= {"| 0 (6)", "| 1 (6)", "| all (12)"}
+    assert "; over the 2 folds' 12 questions: " in out
+
     # Run again: both jobs are reused, and the section goes into the docs file given.
     docs = tmp_path / "benchmarks.md"
-    docs.write_text("# B\n\n<!-- BEGIN retrieval-faq -->\nold\n<!-- END retrieval-faq -->\n")
+    docs.write_text("# B\n\n<!-- BEGIN retrieval-faq -->\nstale section\n<!-- END retrieval-faq -->\n")
     assert bench.main([*args, "--docs", str(docs)]) == 0
-    assert capsys.readouterr().out.count("finished earlier") == 2
+    assert capsys.readouterr().out.count("finished earlier") == 4
     written = docs.read_text()
-    assert "old" not in written and "| questions | base | A tuned |" in written
+    assert "stale section" not in written and "| questions | base | A tuned |" in written
 
 
 def _job(bench, answers):
@@ -146,3 +175,18 @@ def test_the_paired_difference_is_per_question_with_a_seeded_interval(bench):
     assert bench.paired(job, unevaluated, "validation") is None  # B did not answer with retrieval
     same = _job(bench, [("validation", "q1", ref, ref, ref)])
     assert bench.paired(same, same, "validation").low is None  # one question, or all equal: no interval
+
+
+def test_the_folds_are_pooled_question_by_question(bench):
+    ref = "the cat sat on the mat"
+    fold_0 = _job(bench, [("validation", "q1", ref, "a dog", ref), ("validation", "q2", ref, ref, ref)])
+    fold_1 = _job(bench, [("validation", "q3", ref, ref, "a dog"), ("validation", "q4", ref, ref, "a dog")])
+
+    rows, pooled = bench.fold_rows([(fold_0, fold_0), (fold_1, fold_1)])
+    assert [row.split(" | ")[0] for row in rows] == ["| 0 (2)", "| 1 (2)", "| all (4)"]
+    assert rows[0].endswith("| +0.500 [+0.000, +1.000], 1 better, 0 worse |")
+    assert (pooled.mean, pooled.better, pooled.worse, pooled.count) == (-0.25, 1, 2, 4)
+    assert rows[-1].endswith(f"| **{pooled.text()}** |")
+
+    unevaluated = _job(bench, [("validation", "q3", ref, ref, None), ("validation", "q4", ref, ref, "a dog")])
+    assert bench.fold_rows([(fold_0, fold_0), (fold_1, unevaluated)]) == ([], None)  # a fold that cannot pair
