@@ -4,12 +4,15 @@
     .venv/bin/python benchmarks/retrieval_faq.py --faq data/Amazon_SageMaker_FAQs.csv   # about an hour, 2 cores
     .venv/bin/python benchmarks/retrieval_faq.py --faq data/Amazon_SageMaker_FAQs.csv --recall-only   # seconds
     .venv/bin/python benchmarks/retrieval_faq.py --faq PATH --max-steps 4 --train-samples 4 --no-write  # a smoke run
+    .venv/bin/python benchmarks/retrieval_faq.py --faq PATH --folds 4   # and 3 more held-out sets, +20 min each
 
 `--faq PATH` names the FAQ CSV (scripts/fetch_faq_dataset.py downloads it; it is not in the repository).
 
 1. The split: held-out = a seeded 15% of the FAQ's questions, drawn only from the questions that
    benchmarks/faq_paraphrases.jsonl does not reword, so that every reworded original is a training question. The
-   paraphrased set is each rewording, answered with its original's answer; no job trains on it.
+   paraphrased set is each rewording, answered with its original's answer; no job trains on it. With --folds N,
+   fold i holds out the i-th such run of questions in the same seeded order (fold 0 is the split), for N
+   disjoint held-out sets.
 2. Recall@1/3/5 of the retrieval index (trainer.retrieval, the training image's own, built over the training rows
    as a job builds it) on the paraphrased set: a hit is the passage of the reworded original (titled with it).
 3. Two jobs of the training image, one after the other, on the same rows with the same settings and evaluation:
@@ -22,7 +25,9 @@
    A (the training phase, as each job records it in manifest.json, `training.runtime_s`); the targets of issue 22.
    And, per set, the paired difference B with retrieval minus A, question by question (sample_answers.jsonl),
    with a 95% bootstrap interval over the questions: on a couple of dozen held-out questions a single answer moves
-   the mean by hundredths, so a verdict on the means alone says little without it.
+   the mean by hundredths, so a verdict on the means alone says little without it. With --folds, each further
+   fold's A and B (trained on its split, answering only its held-out questions) add a row, and the held-out
+   questions of all folds are paired together.
    Written to the `retrieval-faq` section of docs/benchmarks.md unless --no-write.
 
 Jobs run in --jobs-dir (default runs/retrieval-faq); a job whose tree already holds a finished report for the
@@ -114,11 +119,8 @@ def split_faq(examples: list, paraphrases: list[tuple[str, str]], seed: int = SE
     missing = [q for q, _ in paraphrases if _normal(q) not in answer_of]
     if missing:
         sys.exit(f"{len(missing)} reworded question(s) are not questions of the FAQ, e.g. {missing[0]!r}")
-    reworded = {_normal(q) for q, _ in paraphrases}
-    questions = sorted({e.question for e in examples})
-    candidates = [q for q in questions if _normal(q) not in reworded]
+    candidates, size = held_out_candidates(examples, paraphrases)
     random.Random(seed).shuffle(candidates)
-    size = held_out_size(len(questions))
     if fold < 0 or (fold + 1) * size > len(candidates):
         raise ValueError(f"fold {fold}: {len(candidates)} questions not reworded make {len(candidates) // size} folds")
     held = set(candidates[fold * size : (fold + 1) * size])
@@ -133,16 +135,17 @@ def split_faq(examples: list, paraphrases: list[tuple[str, str]], seed: int = SE
     )
 
 
-def held_out_size(questions: int) -> int:
-    return max(1, round(HELD_OUT_FRACTION * questions))
+def held_out_candidates(examples: list, paraphrases: list[tuple[str, str]]) -> tuple[list[str], int]:
+    """The questions that may be held out (those not reworded, sorted) and how many a split holds out."""
+    reworded = {_normal(q) for q, _ in paraphrases}
+    questions = sorted({e.question for e in examples})
+    return [q for q in questions if _normal(q) not in reworded], max(1, round(HELD_OUT_FRACTION * len(questions)))
 
 
 def fold_count(examples: list, paraphrases: list[tuple[str, str]]) -> int:
     """How many disjoint held-out folds the questions not reworded make."""
-    reworded = {_normal(q) for q, _ in paraphrases}
-    questions = {e.question for e in examples}
-    candidates = [q for q in questions if _normal(q) not in reworded]
-    return len(candidates) // held_out_size(len(questions))
+    candidates, size = held_out_candidates(examples, paraphrases)
+    return len(candidates) // size
 
 
 # > 2. Recall of the index
