@@ -193,7 +193,8 @@ def job_hyperparameters(split: Split, args) -> dict[str, dict]:
     if args.max_new_tokens:
         common["eval_max_new_tokens"] = args.max_new_tokens
     common.update(args.hp)
-    return {"A": {**common, "retrieval": "off"}, "B": {**common, "retrieval": "on", "eval_base_model": False}}
+    b = {"retrieval_min_margin": "auto", **common, "retrieval": "on", "eval_base_model": False}
+    return {"A": {**common, "retrieval": "off"}, "B": b}
 
 
 def fold_hyperparameters(split: Split, args) -> dict[str, dict]:

@@ -28,7 +28,7 @@ def results(rouge: float, loss: float, *, count: int = 2, retrieval: dict | None
 
 BASE = {"validation": results(0.13, 3.2), "train_sample": results(0.12, 3.0), "paraphrased": results(0.11, 3.1)}
 TUNED = {"validation": results(0.20, 3.5), "train_sample": results(0.55, 0.4), "paraphrased": results(0.30, 1.9)}
-USED = {"k": 3, "sources": [[0, 4, 2], [1, 7, 9]]}
+USED = {"k": 3, "sources": [[0, 4, 2], [1, 7, 9]], "with_passages": 2}
 WITH_RETRIEVAL = {
     "validation": results(
         0.22, 3.0, retrieval=USED | {"recall_at_k": None, "questions_with_gold": 0, "gold_retrieved": [None, None]}
@@ -50,7 +50,12 @@ def test_three_columns_per_set_with_recall_where_the_set_knows_its_gold():
     rouge = table["paraphrased"]["rouge_l"]
     assert (rouge["base"], rouge["tuned"], rouge["tuned_retrieval"]) == (0.11, 0.30, 0.65)
     assert rouge["delta"] == pytest.approx(0.19) and rouge["delta_retrieval"] == pytest.approx(0.54)
-    assert table["paraphrased"]["retrieval"] == {"k": 3, "recall_at_k": 0.5, "questions_with_gold": 2}
+    assert table["paraphrased"]["retrieval"] == {
+        "k": 3,
+        "recall_at_k": 0.5,
+        "questions_with_gold": 2,
+        "with_passages": 2,
+    }
     assert table["validation"]["retrieval"]["recall_at_k"] is None  # held-out questions have no gold passage
     assert table["train_sample"]["count"] == 2
 
@@ -219,10 +224,12 @@ def test_evaluate_model_puts_each_questions_passages_in_its_prompt_and_loss_and_
         "k": 2,
         "recall_at_k": 1.0,
         "questions_with_gold": 1,
+        "with_passages": 1,
         "sources": [[0, 1]],
         "gold_retrieved": [True],
     }
     assert with_retrieval["paraphrased"]["retrieval"]["sources"] == [[0, 1], []]
+    assert with_retrieval["paraphrased"]["retrieval"]["with_passages"] == 1
     assert with_retrieval["paraphrased"]["retrieval"]["recall_at_k"] == 0.5
     assert with_retrieval["validation"]["retrieval"]["gold_retrieved"] == [None]
     assert with_retrieval["validation"]["retrieval"]["recall_at_k"] is None

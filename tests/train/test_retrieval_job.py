@@ -54,7 +54,8 @@ def test_a_job_with_retrieval_ships_its_index_and_reports_three_columns(tmp_path
 
     model_dir = job / "model"
     manifest = json.loads((model_dir / "manifest.json").read_text())
-    assert manifest["retrieval"] == {"dir": "retrieval", "k": 3, "passages": 42, "documents": 2}
+    # A documents channel: no `auto` gate (its passages are not rows the model trained on).
+    assert manifest["retrieval"] == {"dir": "retrieval", "k": 3, "passages": 42, "documents": 2, "min_margin": 0.0}
     retrieval_dir = model_dir / "retrieval"
     assert sorted(p.name for p in retrieval_dir.iterdir()) == [
         "bm25_text",

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import ConfigError
+from .retrieval import GATE_MIN_ROWS
 
 EMBEDDED_MODEL_ID = "embedded:SmolLM2-135M-Instruct"
 RETRIEVAL_MIN_ROWS = 40  # `retrieval=auto` turns retrieval on from this many training rows
@@ -105,6 +106,14 @@ class TrainConfig:
         "question alone (closed book), which teaches the answers themselves and keeps the job's time near a run "
         "without retrieval (an example with k passages is several times longer).",
         minimum=0.0,
+    )
+    retrieval_min_margin: str = _hp(
+        "auto",
+        "The gate: a question gets passages only when the best one's score leads the next by this much (the fused "
+        "score is at most 3); below it the model answers from memory, as for a question whose answer is not "
+        "indexed. A number >= 0 (0: always passages), or `auto`: set from the training rows (each one's question "
+        "searched with its own row left out, a high quantile of those leads), without a gate under "
+        f"{GATE_MIN_ROWS} rows or with a `documents` channel.",
     )
 
     # > Optimisation
@@ -261,6 +270,16 @@ class TrainConfig:
             raise ConfigError("hyperparameter 'retrieval_gold_fraction': must be in [0, 1]")
         if self.retrieval_train_fraction > 1.0:
             raise ConfigError("hyperparameter 'retrieval_train_fraction': must be in [0, 1]")
+        if self.retrieval_min_margin != "auto":
+            try:
+                margin = float(self.retrieval_min_margin)
+            except ValueError:
+                margin = float("nan")
+            if not margin >= 0:
+                raise ConfigError(
+                    f"hyperparameter 'retrieval_min_margin': {self.retrieval_min_margin!r} must be auto or a "
+                    "number >= 0"
+                )
         if self.lr_decay_ratio > 1.0:
             raise ConfigError("hyperparameter 'lr_decay_ratio': must be in [0, 1]")
         if self.lora_train_token_embeddings == "true" and (self.method != "lora" or self.deepspeed != "none"):

@@ -227,9 +227,10 @@ def evaluate_model(
 
     With `documents_for` (a question -> the passages retrieved for it, `{"id", "title", "text", "source"}` each),
     every prompt and every loss example carries its question's passages through the chat template's `documents`,
-    as serving builds them. Each set's result then has `retrieval`: the passage ids used per question, whether the
-    gold passage was among them (None where the set has no gold), and `recall_at_k`, the share of questions whose
-    gold was among the k used (None for a set without gold passages, such as held-out questions).
+    as serving builds them. Each set's result then has `retrieval`: the passage ids used per question (none where
+    the index's gate held them back), how many questions got any (`with_passages`), whether the gold passage was
+    among them (None where the set has no gold), and `recall_at_k`, the share of questions whose gold was among
+    the k used (None for a set without gold passages, such as held-out questions).
     """
     results: dict[str, dict] = {}
     for set_name, eval_set in sets.items():
@@ -237,9 +238,11 @@ def evaluate_model(
         if documents_for is not None:
             prompts_, encoded, retrieval = _with_documents(tokenizer, set_name, eval_set, documents_for)
             log.info(
-                "eval %s/%s: %d passages retrieved per question at most, recall %s",
+                "eval %s/%s: passages for %d of %d questions (the others below the gate), %d at most, recall %s",
                 label,
                 set_name,
+                retrieval["with_passages"],
+                len(retrieval["sources"]),
                 retrieval["k"],
                 "n/a (no gold passages)" if retrieval["recall_at_k"] is None else f"{retrieval['recall_at_k']:.3f}",
             )
@@ -290,6 +293,7 @@ def _with_documents(
         "k": max((len(ids) for ids in sources), default=0),
         "recall_at_k": recall(hits),
         "questions_with_gold": sum(hit is not None for hit in hits),
+        "with_passages": sum(bool(ids) for ids in sources),
         "sources": sources,
         "gold_retrieved": hits,
     }

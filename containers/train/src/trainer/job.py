@@ -27,8 +27,10 @@ from .modeling import (
 )
 from .retrieval import (
     RETRIEVAL_DIR,
+    Gate,
     Passage,
     RetrievalIndex,
+    calibrate_gate,
     passages_from_documents,
     passages_from_rows,
     raft_documents,
@@ -155,6 +157,7 @@ def _build_index(config: TrainConfig, datasets: Datasets, rank: Rank) -> Retriev
     index = RetrievalIndex.build(
         passages_from_rows(datasets.train) + datasets.documents, k=config.retrieval_k, dense=config.retrieval_dense
     )
+    index.gate = _retrieval_gate(config, datasets, index)
     if rank.is_main:
         files = len({p.source.rsplit("#", 1)[0] for p in datasets.documents})
         log.info(
@@ -168,7 +171,25 @@ def _build_index(config: TrainConfig, datasets: Datasets, rank: Rank) -> Retriev
             config.retrieval_k,
             config.retrieval_gold_fraction,
         )
+        if index.gate.min_margin > 0:
+            log.info(
+                "retrieval: passages only where the best leads the next by %.4f or more (%s)",
+                index.gate.min_margin,
+                index.gate.calibration,
+            )
+        else:
+            log.info("retrieval: no gate, every question gets passages (%s)", index.gate.calibration)
     return index
+
+
+def _retrieval_gate(config: TrainConfig, datasets: Datasets, index: RetrievalIndex) -> Gate:
+    """`retrieval_min_margin`: as given, or (auto) calibrated on the training rows; no `auto` gate with a documents
+    channel, whose passages are not questions and answers the model trained on."""
+    if config.retrieval_min_margin != "auto":
+        return Gate(float(config.retrieval_min_margin), "retrieval_min_margin")
+    if datasets.documents:
+        return Gate(calibration="auto: a documents channel is indexed")
+    return calibrate_gate(index, range(len(datasets.train)), seed=config.seed)
 
 
 def _load_index(model_dir: Path, manifest: dict) -> RetrievalIndex | None:
@@ -650,4 +671,5 @@ def _retrieval_manifest(parts: Prepared) -> dict | None:
         "k": parts.index.k,
         "passages": len(parts.index),
         "documents": len(parts.datasets.documents),
+        "min_margin": parts.index.gate.min_margin,
     }

@@ -67,6 +67,7 @@ def comparison(base: dict, tuned: dict, tuned_retrieval: dict | None = None, ggu
                 "k": used.get("k"),
                 "recall_at_k": used.get("recall_at_k"),
                 "questions_with_gold": used.get("questions_with_gold", 0),
+                "with_passages": used.get("with_passages"),
             }
         table[set_name] = rows
     return table
@@ -124,6 +125,11 @@ def before_after_text(eval_report: dict) -> str:
         if recall_at_k is not None:
             lines.append(
                 f"    {'recall@' + str(rows['retrieval']['k']):12s} {recall_at_k:.3f} (gold passage retrieved)"
+            )
+        with_passages = (rows.get("retrieval") or {}).get("with_passages")
+        if with_passages is not None and with_passages < rows["count"]:
+            lines.append(
+                f"    {'passages':12s} {with_passages} of {rows['count']} questions (the others below the gate)"
             )
     return "\n".join(lines)
 

@@ -13,13 +13,23 @@ by WordLlama, and fuses their scores (`search`). The serving image reads the sam
         dense_title.npy           (optional) float32 [N, dim]: each title's WordLlama embedding, L2-normalised
         retrieval.json            format_version, library, bm25s_version, stopwords, stemmer, token_pattern,
                                   field_weights, k, passages; and, with embeddings, dense: {library,
-                                  library_version, config, dim, field_weights}
+                                  library_version, config, dim, field_weights}; and, with a gate, gate:
+                                  {min_margin, calibration}
 
 Scoring: the query's tokens (bm25s.tokenize with the stopwords, PyStemmer stemmer and token pattern above); a
 query without any (empty, or stopwords only) retrieves nothing. Per BM25 field, the scores divided by their
 maximum (0 when it is 0); per dense field, the cosine of the query's embedding with each passage's, scaled to
 [0, 1] over the passages (min to max; 0 when all are equal); a passage's score is the weighted sum of them all;
-the top k by score, ties to the lower id; passages scoring 0 are never returned.
+the top k by score, ties to the lower id; passages scoring 0 are never returned. The gate: when the best score
+leads the second best (0 without one) by less than `gate.min_margin`, the query gets no passages at all.
+
+Why a gate: a question whose answer is not in the index still gets its k nearest passages, and a model that
+trained to use its passages answers from them, worse than from memory (the benchmark measured it on held-out
+questions). Such queries have no clear winner: the lead of the best passage over the next separates them from
+reworded questions whose row is indexed far better than the best score does. `calibrate_min_margin` sets it from
+the training rows alone: each row's question searched with its own passage left out is exactly a question whose
+answer is not indexed, and the gate is set at a high quantile of those leads (GATE_QUANTILE). Adaptive retrieval
+of this kind: Mallen et al. 2023 (arXiv:2212.10511), retrieving only where it is likely to help.
 
 Why embeddings as well: a reworded question often shares no content word with the row it asks about (uptime /
 availability, cost / charged), which no lexical index can match. WordLlama's embeddings ship inside its wheel
@@ -63,6 +73,9 @@ PASSAGES_FILE = "passages.jsonl"
 RETRIEVAL_DIR = "retrieval"  # under the model directory
 DEFAULT_K = 3
 RAFT_CANDIDATES = 5  # retrieved beyond k for each training example, to choose distractors from
+GATE_QUANTILE = 0.75  # `auto` gate: passages only above this quantile of the rows' leave-one-out leads
+GATE_MIN_ROWS = 40  # fewer training rows place that quantile too loosely: no `auto` gate
+GATE_MAX_QUERIES = 2000  # leave-one-out queries for the calibration at most (a seeded sample of larger sets)
 
 DOCUMENT_SUFFIXES = (".txt", ".md", ".markdown")
 MIN_PASSAGE_WORDS = 40  # a passage shorter than this is merged with its neighbour in the same section, where it fits
@@ -151,16 +164,21 @@ class DenseIndex:
             embeddings[field] = vectors
         return cls(load_word_embeddings(), embeddings)
 
-    def scores(self, query: str):
-        """Per passage, the weighted sum over fields of the query's cosine with it, scaled to [0, 1] (min to max)."""
+    def scores(self, query: str, exclude: int | None = None):
+        """Per passage, the weighted sum over fields of the query's cosine with it, scaled to [0, 1] (min to max).
+        `exclude`: as if that passage were not indexed (scaled over the others; its own score 0)."""
         import numpy as np
 
         query_vector = self.model.embed([query], norm=True)[0]
         total = None
         for field, weight in DENSE_FIELD_WEIGHTS.items():
             cosines = np.asarray(self.embeddings[field] @ query_vector, dtype=np.float64)
-            spread = float(cosines.max() - cosines.min())
-            scaled = (cosines - cosines.min()) / spread if spread > 0 else np.zeros_like(cosines)
+            others = cosines if exclude is None else np.delete(cosines, exclude)
+            low, high = (float(others.min()), float(others.max())) if others.size else (0.0, 0.0)
+            spread = high - low
+            scaled = (cosines - low) / spread if spread > 0 else np.zeros_like(cosines)
+            if exclude is not None:
+                scaled[exclude] = 0.0
             total = weight * scaled if total is None else total + weight * scaled
         return total
 
@@ -185,11 +203,19 @@ class RetrievalIndex:
     """Passages, a BM25 index per field (FIELD_WEIGHTS) and optionally their embeddings (DenseIndex), searched
     with the fused score above."""
 
-    def __init__(self, passages: Sequence[Passage], indexes: dict, k: int = DEFAULT_K, dense: DenseIndex | None = None):
+    def __init__(
+        self,
+        passages: Sequence[Passage],
+        indexes: dict,
+        k: int = DEFAULT_K,
+        dense: DenseIndex | None = None,
+        gate: Gate | None = None,
+    ):
         self.passages = list(passages)
         self.indexes = indexes  # field -> bm25s.BM25
         self.k = k
         self.dense = dense
+        self.gate = gate or Gate()
 
     def __len__(self) -> int:
         return len(self.passages)
@@ -234,6 +260,8 @@ class RetrievalIndex:
         }
         if self.dense is not None:
             settings["dense"] = self.dense.save(directory)
+        if self.gate.min_margin > 0:
+            settings["gate"] = self.gate.to_dict()
         (directory / INDEX_FILE).write_text(json.dumps(settings, indent=2) + "\n", encoding="utf-8")
         return directory
 
@@ -281,31 +309,105 @@ class RetrievalIndex:
         }
         dense = settings.get("dense")
         dense = DenseIndex.load(directory, dense, len(passages)) if isinstance(dense, dict) else None
-        return cls(passages, indexes, int(settings.get("k", DEFAULT_K)), dense)
+        gate = Gate.from_settings(settings.get("gate"), settings_path)
+        return cls(passages, indexes, int(settings.get("k", DEFAULT_K)), dense, gate)
 
-    def search(self, query: str, k: int) -> list[ScoredPassage]:
-        """The top `k` passages for `query`, best first; fewer when fewer score above 0."""
+    def scores(self, query: str, exclude: int | None = None):
+        """Every passage's fused score for `query` (None when the query has no tokens); `exclude`: as if that
+        passage were not indexed (the others scaled without it, its own score 0)."""
         import numpy as np
 
         tokens = _tokenize([query], return_ids=False)[0]
-        if not tokens or k <= 0:
-            return []
+        if not tokens:
+            return None
         total = np.zeros(len(self.passages), dtype=np.float64)
         for field, weight in FIELD_WEIGHTS.items():
             scores = np.asarray(self.indexes[field].get_scores(tokens), dtype=np.float64)
+            if exclude is not None:
+                scores[exclude] = 0.0
             top = float(scores.max(initial=0.0))
             if top > 0:
                 total += weight * (scores / top)
         if self.dense is not None:
-            total += self.dense.scores(query)
-        order = np.argsort(-total, kind="stable")[:k]  # score descending; ties keep id order
-        return [ScoredPassage(self.passages[i], float(total[i])) for i in order if total[i] > 0]
+            total += self.dense.scores(query, exclude=exclude)
+        return total
+
+    def search(self, query: str, k: int, gated: bool = True) -> list[ScoredPassage]:
+        """The top `k` passages for `query`, best first; fewer when fewer score above 0; none when `gated` and
+        the best does not lead the next by the gate's margin."""
+        import numpy as np
+
+        total = self.scores(query) if k > 0 else None
+        if total is None:
+            return []
+        order = np.argsort(-total, kind="stable")  # score descending; ties keep id order
+        if gated and _margin(total, order) < self.gate.min_margin:
+            return []
+        return [ScoredPassage(self.passages[i], float(total[i])) for i in order[:k] if total[i] > 0]
+
+    def margin(self, query: str, exclude: int | None = None) -> float | None:
+        """How far the best passage's score leads the second best's (0 where it has none); None for a query
+        without tokens."""
+        import numpy as np
+
+        total = self.scores(query, exclude=exclude)
+        return None if total is None else _margin(total, np.argsort(-total, kind="stable"))
+
+    def leave_one_out_margins(self, ids: Iterable[int]) -> list[float]:
+        """For each passage id, the margin of its title searched as if it were not indexed: what a question whose
+        answer is missing gets. (BM25's term statistics still count it: a small bias for one passage of many.)"""
+        margins = [self.margin(self.passages[i].title, exclude=i) for i in ids]
+        return [m for m in margins if m is not None]
 
     def documents_for(self, question: str, k: int | None = None) -> list[dict]:
         """What evaluation takes as a question's documents: the passages retrieved for it, as dicts."""
         return [
             {**hit.passage.to_dict(), "score": hit.score} for hit in self.search(question, self.k if k is None else k)
         ]
+
+
+def _margin(total, order) -> float:
+    best = float(total[order[0]]) if len(order) else 0.0
+    second = float(total[order[1]]) if len(order) > 1 else 0.0
+    return best - max(second, 0.0)
+
+
+@dataclass(frozen=True)
+class Gate:
+    """Passages only for a query whose best passage leads the next by `min_margin` (0: always)."""
+
+    min_margin: float = 0.0
+    calibration: str = ""  # how min_margin was set, for the artifact's reader
+
+    def to_dict(self) -> dict:
+        return {"min_margin": self.min_margin, "calibration": self.calibration}
+
+    @classmethod
+    def from_settings(cls, settings, path: Path) -> Gate:
+        if settings is None:
+            return cls()
+        margin = settings.get("min_margin") if isinstance(settings, dict) else None
+        if not isinstance(margin, int | float) or isinstance(margin, bool) or not margin >= 0:
+            raise DataError(f"{path}: gate.min_margin must be a number >= 0, not {margin!r}")
+        return cls(float(margin), str(settings.get("calibration", "")))
+
+
+def calibrate_gate(index: RetrievalIndex, row_ids: Sequence[int], seed: int) -> Gate:
+    """The gate at GATE_QUANTILE of the rows' leave-one-out margins (a seeded sample of GATE_MAX_QUERIES rows at
+    most); no gate (min_margin 0) under GATE_MIN_ROWS rows."""
+    import numpy as np
+
+    ids = list(row_ids)
+    if len(ids) > GATE_MAX_QUERIES:
+        ids = sorted(random.Random(f"gate:{seed}").sample(ids, GATE_MAX_QUERIES))
+    margins = index.leave_one_out_margins(ids) if len(ids) >= GATE_MIN_ROWS else []
+    if len(margins) < GATE_MIN_ROWS:
+        return Gate(calibration=f"auto: {len(margins)} training rows to calibrate on, fewer than {GATE_MIN_ROWS}")
+    min_margin = round(float(np.quantile(margins, GATE_QUANTILE)), 4)
+    return Gate(
+        min_margin,
+        f"quantile {GATE_QUANTILE:g} of {len(margins)} training rows' margins with their own passage left out",
+    )
 
 
 def _tokenize(texts: list[str], return_ids: bool):
@@ -525,7 +627,7 @@ def raft_documents(
             continue
         rng = random.Random(f"raft:{seed}:{i}")
         with_gold = rng.random() < gold_fraction
-        ranked = [hit.passage for hit in index.search(question, k + RAFT_CANDIDATES)]
+        ranked = [hit.passage for hit in index.search(question, k + RAFT_CANDIDATES, gated=False)]
         distractors = [p for p in ranked if p.id != gold_id]
         wanted = k - 1 if with_gold else k
         if len(distractors) < wanted:
