@@ -117,6 +117,9 @@ def _edit_meta(index_dir, **changes):
         (lambda d: _edit_meta(d, stemmer="klingon"), "retrieval.json: stemmer 'klingon'"),
         (lambda d: _edit_meta(d, field_weights={"title": 1.0}), "retrieval.json: field_weights"),
         (lambda d: _edit_meta(d, k=0), "retrieval.json: k must be"),
+        (lambda d: _edit_meta(d, gate={"min_margin": -0.5}), "retrieval.json: gate.min_margin must be a number"),
+        (lambda d: _edit_meta(d, gate={"min_margin": "0.4"}), "retrieval.json: gate.min_margin must be a number"),
+        (lambda d: _edit_meta(d, gate=0.4), "retrieval.json: gate.min_margin must be a number"),
         (lambda d: (d / "retrieval.json").write_text("{not json"), "retrieval.json: not valid JSON"),
         (
             lambda d: (d / "passages.jsonl").write_text(
@@ -243,6 +246,46 @@ def test_an_index_the_training_image_wrote_ranks_alike(tmp_path):
         assert [h.score for h in ours] == pytest.approx([h.score for h in theirs])
 
 
+def _margin(index, query) -> float:
+    hits = index.search(query, 2, gated=False)
+    return hits[0].score - (hits[1].score if len(hits) > 1 else 0.0)
+
+
+CLEAR, UNCLEAR = PASSAGES[4]["title"], "Tell me about SageMaker"  # two passages score alike for UNCLEAR
+
+
+def test_the_gate_in_retrieval_json_holds_back_every_passage_of_an_unclear_query(tmp_path):
+    directory = write_index(tmp_path / "retrieval", RAG_PASSAGES, dense={"title": 1.0})
+    ungated = load(directory)
+    assert ungated.min_margin == 0 and len(ungated.search(UNCLEAR)) == 3
+    between = (_margin(ungated, CLEAR) + _margin(ungated, UNCLEAR)) / 2
+    assert _margin(ungated, UNCLEAR) < between < _margin(ungated, CLEAR)
+
+    _edit_meta(directory, gate={"min_margin": between, "calibration": "by hand"})
+    index = load(directory)
+    assert index.min_margin == between
+    assert index.search(UNCLEAR) == [] and index.search(UNCLEAR, 3, gated=False) == ungated.search(UNCLEAR)
+    assert index.search(CLEAR) == ungated.search(CLEAR)  # a clear best: passages as without a gate
+
+
+def test_the_training_images_gate_holds_back_the_same_queries(tmp_path):
+    trainer_retrieval = pytest.importorskip("trainer.retrieval")
+    passages = [
+        trainer_retrieval.Passage(i, p["title"], p["text"], f"faq.csv#{i + 1}") for i, p in enumerate(RAG_PASSAGES)
+    ]
+    written = trainer_retrieval.RetrievalIndex.build(passages, k=3)
+    queries = [CLEAR, UNCLEAR, "How am I charged?", "own container for training", Q, *(q for q, _ in REWORDED)]
+    margins = sorted(written.margin(q) for q in queries)
+    written.gate = trainer_retrieval.Gate(float(np.median(margins)), "the queries' median")
+    index = load(written.save(tmp_path / "retrieval"))
+    assert index.min_margin == written.gate.min_margin
+    held_back = [q for q in queries if not written.search(q, 3)]
+    assert 0 < len(held_back) < len(queries)
+    for query in queries:
+        assert [h.passage.id for h in index.search(query)] == [h.passage.id for h in written.search(query, 3)], query
+        assert _margin(index, query) == pytest.approx(written.margin(query))
+
+
 def test_dense_scoring_adds_the_titles_scaled_cosines(tmp_path):
     from fixtures.serve_retrieval import word_embeddings
 
@@ -347,6 +390,29 @@ def test_passages_that_do_not_fit_are_dropped_last_first(rag_model_dir, start_pr
         messages, field="messages", retrieve=True, truncate=len(bare.ids) - 5
     )
     assert cut.sources == [] and cut.ids == bare.ids[5:]
+
+
+def test_a_question_below_the_gate_gets_the_plain_prompt_and_no_sources(rag_model_dir, start_predictor, tmp_path):
+    model_dir = tmp_path / "model"
+    shutil.copytree(rag_model_dir, model_dir)
+    ungated = start_predictor(_config(rag_model_dir))
+    between = (_margin(ungated.retrieval, CLEAR) + _margin(ungated.retrieval, UNCLEAR)) / 2
+    assert _margin(ungated.retrieval, UNCLEAR) < between < _margin(ungated.retrieval, CLEAR)
+    _edit_meta(model_dir / "retrieval", gate={"min_margin": between, "calibration": "by hand"})
+    predictor = start_predictor(_config(model_dir))
+    messages = [{"role": "user", "content": UNCLEAR}]
+    gated = predictor.prepare_chat(messages, field="messages", retrieve=True)
+    assert gated.sources == []
+    assert gated.ids == predictor.prepare_chat(messages, field="messages", retrieve=False).ids
+    clear = predictor.prepare_chat([{"role": "user", "content": CLEAR}], field="messages", retrieve=True)
+    assert clear.sources and clear.sources[0]["title"] == CLEAR
+    reply = (
+        create_app(predictor.config, predictor=predictor)
+        .test_client()
+        .post("/invocations", json={"inputs": UNCLEAR, "parameters": {"max_new_tokens": 2}})
+    )
+    assert reply.status_code == 200, reply.json
+    assert reply.json[0]["sources"] == []
 
 
 # ----- requests and replies -----

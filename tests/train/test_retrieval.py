@@ -176,6 +176,98 @@ def test_scoring_is_the_contracts_normalised_field_sum(tmp_path):
     ]
 
 
+# > The gate: no passages for a query without a clear best
+
+
+GATE_ROWS = [
+    ("How am I charged for notebooks?", "Per second of instance time."),
+    ("How am I charged for training?", "Per second of training instance time."),
+    ("Which regions have SageMaker?", "Most AWS Regions; see the regional services page."),
+]
+
+
+def test_the_gate_holds_back_every_passage_when_the_best_does_not_lead_by_the_margin(tmp_path):
+    index = RetrievalIndex.build(_passages(GATE_ROWS), k=2, dense=False)
+    clear, close = "Which regions have SageMaker?", "How am I charged?"
+    assert index.margin(clear) > 1.0 and index.margin(close) < 0.1  # charged: two rows alike
+    assert index.gate == retrieval.Gate()  # built without one: every query gets passages
+    assert len(index.search(close, 2)) == 2
+
+    index.gate = retrieval.Gate(0.5, "set by hand")
+    assert index.search(clear, 2)[0].passage.id == 2
+    assert index.search(close, 2) == [] and index.documents_for(close) == []
+    assert len(index.search(close, 2, gated=False)) == 2  # RAFT's distractors rank ungated
+
+    loaded = RetrievalIndex.load(index.save(tmp_path / "r"))
+    assert json.loads((tmp_path / "r" / "retrieval.json").read_text())["gate"] == {
+        "min_margin": 0.5,
+        "calibration": "set by hand",
+    }
+    assert loaded.gate == index.gate and loaded.search(close, 2) == []
+    index.gate = retrieval.Gate()
+    assert "gate" not in json.loads((index.save(tmp_path / "r") / "retrieval.json").read_text())
+
+
+@pytest.mark.parametrize("margin", [-1, "0.5", None, True])
+def test_loading_a_gate_that_is_not_a_margin_names_it(tmp_path, margin):
+    directory = RetrievalIndex.build(_passages(GATE_ROWS), dense=False).save(tmp_path / "r")
+    settings = json.loads((directory / "retrieval.json").read_text())
+    (directory / "retrieval.json").write_text(json.dumps({**settings, "gate": {"min_margin": margin}}))
+    with pytest.raises(DataError, match=r"retrieval.json: gate.min_margin must be a number >= 0"):
+        RetrievalIndex.load(directory)
+
+
+def test_leaving_a_passage_out_scores_the_others_as_if_it_were_not_indexed():
+    import numpy as np
+
+    rows = _rows(12)
+    index = RetrievalIndex.build(passages_from_rows(rows))
+    without = RetrievalIndex.build(passages_from_rows(rows[:4] + rows[5:]))
+    question = rows[4].question
+    left_out = index.scores(question, exclude=4)
+    assert left_out[4] == 0.0
+    # The same ranking and nearly the same scores as an index without it (BM25's idf still counts it).
+    others = np.delete(left_out, 4)
+    assert list(np.argsort(-others, kind="stable")[:3]) == [h.passage.id for h in without.search(question, 3)]
+    assert others == pytest.approx(without.scores(question), abs=0.05)
+    assert index.margin(question, exclude=4) == pytest.approx(without.margin(question), abs=0.05)
+    assert index.margin(question) > index.margin(question, exclude=4)  # its own row leads by far
+    assert index.scores("the of and") is None and index.margin("the of and") is None
+
+
+def test_the_calibrated_gate_sits_at_the_quantile_of_the_rows_left_out_margins():
+    import numpy as np
+
+    rows = _rows(retrieval.GATE_MIN_ROWS)
+    index = RetrievalIndex.build(passages_from_rows(rows))
+    gate = retrieval.calibrate_gate(index, range(len(rows)), seed=42)
+    margins = index.leave_one_out_margins(range(len(rows)))
+    assert len(margins) == len(rows)
+    assert gate.min_margin > 0
+    assert gate.min_margin == pytest.approx(np.quantile(margins, retrieval.GATE_QUANTILE), abs=1e-4)
+    assert gate.calibration.startswith(f"quantile 0.75 of {len(rows)} training rows")
+    # Each row's own question clears it; about a quarter of the left-out questions do.
+    index.gate = gate
+    assert all(index.search(r.question, 3) for r in rows)
+    cleared = sum(m >= gate.min_margin for m in margins)
+    assert cleared == pytest.approx(len(rows) / 4, abs=2)
+
+    few = retrieval.calibrate_gate(index, range(retrieval.GATE_MIN_ROWS - 1), seed=42)
+    assert few.min_margin == 0 and "fewer than 40" in few.calibration
+
+
+def test_calibration_samples_at_most_its_query_budget(monkeypatch):
+    rows = _rows(60)
+    index = RetrievalIndex.build(passages_from_rows(rows), dense=False)
+    monkeypatch.setattr(retrieval, "GATE_MAX_QUERIES", 45)
+    asked = []
+    real = index.leave_one_out_margins
+    monkeypatch.setattr(index, "leave_one_out_margins", lambda ids: asked.extend(ids) or real(ids))
+    gate = retrieval.calibrate_gate(index, range(60), seed=1)
+    assert len(asked) == 45 == len(set(asked)) and asked == sorted(asked)
+    assert retrieval.calibrate_gate(index, range(60), seed=1) == gate  # seeded
+
+
 def test_build_numbers_the_passages_in_order_and_refuses_nothing():
     index = RetrievalIndex.build([Passage(7, "a b", "c", "x#1"), Passage(7, "d", "e f", "x#2")])
     assert [p.id for p in index.passages] == [0, 1]
@@ -439,6 +531,9 @@ def test_retrieval_auto_turns_on_from_forty_training_rows_or_with_documents():
         ("retrieval_gold_fraction", "1.5", r"'retrieval_gold_fraction': must be in \[0, 1\]"),
         ("retrieval_gold_fraction", "-0.1", r"'retrieval_gold_fraction': -0.1 must be at least 0"),
         ("retrieval_train_fraction", "1.5", r"'retrieval_train_fraction': must be in \[0, 1\]"),
+        ("retrieval_min_margin", "-0.1", r"'retrieval_min_margin': '-0.1' must be auto or a number >= 0"),
+        ("retrieval_min_margin", "high", r"'retrieval_min_margin': 'high' must be auto or a number >= 0"),
+        ("retrieval_min_margin", "nan", r"'retrieval_min_margin': 'nan' must be auto or a number >= 0"),
     ],
 )
 def test_bad_retrieval_hyperparameters_name_the_key(key, value, message):

@@ -150,3 +150,28 @@ def test_retrieval_dense_decides_whether_the_index_has_embeddings(tmp_path, monk
     assert (index.dense is not None) is dense
     settings = json.loads((index.save(tmp_path / "retrieval") / "retrieval.json").read_text())
     assert ("dense" in settings) is dense and (tmp_path / "retrieval" / "dense_title.npy").exists() is dense
+
+
+@pytest.mark.parametrize(
+    ("rows", "hyperparameters", "files", "gate"),
+    [
+        (40, {}, {}, "calibrated"),
+        (12, {"retrieval": "on"}, {}, "auto: 12 training rows to calibrate on, fewer than 40"),
+        (40, {}, {"documents/guide.md": GUIDE}, "auto: a documents channel is indexed"),
+        (40, {"retrieval_min_margin": "0"}, {}, 0.0),
+        (12, {"retrieval": "on", "retrieval_min_margin": "0.25"}, {}, 0.25),
+    ],
+)
+def test_the_job_calibrates_its_gate_on_the_training_rows(tmp_path, monkeypatch, rows, hyperparameters, files, gate):
+    validation = {"validation/val.csv": csv_text(VALIDATION)}  # every row trains: none split off
+    make_job(tmp_path, {}, {"train/faq.csv": csv_text(faq_rows(rows)), **validation, **files})
+    monkeypatch.setenv("SAGEMAKER_BASE_DIR", str(tmp_path))
+    config = TrainConfig.from_hyperparameters(hyperparameters)
+    index = _build_index(config, load_datasets(config, read_job()), Rank())
+    if gate == "calibrated":
+        assert index.gate.min_margin > 0 and "of 40 training rows" in index.gate.calibration
+        assert json.loads((index.save(tmp_path / "r") / "retrieval.json").read_text())["gate"] == index.gate.to_dict()
+    elif isinstance(gate, str):
+        assert index.gate.min_margin == 0 and index.gate.calibration == gate
+    else:
+        assert index.gate.min_margin == gate and index.gate.calibration == "retrieval_min_margin"

@@ -6,7 +6,8 @@ contract's, so both images rank passages alike.
 Layout (format_version 1):
 - `retrieval.json`: format_version, library ("bm25s"), bm25s_version, stopwords, stemmer, token_pattern,
   field_weights ({"title": w, "text": w}), k (passages per request), passages (their number); optionally
-  dense: {library ("wordllama"), library_version, config, dim, field_weights ({field: w})}.
+  dense: {library ("wordllama"), library_version, config, dim, field_weights ({field: w})}; optionally
+  gate: {min_margin (a number >= 0), calibration (how the training image set it)}.
 - `passages.jsonl`: one `{"id", "title", "text", "source"}` per line, ids 0..N-1 in order.
 - `bm25_title/`, `bm25_text/`: `bm25s.BM25` indexes over the passages' titles and texts, in id order.
 - `dense_<field>.npy` (with `dense`): float32 [N, dim], each passage's WordLlama embedding, L2-normalised.
@@ -15,7 +16,9 @@ Scoring: the query's tokens (bm25s.tokenize with the recorded stopwords, PyStemm
 query without any retrieves nothing. Per BM25 field, the scores divided by their maximum (0 when the maximum is
 0); per dense field, the cosine of the query's embedding with each passage's, scaled to [0, 1] over the passages
 (min to max; 0 when all are equal); a passage's score is the weighted sum of them all; the top k by score, ties to
-the lower id; passages scoring 0 are never returned.
+the lower id; passages scoring 0 are never returned. With a gate: a query whose best passage's score leads the
+second best's (0 without one) by less than min_margin gets no passages (the training image's evaluation went
+through the same gate; trainer/retrieval.py says why it is there and how it is set).
 """
 
 from __future__ import annotations
@@ -103,6 +106,7 @@ class RetrievalIndex:
         stemmer: str,
         token_pattern: str,
         dense: DenseScorer | None = None,
+        min_margin: float = 0.0,
     ):
         self.directory = directory
         self.passages = passages
@@ -113,6 +117,7 @@ class RetrievalIndex:
         self.stemmer = stemmer  # PyStemmer's algorithm name
         self.token_pattern = token_pattern
         self.dense = dense
+        self.min_margin = min_margin
         self._local = threading.local()  # a PyStemmer stemmer per thread: one is not safe to share between threads
 
     def __len__(self) -> int:
@@ -134,8 +139,9 @@ class RetrievalIndex:
             show_progress=False,
         )[0]
 
-    def search(self, query: str, k: int | None = None) -> list[Hit]:
-        """The top `k` (default: the index's k) passages for `query`, best first; fewer when fewer score above 0."""
+    def search(self, query: str, k: int | None = None, gated: bool = True) -> list[Hit]:
+        """The top `k` (default: the index's k) passages for `query`, best first; fewer when fewer score above 0;
+        none when `gated` and the best does not lead the second best by the gate's min_margin."""
         import numpy as np
 
         k = self.k if k is None else k
@@ -150,8 +156,17 @@ class RetrievalIndex:
             if self.dense is not None:
                 total += self.dense.scores(query)
         # Score descending, then id ascending: a stable sort of the ids (already ascending) by -score.
-        order = np.argsort(-total, kind="stable")[:k]
-        return [Hit(self.passages[i], float(total[i])) for i in order if total[i] > 0]
+        order = np.argsort(-total, kind="stable")
+        if gated and _margin(total, order) < self.min_margin:
+            return []
+        return [Hit(self.passages[i], float(total[i])) for i in order[:k] if total[i] > 0]
+
+
+def _margin(total, order) -> float:
+    """How far the best score leads the second best (0 where there is none)."""
+    best = float(total[order[0]]) if len(order) else 0.0
+    second = float(total[order[1]]) if len(order) > 1 else 0.0
+    return best - second
 
 
 def index_dir(model_dir: Path) -> Path | None:
@@ -241,12 +256,14 @@ def load(directory: Path) -> RetrievalIndex:
             )
         indexes[field] = index
     dense = _load_dense(directory, meta["dense"], count) if meta.get("dense") is not None else None
+    min_margin = _gate_margin(meta.get("gate"), meta_path)
     log.info(
-        "retrieval index %s: %d passages, k=%d, BM25%s",
+        "retrieval index %s: %d passages, k=%d, BM25%s, %s",
         directory,
         count,
         k,
         f" and {DENSE_LIBRARY} embeddings ({', '.join(dense.weights)})" if dense else "",
+        f"passages where the best leads by {min_margin:g} or more" if min_margin > 0 else "no gate",
     )
     return RetrievalIndex(
         directory,
@@ -258,7 +275,18 @@ def load(directory: Path) -> RetrievalIndex:
         stemmer_name,
         token_pattern,
         dense,
+        min_margin,
     )
+
+
+def _gate_margin(gate: Any, meta_path: Path) -> float:
+    """retrieval.json's `gate.min_margin` (0 without a gate)."""
+    if gate is None:
+        return 0.0
+    margin = gate.get("min_margin") if isinstance(gate, dict) else None
+    if not isinstance(margin, int | float) or isinstance(margin, bool) or not margin >= 0:
+        raise RetrievalIndexError(f"{meta_path}: gate.min_margin must be a number >= 0, not {margin!r}")
+    return float(margin)
 
 
 def _load_dense(directory: Path, settings: Any, count: int) -> DenseScorer:

@@ -367,9 +367,10 @@ class RetrievalIndex:
 
 
 def _margin(total, order) -> float:
+    """How far the best score leads the second best (0 where there is none)."""
     best = float(total[order[0]]) if len(order) else 0.0
     second = float(total[order[1]]) if len(order) > 1 else 0.0
-    return best - max(second, 0.0)
+    return best - second
 
 
 @dataclass(frozen=True)
@@ -400,9 +401,11 @@ def calibrate_gate(index: RetrievalIndex, row_ids: Sequence[int], seed: int) -> 
     ids = list(row_ids)
     if len(ids) > GATE_MAX_QUERIES:
         ids = sorted(random.Random(f"gate:{seed}").sample(ids, GATE_MAX_QUERIES))
-    margins = index.leave_one_out_margins(ids) if len(ids) >= GATE_MIN_ROWS else []
-    if len(margins) < GATE_MIN_ROWS:
-        return Gate(calibration=f"auto: {len(margins)} training rows to calibrate on, fewer than {GATE_MIN_ROWS}")
+    if len(ids) < GATE_MIN_ROWS:
+        return Gate(calibration=f"auto: {len(ids)} training rows to calibrate on, fewer than {GATE_MIN_ROWS}")
+    margins = index.leave_one_out_margins(ids)
+    if len(margins) < GATE_MIN_ROWS:  # the others' questions hold no word to search with
+        return Gate(calibration=f"auto: {len(margins)} searchable training questions, fewer than {GATE_MIN_ROWS}")
     min_margin = round(float(np.quantile(margins, GATE_QUANTILE)), 4)
     return Gate(
         min_margin,
