@@ -17,11 +17,13 @@
    as a job builds it) on the paraphrased set: a hit is the passage of the reworded original (titled with it).
 3. Two jobs of the training image, one after the other, on the same rows with the same settings and evaluation:
    A = today's default without retrieval (`retrieval=off`), B = `retrieval=on` (RAFT: each training example with
-   k retrieved passages, its own among them in most). Both answer every held-out question, every paraphrase and
-   the training questions (all of them unless --train-samples), greedily. A also evaluates the base model; B
-   evaluates its tuned model twice, without and with retrieval.
-4. One table: a row per question set, ROUGE-L of base / A / B without retrieval / B with retrieval, and B's
-   recall (the share of questions whose gold passage was among the k in the prompt); the training time of B over
+   k retrieved passages, its own among them in most) and the gate its job calibrates on its training rows
+   (`retrieval_min_margin=auto`). Both answer every held-out question, every paraphrase and the training
+   questions (all of them unless --train-samples), greedily. A also evaluates the base model; B evaluates its
+   tuned model twice, without retrieval and with it, through the gate as served.
+4. One table: a row per question set, ROUGE-L of base / A / B without retrieval / B with retrieval, how many
+   questions passed B's gate, and B's recall (the share of questions whose gold passage was among the k in the
+   prompt); the training time of B over
    A (the training phase, as each job records it in manifest.json, `training.runtime_s`); the targets of issue 22.
    And, per set, the paired difference B with retrieval minus A, question by question (sample_answers.jsonl),
    with a 95% bootstrap interval over the questions: on a couple of dozen held-out questions a single answer moves
@@ -358,6 +360,13 @@ def _verdict(ok: bool | None) -> str:
     return "n/a" if ok is None else ("met" if ok else "**missed**")
 
 
+def _gate_text(b: JobResult) -> str:
+    gate = (b.retrieval or {}).get("min_margin")
+    if gate is None:
+        return "none recorded"
+    return f"`retrieval_min_margin`: {gate:.3f}" if gate > 0 else "none: every question gets passages"
+
+
 def dense_index(args) -> bool:
     """Whether B's index has the titles' embeddings: `retrieval_dense` as the image reads the --hp values."""
     from trainer.config import TrainConfig
@@ -386,9 +395,11 @@ def fold_rows(folds: list[tuple[JobResult, JobResult]]) -> tuple[list[str], Pair
         for key, value in values.items():
             means[key].append((value, count))
         pooled += differences
+        gate = (b.retrieval or {}).get("min_margin")
         rows.append(
             f"| {number} ({count}) | {_cell(values['tuned'])} | {_cell(values['b_tuned'])} | "
-            f"{_cell(values['b_retrieval'])} | {summarize(differences).text()} |"
+            f"{_cell(values['b_retrieval'])} | {'-' if gate is None else f'{gate:.3f}'} | "
+            f"{_given_passages(b)} | {summarize(differences).text()} |"
         )
     overall = summarize(pooled)
 
@@ -399,9 +410,22 @@ def fold_rows(folds: list[tuple[JobResult, JobResult]]) -> tuple[list[str], Pair
 
     rows.append(
         f"| all ({overall.count}) | {_cell(weighted(means['tuned']))} | {_cell(weighted(means['b_tuned']))} | "
-        f"{_cell(weighted(means['b_retrieval']), bold=True)} | **{overall.text()}** |"
+        f"{_cell(weighted(means['b_retrieval']), bold=True)} | | {_given_passages(*(b for _, b in folds))} | "
+        f"**{overall.text()}** |"
     )
     return rows, overall
+
+
+def _given_passages(*jobs: JobResult, set_name: str = "validation") -> str:
+    """How many of the set's questions passed B's gate, "n of m" over `jobs` ("-": not recorded)."""
+    given = total = 0
+    for job in jobs:
+        rows = job.comparison.get(set_name) or {}
+        with_passages = (rows.get("retrieval") or {}).get("with_passages")
+        if with_passages is None:
+            return "-"
+        given, total = given + with_passages, total + rows.get("count", 0)
+    return f"{given} of {total}"
 
 
 def table(
@@ -437,10 +461,12 @@ def table(
         f"{len(split.held_out)} questions held out (a seeded 15%, none of them reworded); the "
         f"{len(split.paraphrased)} rewordings of training questions in {shown(args.paraphrases)}, answered "
         "with their original's answer, never trained on. A = retrieval off (the default before issue 22); "
-        f"B = retrieval on (RAFT, k={k}). Greedy answers, ROUGE-L:",
+        f"B = retrieval on (RAFT, k={k}), its passages only where the best leads the next by its gate "
+        f"({_gate_text(b)}). Greedy answers, ROUGE-L:",
         "",
-        f"| questions | base | A tuned | B tuned, no retrieval | B tuned + retrieval | B recall@{k} |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| questions | base | A tuned | B tuned, no retrieval | B tuned + retrieval | B given passages "
+        f"| B recall@{k} |",
+        "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for set_name, title in SETS:
         count = ((b.comparison.get(set_name) or a.comparison.get(set_name)) or {}).get("count")
@@ -450,14 +476,16 @@ def table(
         lines.append(
             f"| {title} ({count}) | {_cell(_value(a, set_name, 'base'))} | {_cell(_value(a, set_name, 'tuned'))} | "
             f"{_cell(_value(b, set_name, 'tuned'))} | {_cell(_value(b, set_name, 'tuned_retrieval'), bold=True)} | "
-            f"{_cell(recall_at_k) if recall_at_k is not None else '-'} |"
+            f"{_given_passages(b, set_name=set_name)} | {_cell(recall_at_k) if recall_at_k is not None else '-'} |"
         )
     kind = "BM25 and the questions' WordLlama embeddings" if dense_index(args) else "BM25 alone"
     lines += [
         "",
         f"Recall of B's index ({kind}, over the {len(split.train)} training rows' questions and answers, fused) on "
-        f"the paraphrases: {_recall_text(recall)}; of BM25 alone: {_recall_text(lexical)}. B recall: the share of "
-        f"questions whose own passage was among the {k} in the prompt (held-out questions have none). Training "
+        f"the paraphrases: {_recall_text(recall)}; of BM25 alone: {_recall_text(lexical)} (the index alone, before "
+        "the gate). B given passages: the questions that passed B's gate; B recall: the share of questions whose "
+        f"own passage was among the {k} in the prompt, a question held back by the gate counting as a miss "
+        "(held-out questions have none). Training "
         "time (the training phase, manifest.json): "
         f"A {a_time:.0f} s ({a.training['steps']} steps), B {b_time:.0f} s ({b.training['steps']} steps): "
         f"**{ratio:.2f}×**.",
@@ -479,10 +507,12 @@ def table(
             f"Held-out questions over {fold_total} disjoint folds (`--folds {fold_total}`): in fold i, the "
             f"i-th {len(split.held_out)} of the questions not reworded, in the seeded order, are held out and A and "
             "B trained again on the rest, same settings (fold 0 is the split above; the others answer only their "
-            "held-out questions). ROUGE-L, and B with retrieval minus A tuned, question by question:",
+            "held-out questions; each B calibrates its own gate on its training rows). ROUGE-L, and B with "
+            "retrieval minus A tuned, question by question:",
             "",
-            "| fold (questions) | A tuned | B tuned, no retrieval | B tuned + retrieval | B + retrieval − A, paired |",
-            "|---|---:|---:|---:|---|",
+            "| fold (questions) | A tuned | B tuned, no retrieval | B tuned + retrieval | B's gate | B given passages "
+            "| B + retrieval − A, paired |",
+            "|---|---:|---:|---:|---:|---:|---|",
             *folds,
         ]
     paraphrased = _value(b, "paraphrased", "tuned_retrieval")

@@ -5,6 +5,7 @@ result is in docs/benchmarks.md."""
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 from fixtures.faq_csv import DUPLICATED_QUESTION, faq_pairs, write_faq_csv
@@ -112,15 +113,21 @@ def test_the_short_run_trains_both_jobs_and_tabulates_them(bench, data, tmp_path
     a = json.loads((jobs / "A" / "input" / "config" / "hyperparameters.json").read_text())
     b = json.loads((jobs / "B" / "input" / "config" / "hyperparameters.json").read_text())
     assert a["retrieval"] == "off" and b["retrieval"] == "on" and b["eval_base_model"] == "False"
+    assert b["retrieval_min_margin"] == "auto"
     assert {k: v for k, v in a.items() if k not in ("retrieval",)} == {
-        k: v for k, v in b.items() if k not in ("retrieval", "eval_base_model")
+        k: v for k, v in b.items() if k not in ("retrieval", "retrieval_min_margin", "eval_base_model")
     }
-    assert json.loads((jobs / "B" / "model" / "manifest.json").read_text())["retrieval"]["k"] == 3
-    assert "| questions | base | A tuned | B tuned, no retrieval | B tuned + retrieval | B recall@3 |" in out
+    b_retrieval = json.loads((jobs / "B" / "model" / "manifest.json").read_text())["retrieval"]
+    assert b_retrieval["k"] == 3 and b_retrieval["min_margin"] >= 0
+    assert (
+        "| questions | base | A tuned | B tuned, no retrieval | B tuned + retrieval | B given passages | B recall@3 |"
+        in out
+    )
     rows = {line.split(" | ")[0]: line for line in out.splitlines() if line.startswith("| ")}
     assert set(rows) >= {"| training (4)", "| held-out (6)", f"| paraphrased ({len(originals)})"}
     # Held-out questions have no passage of their own, so no recall; paraphrased ones do.
     assert rows["| held-out (6)"].endswith("| - |")
+    assert re.search(r"\| \d of 6 \| - \|$", rows["| held-out (6)"])  # the questions that passed B's gate
     assert not rows[f"| paraphrased ({len(originals)})"].endswith("| - |")
     assert "Training time (the training phase, manifest.json): A " in out and "×**." in out
     assert "Targets (issue 22; B with retrieval, as served): ROUGE-L on paraphrases with retrieval >= 0.6: " in out
@@ -134,6 +141,7 @@ def test_the_short_run_trains_both_jobs_and_tabulates_them(bench, data, tmp_path
         assert not (jobs / "fold-1" / name / "input" / "data" / "paraphrases").exists()
     assert "Held-out questions over 2 disjoint folds (`--folds 2`)" in out
     assert set(rows) >= {"| 0 (6)", "| 1 (6)", "| all (12)"}
+    assert re.search(r"\| \d+ of 12 \| \*\*[+-]", rows["| all (12)"])
     assert "; over the 2 folds' 12 questions: " in out
 
     # Run again: both jobs are reused, and the section goes into the docs file given.
@@ -187,6 +195,14 @@ def test_the_folds_are_pooled_question_by_question(bench):
     assert rows[0].endswith("| +0.500 [+0.000, +1.000], 1 better, 0 worse |")
     assert (pooled.mean, pooled.better, pooled.worse, pooled.count) == (-0.25, 1, 2, 4)
     assert rows[-1].endswith(f"| **{pooled.text()}** |")
+
+    gated = bench.JobResult(
+        {"validation": {"count": 2, "retrieval": {"with_passages": 1}}}, {}, {"min_margin": 0.38}, fold_1.answers
+    )
+    rows, _ = bench.fold_rows([(fold_0, fold_0), (fold_1, gated)])
+    assert " | 0.380 | 1 of 2 | " in rows[1] and " | - | - | " in rows[0]  # fold 0's B recorded no gate
+    assert " | - | " in rows[-1]  # pooled: unknown where a fold did not count its passages
+    assert bench._given_passages(gated, gated) == "2 of 4"
 
     unevaluated = _job(bench, [("validation", "q3", ref, ref, None), ("validation", "q4", ref, ref, "a dog")])
     assert bench.fold_rows([(fold_0, fold_0), (fold_1, unevaluated)]) == ([], None)  # a fold that cannot pair
