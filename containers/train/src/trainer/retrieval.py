@@ -25,8 +25,8 @@ leads the second best (0 without one) by less than `gate.min_margin`, the query 
 
 Why a gate: a question whose answer is not in the index still gets its k nearest passages, and a model that
 trained to use its passages answers from them, worse than from memory (the benchmark measured it on held-out
-questions). Such queries have no clear winner: the lead of the best passage over the next separates them from
-reworded questions whose row is indexed far better than the best score does. `calibrate_min_margin` sets it from
+questions). Such queries have no clear winner: the lead of the best passage over the next tells them from
+reworded questions whose row is indexed, far better than the best score alone does. `calibrate_gate` sets it from
 the training rows alone: each row's question searched with its own passage left out is exactly a question whose
 answer is not indexed, and the gate is set at a high quantile of those leads (GATE_QUANTILE). Adaptive retrieval
 of this kind: Mallen et al. 2023 (arXiv:2212.10511), retrieving only where it is likely to help.
